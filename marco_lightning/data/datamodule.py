@@ -1,0 +1,94 @@
+"""The LightningDataModule: prepares the memory-mapped store once, then serves training and re-ranking batches."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from marco_lightning.data.sampling import (ContiguousShardSampler, EpochShardSampler, RerankPairs, TrainDataset,
+                                           worker_init)
+
+# The data keys that decide a store's content (validation files are read directly, not stored).
+STORE_KEYS = ("collection", "queries", "train_queries", "train_qrels", "hard_negatives", "teacher_scores")
+
+
+# Short names for the mining systems of msmarco-hard-negatives.jsonl.gz (and of the committed sample).
+SYSTEM_ALIASES = {
+    "tas_b": "msmarco-distilbert-base-tas-b", "distilbert_v3": "msmarco-distilbert-base-v3",
+    "minilm_v3": "msmarco-MiniLM-L-6-v3", "margin_mse_cls_dot_v1": "distilbert-margin_mse-cls-dot-v1",
+    "margin_mse_cls_dot_v2": "distilbert-margin_mse-cls-dot-v2",
+    "margin_mse_mean_dot_v1": "distilbert-margin_mse-mean-dot-v1", "mpnet_margin_mse": "mpnet-margin_mse-mean-v1",
+    "co_condenser": "co-condenser-margin_mse-cls-v1", "mnrl_mean_v1": "distilbert-margin_mse-mnrl-mean-v1",
+    "sym_mnrl_mean_v1": "distilbert-margin_mse-sym_mnrl-mean-v1",
+    "sym_mnrl_mean_v2": "distilbert-margin_mse-sym_mnrl-mean-v2",
+    "co_condenser_sym_mnrl": "co-condenser-margin_mse-sym_mnrl-mean-v1",
+    "bm25_rm3": "bm25-rm3", "ada2": "openai-ada2", "splade_pp": "splade-pp-ed",  # systems of data=sample
+}
+
+
+def store_inputs(data: DictConfig, negatives: DictConfig) -> tuple[dict, dict]:
+    data_in = {k: OmegaConf.to_container(data, resolve=True).get(k) for k in STORE_KEYS}
+    neg = OmegaConf.to_container(negatives, resolve=True)
+    if neg["systems"] != "all":
+        neg["systems"] = [SYSTEM_ALIASES.get(s, s) for s in neg["systems"]]
+    return data_in, neg
+
+
+def store_path(cache_dir: str, data: DictConfig, negatives: DictConfig) -> Path:
+    """One store per (input files, negative selection): changing either never reuses a stale store."""
+    data_in, neg_in = store_inputs(data, negatives)
+    digest = hashlib.sha1(json.dumps([data_in, neg_in], sort_keys=True).encode()).hexdigest()[:10]
+    return Path(cache_dir) / "stores" / f"{data.name}-{digest}"
+
+
+class MarcoDataModule(pl.LightningDataModule):
+    def __init__(self, data: DictConfig, negatives: DictConfig, collator, store_dir: Path, batch_size: int,
+                 num_negatives: int, with_teacher: bool, seed: int, num_workers: int = 2,
+                 val_batch_size: int | None = None, pin_memory: bool = False):
+        super().__init__()
+        self.data, self.negatives, self.collator, self.store_dir = data, negatives, collator, Path(store_dir)
+        self.batch_size, self.num_negatives, self.with_teacher = batch_size, num_negatives, with_teacher
+        self.seed, self.num_workers, self.pin_memory = seed, num_workers, pin_memory
+        self.val_batch_size = val_batch_size or 4 * batch_size
+        self.store = None
+
+    def prepare_data(self):  # Lightning runs this on one process per node, before setup
+        from marco_lightning.data.store import prepare
+
+        if not (self.store_dir / "manifest.json").exists():
+            print(f"Preparing the data store (once): {self.store_dir}")
+            prepare(*store_inputs(self.data, self.negatives), self.store_dir)
+
+    def setup(self, stage=None):
+        if self.store is not None:
+            return
+        from marco_lightning.data.store import Store
+        from marco_lightning.evaluation import read_run
+
+        self.store = Store(self.store_dir)
+        self.train_set = TrainDataset(self.store, self.num_negatives, self.seed, self.with_teacher)
+        run = read_run(self.data.val_run)
+        self.val_set = RerankPairs(self.store, run, self.data.val_top_k)
+
+    def _rank(self):
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def _loader(self, dataset, sampler, batch_size, collate):
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory, worker_init_fn=worker_init,
+                          persistent_workers=False)
+
+    def train_dataloader(self):
+        rank, world = self._rank()
+        sampler = EpochShardSampler(len(self.train_set), shuffle=True, seed=self.seed, rank=rank, world_size=world)
+        return self._loader(self.train_set, sampler, self.batch_size, self.collator.train)
+
+    def val_dataloader(self):
+        rank, world = self._rank()
+        sampler = ContiguousShardSampler(len(self.val_set), rank, world)
+        return self._loader(self.val_set, sampler, self.val_batch_size, self.collator.pairs)

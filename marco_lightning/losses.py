@@ -1,0 +1,215 @@
+"""Training losses, one nn.Module each, built by Hydra from `_target_`.
+
+Two call shapes, so the LightningModule never branches on the loss:
+  bi-encoder    (model_kind = "bi"):    loss(query_emb [B, d], doc_emb [B, 1+k, d], teacher [B, 1+k] | None)
+  cross-encoder (model_kind = "cross"): loss(scores [B, 1+k], teacher [B, 1+k] | None)
+Column 0 of the documents / scores is the positive, the rest are that query's hard negatives.
+`needs_teacher` says whether the batches must carry teacher scores. Formulas: ../shared/REFERENCE.md.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+SIMILARITIES = ("cos", "dot")
+
+
+def _check_similarity(name: str, similarity: str) -> None:
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"{name}: similarity={similarity!r}; use one of {SIMILARITIES} (config key loss.similarity)")
+
+
+def _check_teacher(loss: nn.Module, teacher, shape) -> None:
+    if teacher is None:
+        raise ValueError(
+            f"{type(loss).__name__} distils from teacher scores, but the batch has none: "
+            "train on data with teacher scores (e.g. a hard-negatives file with scores) or pick a supervised loss"
+        )
+    if teacher.shape != shape:
+        raise ValueError(f"{type(loss).__name__}: teacher scores have shape {tuple(teacher.shape)}, "
+                         f"expected {tuple(shape)} (one per query and candidate)")
+
+
+def _check_bi(loss: nn.Module, query_emb, doc_emb) -> None:
+    if query_emb.ndim != 2 or doc_emb.ndim != 3 or doc_emb.shape[0] != query_emb.shape[0] \
+            or doc_emb.shape[2] != query_emb.shape[1]:
+        raise ValueError(f"{type(loss).__name__}: expected query_emb [B, d] and doc_emb [B, 1+k, d], "
+                         f"got {tuple(query_emb.shape)} and {tuple(doc_emb.shape)}")
+
+
+def _pair_scores(query_emb, doc_emb, similarity: str):
+    """[B, d] x [B, n, d] -> [B, n]: each query against its own candidates."""
+    if similarity == "cos":
+        query_emb, doc_emb = F.normalize(query_emb, dim=-1), F.normalize(doc_emb, dim=-1)
+    return torch.einsum("bd,bnd->bn", query_emb, doc_emb)
+
+
+def _margin_mse(scores, teacher):
+    teacher = teacher.detach()
+    return F.mse_loss(scores[:, :1] - scores[:, 1:], teacher[:, :1] - teacher[:, 1:])
+
+
+def _world():
+    """(rank, world_size) of the default process group, (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous. all_gather's gloo backward scatters into
+    empty_like(grad), and gloo scatter scrambles non-contiguous tensors (pytorch/pytorch#192920)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _gather_with_grad(x):
+    """Concatenate x from every rank along dim 0; gradients flow back to the rank that owns each slice."""
+    import torch.distributed.nn.functional as dist_fn  # needs a process group; import only when used
+
+    return torch.cat([_ContiguousGrad.apply(part) for part in dist_fn.all_gather(x.contiguous())], dim=0)
+
+
+class MarginMSELoss(nn.Module):
+    """Hofstaetter et al. 2020: match the student's margin s(q,p) - s(q,n) to the teacher's, s = dot product."""
+
+    model_kind, needs_teacher = "bi", True
+
+    def forward(self, query_emb, doc_emb, teacher=None):
+        _check_bi(self, query_emb, doc_emb)
+        _check_teacher(self, teacher, doc_emb.shape[:2])
+        if doc_emb.shape[1] < 2:
+            raise ValueError("MarginMSELoss needs at least one hard negative per query (data.num_negatives >= 1)")
+        return _margin_mse(_pair_scores(query_emb, doc_emb, "dot"), teacher)
+
+
+class MultipleNegativesRankingLoss(nn.Module):
+    """InfoNCE with in-batch negatives: each query against every query's positive and hard negatives.
+
+    Under torch.distributed the candidates of all ranks are gathered (with gradients), so the effective number of
+    negatives grows with the number of devices; queries stay local and labels are offset by rank * B.
+    """
+
+    model_kind, needs_teacher = "bi", False
+
+    def __init__(self, scale: float = 20.0, similarity: str = "cos", num_hard_negatives: int | None = None,
+                 symmetric: bool = False, gather_across_devices: bool = True):
+        super().__init__()
+        _check_similarity(type(self).__name__, similarity)
+        if not scale > 0:
+            raise ValueError(f"MultipleNegativesRankingLoss: scale={scale}; it must be > 0 (scale = 1/temperature)")
+        if num_hard_negatives is not None and num_hard_negatives < 0:
+            raise ValueError(f"MultipleNegativesRankingLoss: num_hard_negatives={num_hard_negatives} must be >= 0")
+        self.scale, self.similarity, self.num_hard_negatives = scale, similarity, num_hard_negatives
+        self.symmetric, self.gather_across_devices = symmetric, gather_across_devices
+
+    def forward(self, query_emb, doc_emb, teacher=None):
+        _check_bi(self, query_emb, doc_emb)
+        k = doc_emb.shape[1] - 1 if self.num_hard_negatives is None else self.num_hard_negatives
+        if k > doc_emb.shape[1] - 1:
+            raise ValueError(f"MultipleNegativesRankingLoss: num_hard_negatives={k} but the batch carries only "
+                             f"{doc_emb.shape[1] - 1} per query; lower loss.num_hard_negatives or raise the data's")
+        queries, docs = query_emb, doc_emb[:, : 1 + k]
+        if self.similarity == "cos":
+            queries, docs = F.normalize(queries, dim=-1), F.normalize(docs, dim=-1)
+        rank, world = _world() if self.gather_across_devices else (0, 1)
+        all_queries, all_docs = queries, docs
+        if world > 1:  # candidates from every rank; queries stay local (all of them only for the symmetric term)
+            all_docs = _gather_with_grad(docs)
+            all_queries = _gather_with_grad(queries) if self.symmetric else queries
+        # Column-major candidates: all positives first, then each hard-negative column (sentence-transformers' order)
+        cands = all_docs.transpose(0, 1).reshape(-1, docs.shape[-1])
+        labels = rank * queries.shape[0] + torch.arange(queries.shape[0], device=queries.device)
+        loss = F.cross_entropy(self.scale * queries @ cands.T, labels)  # [B, world * B * (1+k)] scores
+        if self.symmetric:  # each local positive against all queries (sentence-transformers' "doc_to_query")
+            loss = (loss + F.cross_entropy(self.scale * docs[:, 0] @ all_queries.T, labels)) / 2
+        return loss
+
+
+class DistillKLDivLoss(nn.Module):
+    """Listwise distillation: KL(softmax(T / tau) || softmax(s / tau)) * tau^2 over each query's 1+k candidates."""
+
+    model_kind, needs_teacher = "bi", True
+
+    def __init__(self, temperature: float = 1.0, similarity: str = "dot"):
+        super().__init__()
+        _check_similarity(type(self).__name__, similarity)
+        if not temperature > 0:
+            raise ValueError(f"DistillKLDivLoss: temperature={temperature} must be > 0")
+        self.temperature, self.similarity = temperature, similarity
+
+    def forward(self, query_emb, doc_emb, teacher=None):
+        _check_bi(self, query_emb, doc_emb)
+        _check_teacher(self, teacher, doc_emb.shape[:2])
+        return _listwise_kl(_pair_scores(query_emb, doc_emb, self.similarity), teacher, self.temperature)
+
+
+def _listwise_kl(scores, teacher, tau):
+    student = F.log_softmax(scores / tau, dim=1)
+    target = F.softmax(teacher.detach() / tau, dim=1)
+    return F.kl_div(student, target, reduction="batchmean") * tau**2  # batchmean: mean over queries
+
+
+def _check_cross(loss: nn.Module, scores) -> None:
+    if scores.ndim != 2:
+        raise ValueError(f"{type(loss).__name__}: expected scores [B, 1+k], got {tuple(scores.shape)}")
+
+
+class CrossEncoderMSELoss(nn.Module):
+    """Pointwise distillation: mean (s - T)^2 over every (query, candidate) pair."""
+
+    model_kind, needs_teacher = "cross", True
+
+    def forward(self, scores, teacher=None):
+        _check_cross(self, scores)
+        _check_teacher(self, teacher, scores.shape)
+        return F.mse_loss(scores, teacher.detach())
+
+
+class CrossEncoderMarginMSELoss(nn.Module):
+    """Match the margins s_p - s_n to the teacher's T_p - T_n."""
+
+    model_kind, needs_teacher = "cross", True
+
+    def forward(self, scores, teacher=None):
+        _check_cross(self, scores)
+        _check_teacher(self, teacher, scores.shape)
+        if scores.shape[1] < 2:
+            raise ValueError("CrossEncoderMarginMSELoss needs at least one negative per query (data.num_negatives >= 1)")
+        return _margin_mse(scores, teacher)
+
+
+class CrossEncoderKLDivLoss(nn.Module):
+    """Listwise distillation over each query's candidates: KL(softmax(T/tau) || softmax(s/tau)) * tau^2."""
+
+    model_kind, needs_teacher = "cross", True
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"CrossEncoderKLDivLoss: temperature={temperature} must be > 0")
+        self.temperature = temperature
+
+    def forward(self, scores, teacher=None):
+        _check_cross(self, scores)
+        _check_teacher(self, teacher, scores.shape)
+        return _listwise_kl(scores, teacher, self.temperature)
+
+
+class CrossEncoderBCELoss(nn.Module):
+    """Supervised pointwise loss: BCE with logits, label 1 for the positive (column 0), 0 for the negatives."""
+
+    model_kind, needs_teacher = "cross", False
+
+    def forward(self, scores, teacher=None):
+        _check_cross(self, scores)
+        labels = torch.zeros_like(scores)
+        labels[:, 0] = 1
+        return F.binary_cross_entropy_with_logits(scores, labels)

@@ -1,0 +1,86 @@
+"""The LightningModule: one training step for every model and loss, validation by re-ranking."""
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from transformers import get_linear_schedule_with_warmup
+
+from marco_lightning.evaluation import RerankingMetrics
+
+
+class RetrieverModule(pl.LightningModule):
+    def __init__(self, model, loss, optimizer, warmup_steps: float, val_qrels: dict | None = None,
+                 val_rel_level: int = 2, val_measures=("ndcg@10", "mrr@10", "recall@100"),
+                 mini_batch_size: int | None = None, gradient_clip_val: float | None = None):
+        super().__init__()
+        self.model, self.loss, self.optimizer_factory, self.warmup_steps = model, loss, optimizer, warmup_steps
+        # GradCache needs a backward per mini-batch, which only manual optimisation allows.
+        self.mini_batch_size, self.gradient_clip_val = mini_batch_size, gradient_clip_val
+        self.automatic_optimization = mini_batch_size is None
+        self.val_measures = tuple(val_measures)
+        self.val_metrics = RerankingMetrics(val_qrels or {}, rel_level=val_rel_level, measures=self.val_measures)
+        self.val_rows: list[torch.Tensor] = []
+        self.last_val_run: dict[str, dict[str, float]] = {}
+
+    def training_step(self, batch, batch_idx):
+        if not self.automatic_optimization:
+            return self._grad_cache_step(batch)
+        # The model turns its batch into the loss's inputs, so no branch on the loss or the model kind here.
+        inputs = self.model.loss_inputs(batch)
+        loss = self.loss(*inputs, batch.get("teacher"))
+        self.log("train/loss", loss, prog_bar=True, batch_size=inputs[0].shape[0])
+        return loss
+
+    def _grad_cache_step(self, batch):
+        from marco_lightning.grad_cache import cached_loss_backward
+
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        optimizer.zero_grad()
+        loss = cached_loss_backward(self.model.embed, batch["query"], batch["docs"], self.loss, self.mini_batch_size,
+                                    self.manual_backward, batch.get("teacher"))
+        if self.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+        optimizer.step()
+        scheduler.step()
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["query"]["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        scores = self.model.score_pairs(batch).float()
+        self.val_metrics.update(scores, batch["qid"], batch["pid"])
+        self.val_rows.append(torch.stack([batch["qid"].double(), batch["pid"].double(), scores.double()], 1).cpu())
+
+    def on_validation_epoch_end(self):
+        values = self.val_metrics.compute()
+        self.val_metrics.reset()
+        self.log_dict({f"val/{k}": v for k, v in values.items()}, prog_bar=True, sync_dist=False)
+        self.last_val_run = self._gather_run()
+
+    def _gather_run(self) -> dict[str, dict[str, float]]:
+        """The re-ranked run of this validation on every rank (written as a TREC run file by the tasks)."""
+        rows = torch.cat(self.val_rows) if self.val_rows else torch.zeros(0, 3, dtype=torch.float64)
+        self.val_rows = []
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, rows)
+            rows = torch.cat(parts)
+        run: dict[str, dict[str, float]] = {}
+        for qid, pid, score in rows.tolist():
+            run.setdefault(str(int(qid)), {})[str(int(pid))] = score
+        return run
+
+    def configure_optimizers(self):
+        # No weight decay on biases and LayerNorm weights, as in BERT and sentence-transformers.
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 else decay).append(p)
+        wd = self.optimizer_factory.keywords.get("weight_decay", 0.0)
+        optimizer = self.optimizer_factory([{"params": decay, "weight_decay": wd},
+                                            {"params": no_decay, "weight_decay": 0.0}])
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        # warmup_steps < 1 is a fraction of the run (handy for short runs), otherwise a step count.
+        warmup = self.warmup_steps * total if self.warmup_steps < 1 else self.warmup_steps
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(min(warmup, total)), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,96 @@
+"""task=evaluate: score a run file, re-rank its top-k with a model, or retrieve from the whole collection.
+
+Each mode writes `run.trec` and `metrics.json` into the run folder and prints a table.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from marco_lightning.config import ConfigError, check_files
+
+MODES = ("score", "rerank", "retrieve")
+
+
+def main(cfg: DictConfig) -> dict:
+    from marco_lightning.evaluation import compute_metrics, format_table, read_qrels, read_run, write_run
+
+    task, out = cfg.task, Path(cfg.paths.output_dir)
+    if task.mode not in MODES:
+        raise ConfigError(f"task.mode={task.mode!r}: use one of {', '.join(MODES)}")
+    if task.mode != "retrieve" and not task.run:
+        raise ConfigError(f"task.mode={task.mode} needs task.run=PATH (a TREC run file)")
+    check_files(cfg, ["task.qrels"] + (["task.run"] if task.mode != "retrieve" else [])
+                + (["task.queries", "task.collection"] if task.mode != "score" else []))
+    qrels = read_qrels(task.qrels)
+    if task.mode == "score":
+        run = read_run(task.run)
+    else:
+        model = load_model(cfg).to(device(task.device)).eval()
+        queries = read_texts(task.queries)
+        if task.mode == "rerank":
+            run = rerank(model, read_run(task.run), queries, task.collection, task.top_k, task.batch_size)
+        else:
+            from marco_lightning.retrieval import retrieve
+
+            run = retrieve(model, task.collection, {q: queries[q] for q in qrels if q in queries}, top_k=task.top_k,
+                           index_dir=task.index.dir or out / "index", index_factory=task.index.factory,
+                           batch_size=task.batch_size)
+    metrics = compute_metrics(qrels, run, rel_level=task.rel_level, measures=tuple(task.measures))
+    write_run(run, out / "run.trec", tag=f"marco-lightning-{task.mode}")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(format_table({task.name or task.mode: metrics}))
+    print(f"Run folder: {out}  (run.trec, metrics.json)")
+    return metrics
+
+
+def device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
+def load_model(cfg: DictConfig):
+    """task.model_path: an exported final_model/ folder or a Lightning .ckpt; none: build `model=` from config."""
+    from hydra.utils import instantiate
+
+    from marco_lightning.models import from_exported
+
+    path = cfg.task.model_path
+    if path and Path(path).is_dir():
+        return from_exported(path)
+    model = instantiate(cfg.model)
+    if path:
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    return model
+
+
+def read_texts(path, keep=None) -> dict[str, str]:
+    from marco_lightning.data.formats import iter_id_text
+
+    return {str(i): t for i, t in iter_id_text(path) if keep is None or str(i) in keep}
+
+
+@torch.no_grad()
+def rerank(model, run, queries, collection, top_k: int, batch_size: int) -> dict[str, dict[str, float]]:
+    from tqdm import tqdm
+
+    rows = [(qid, pid) for qid, docs in run.items() if qid in queries
+            for pid, _ in sorted(docs.items(), key=lambda kv: -kv[1])[:top_k]]
+    passages = read_texts(collection, keep={pid for _, pid in rows})  # streams the collection, keeps what is needed
+    missing = sorted({pid for _, pid in rows if pid not in passages})
+    if missing:
+        raise ValueError(f"{len(missing)} run passages have no text in {collection} (e.g. {missing[:3]})")
+    collate, dev = model.collator().pairs, next(model.parameters()).device
+    out: dict[str, dict[str, float]] = {}
+    for i in tqdm(range(0, len(rows), batch_size), desc="re-ranking", unit="batch"):
+        chunk = rows[i:i + batch_size]
+        batch = collate([(int(q), int(p), queries[q], passages[p]) for q, p in chunk])
+        batch = {k: ({n: t.to(dev) for n, t in v.items()} if isinstance(v, dict) else v) for k, v in batch.items()}
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            scores = model.score_pairs(batch).float().tolist()
+        for (q, p), s in zip(chunk, scores):
+            out.setdefault(q, {})[p] = s
+    return out

@@ -1,0 +1,74 @@
+"""task=train: validate, fit, validate the best checkpoint, export `final_model/`, write `metrics.json`."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from marco_lightning.config import check_files, check_training_config
+
+
+def main(cfg: DictConfig) -> dict:
+    check_training_config(cfg)  # before anything heavy: a wrong combination fails in a second
+    import pytorch_lightning as pl
+
+    from marco_lightning.data.datamodule import MarcoDataModule, store_path
+    from marco_lightning.evaluation import compute_metrics, format_table, read_qrels, read_run, write_run
+    from marco_lightning.loggers import build_loggers, print_run_summary
+    from marco_lightning.module import RetrieverModule
+
+    run_dir = Path(cfg.paths.output_dir)
+    print(f"Run folder: {run_dir}")
+    store_dir = store_path(cfg.paths.cache_dir, cfg.data, cfg.negatives)
+    check_files(cfg, ["data.val_qrels", "data.val_run"])
+    if not (store_dir / "manifest.json").exists():
+        check_files(cfg, [f"data.{k}" for k in ("collection", "queries", "train_qrels", "hard_negatives",
+                                                  "teacher_scores")])
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    model, loss = instantiate(cfg.model), instantiate(cfg.loss)
+    datamodule = MarcoDataModule(cfg.data, cfg.negatives, model.collator(), store_dir, batch_size=cfg.batch_size,
+                                 num_negatives=cfg.num_negatives, with_teacher=loss.needs_teacher, seed=cfg.seed,
+                                 num_workers=cfg.num_workers, pin_memory=cfg.trainer.accelerator in ("gpu", "cuda"))
+    val_qrels = read_qrels(cfg.data.val_qrels)
+    grad_cache = cfg.get("mini_batch_size")
+    module = RetrieverModule(model, loss, instantiate(cfg.optimizer), cfg.scheduler.warmup_steps,
+                             val_qrels=val_qrels, val_rel_level=cfg.data.val_rel_level, mini_batch_size=grad_cache,
+                             gradient_clip_val=cfg.trainer.gradient_clip_val if grad_cache else None)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor=cfg.monitor, mode="max",
+                                              save_top_k=cfg.callbacks.checkpoint.save_top_k,
+                                              save_last=cfg.callbacks.checkpoint.save_last,
+                                              filename="epoch{epoch}-step{step}", auto_insert_metric_name=False)
+    bar = (pl.callbacks.RichProgressBar() if cfg.callbacks.progress_bar == "rich"
+           else pl.callbacks.TQDMProgressBar())
+    trainer: pl.Trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
+                                      gradient_clip_val=None if grad_cache else cfg.trainer.gradient_clip_val,
+                                      callbacks=[checkpoint, bar, pl.callbacks.LearningRateMonitor("step")])
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+
+    def evaluate(ckpt_path=None) -> dict:
+        trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+        return compute_metrics(val_qrels, module.last_val_run, rel_level=cfg.data.val_rel_level,
+                               measures=module.val_measures)
+
+    metrics = {}
+    if cfg.task.validate_before:
+        metrics["before"] = evaluate()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics["after"] = evaluate("best" if checkpoint.best_model_path else None)
+    if trainer.is_global_zero:
+        write_run(module.last_val_run, run_dir / "val_run.trec", tag=f"marco-lightning-{run_dir.name}")
+        model.save(run_dir / "final_model")
+        metrics["best_checkpoint"] = os.path.relpath(checkpoint.best_model_path, run_dir) \
+            if checkpoint.best_model_path else None
+        if cfg.data.get("val_teacher_run"):
+            metrics["teacher"] = compute_metrics(val_qrels, read_run(cfg.data.val_teacher_run),
+                                                 rel_level=cfg.data.val_rel_level, measures=module.val_measures)
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        print(format_table({k: v for k, v in metrics.items() if isinstance(v, dict)}))
+        print_run_summary(cfg, run_dir)
+    return metrics

@@ -1,0 +1,42 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _wandb_offline(tmp_path, monkeypatch):
+    # Never reach for the network or a real account from a test; keep W&B's files inside the test's folder.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+
+
+def compose(overrides=(), tmp_path=None):
+    """The real conf/ tree, composed as `python run.py <overrides>` would, with outputs under tmp_path."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import marco_lightning.config  # noqa: F401  (resolvers)
+
+    extra = [f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"] if tmp_path else []
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose("config", overrides=[*extra, *overrides])
+
+
+# Small and fast: tiny random model, CPU, one short epoch, no W&B network.
+FAST = ["model=tiny", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_epochs=1", "batch_size=8",
+        "num_workers=0", "scheduler.warmup_steps=0.1", "callbacks.progress_bar=tqdm", "data.val_top_k=20"]
+
+
+def run_cli(args, cwd=ROOT, timeout=600, env=None):
+    """`python run.py args...` in a subprocess, as a user would type it."""
+    return subprocess.run([sys.executable, "run.py", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})})

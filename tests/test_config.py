@@ -1,0 +1,44 @@
+"""Every option of every config group composes, and every _target_ accepts its arguments (without building)."""
+import inspect
+from pathlib import Path
+
+import pytest
+from hydra.utils import get_class, get_method
+from omegaconf import OmegaConf
+
+from conftest import ROOT, compose
+
+GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir() and p.name not in ("hydra", "local"))
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((ROOT / "conf" / g).glob("*.yaml"))]
+
+
+def bind(node):
+    """torchtune's trick: a config is valid when its arguments bind to the target's signature."""
+    node = OmegaConf.to_container(node, resolve=True)
+    fn, partial = get_method(node.pop("_target_")), node.pop("_partial_", False)
+    signature = inspect.signature(fn.__init__ if inspect.isclass(fn) else fn)
+    args = (None,) if inspect.isclass(fn) else ()
+    signature.bind_partial(*args, **node) if partial else signature.bind(*args, **node)
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes(group, option, tmp_path):
+    cfg = compose([f"{group}={option}"], tmp_path)
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    for key in ("model", "loss", "optimizer", "trainer"):
+        bind(cfg[key])
+
+
+def test_cli_override_reaches_every_value(tmp_path):
+    cfg = compose(["optimizer.lr=3e-5", "model.max_doc_length=128", "negatives.num_per_system=3",
+                   "trainer.precision=bf16-mixed"], tmp_path)
+    assert (cfg.optimizer.lr, cfg.model.max_doc_length, cfg.negatives.num_per_system) == (3e-5, 128, 3)
+    assert cfg.trainer.precision == "bf16-mixed"
+
+
+def test_default_experiment_is_the_documented_one(tmp_path):
+    cfg = compose([], tmp_path)
+    assert get_class(cfg.model._target_).kind == "bi"
+    assert cfg.model.backbone == "sentence-transformers/all-MiniLM-L6-v2"
+    assert cfg.loss._target_.endswith("MarginMSELoss") and list(cfg.negatives.systems) == ["bm25"]
+    assert Path(cfg.data.collection).exists(), "the committed sample is the default data"

@@ -1,0 +1,85 @@
+"""End to end on the committed real sample: train a tiny model, then check every artefact a user relies on."""
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAST, ROOT, compose, run_cli
+
+sys.path.insert(0, str(ROOT.parent / "shared" / "tools"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from marco_lightning.tasks.train import main
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = compose(FAST + ["logger=wandb"], out)
+    return cfg, out, main(cfg)
+
+
+def test_run_folder_has_every_artefact(trained):
+    cfg, out, metrics = trained
+    saved = json.loads((out / "metrics.json").read_text())
+    for when in ("before", "after"):
+        assert set(saved[when]) >= {"ndcg@10", "mrr@10", "recall@100"}
+        assert all(0.0 <= v <= 1.0 for v in saved[when].values())
+    assert (out / "config.yaml").exists() and (out / "checkpoints" / "last.ckpt").exists()
+    assert (out / "metrics.csv").read_text().count("val/ndcg@10") >= 1
+
+
+def test_after_metrics_match_ir_measures_on_the_written_run(trained):
+    import ir_measures
+    from ir_measures import R, RR, nDCG
+
+    cfg, out, metrics = trained
+    qrels = list(ir_measures.read_trec_qrels(cfg.data.val_qrels))
+    run = list(ir_measures.read_trec_run(str(out / "val_run.trec")))
+    ref = ir_measures.calc_aggregate([nDCG @ 10, RR(rel=2) @ 10, R(rel=2) @ 100], qrels, run)
+    assert metrics["after"]["ndcg@10"] == pytest.approx(ref[nDCG @ 10], abs=1e-9)
+    assert metrics["after"]["mrr@10"] == pytest.approx(ref[RR(rel=2) @ 10], abs=1e-9)
+    assert metrics["after"]["recall@100"] == pytest.approx(ref[R(rel=2) @ 100], abs=1e-9)
+
+
+def test_final_model_loads_in_sentence_transformers_with_the_trained_weights(trained):
+    from hydra.utils import instantiate
+    from sentence_transformers import SentenceTransformer
+
+    cfg, out, metrics = trained
+    best = out / json.loads((out / "metrics.json").read_text())["best_checkpoint"]
+    model = instantiate(cfg.model)
+    state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    model.eval()
+    texts = ["what is the daily life of thai people", "a passage about rice farming in the north of Thailand " * 5]
+    with torch.no_grad():
+        ours = model.output_embedding(model.collator().pairs([(0, 0, t, t) for t in texts])["doc"]).numpy()
+    theirs = SentenceTransformer(str(out / "final_model"), device="cpu").encode(texts)
+    np.testing.assert_allclose(theirs, ours, atol=1e-5)
+
+
+def test_wandb_ran_offline_and_recorded_the_validation_curve(trained):
+    from read_wandb import load
+
+    cfg, out, metrics = trained
+    files = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    history, summary, config, _ = load(str(files[0]))
+    assert any("val/ndcg@10" in row for row in history)
+    assert config["loss"]["value"]["_target_"].endswith("MarginMSELoss") if "value" in config["loss"] else True
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["model=nope"], ["Available options", "minilm", "tiny"]),
+    (["model=tiny", "loss=ce_mse"], ["loss=ce_mse", "model=tiny", "cross-encoder"]),
+    (["model=tiny", "data.hard_negatives=/nowhere/hn.jsonl.gz", "paths.cache_dir=/tmp/marco-empty-cache"],
+     ["data.hard_negatives", "/nowhere/hn.jsonl.gz"]),
+])
+def test_cli_errors_name_the_problem_and_fail_before_data_loads(args, expect, tmp_path):
+    result = run_cli([*args, f"hydra.run.dir={tmp_path}"], timeout=120)
+    assert result.returncode != 0
+    for text in expect:
+        assert text in result.stderr + result.stdout, result.stderr[-2000:]
+    assert not (tmp_path / "checkpoints").exists()
