@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -40,14 +41,17 @@ def wandb_offline(setting) -> bool:
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
-    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]  # run_dir/metrics.csv
+    # run_dir/metrics.csv. Lightning warns that the (non-empty, Hydra-made) run folder "will be deleted": it only
+    # ever rewrites metrics.csv itself, and every run gets a fresh folder.
+    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
     wb = cfg.logger.get("wandb")
     if wb:
         offline = wandb_offline(wb.offline)
         os.environ.setdefault("WANDB_SILENT", "true")
         tags = [f"{k}={v}" for k, v in run_choices(cfg).items()] + list(cfg.get("tags") or [])
         logger = WandbLogger(project=wb.project, entity=wb.entity, group=wb.group, name=run_name(cfg), tags=tags,
-                             save_dir=str(run_dir), offline=offline, anonymous=None if offline else "never")
+                             save_dir=str(run_dir), offline=offline)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         loggers.append(logger)
     return loggers

@@ -213,3 +213,12 @@ class CrossEncoderBCELoss(nn.Module):
         labels = torch.zeros_like(scores)
         labels[:, 0] = 1
         return F.binary_cross_entropy_with_logits(scores, labels)
+
+
+def negatives_per_query(loss: nn.Module, batch_size: int, group_size: int, world_size: int) -> int:
+    """How many negatives each query is scored against in one step (logged, so batch semantics are explicit)."""
+    if isinstance(loss, MultipleNegativesRankingLoss):
+        k = group_size - 1 if loss.num_hard_negatives is None else loss.num_hard_negatives
+        devices = world_size if loss.gather_across_devices else 1
+        return batch_size * devices * (1 + k) - 1  # every candidate of the (gathered) batch but its own positive
+    return group_size - 1

@@ -22,6 +22,7 @@ class RetrieverModule(pl.LightningModule):
         self.val_metrics = RerankingMetrics(val_qrels or {}, rel_level=val_rel_level, measures=self.val_measures)
         self.val_rows: list[torch.Tensor] = []
         self.last_val_run: dict[str, dict[str, float]] = {}
+        self.last_val_step = -1  # global step of the weights last_val_run was computed with
 
     def training_step(self, batch, batch_idx):
         if not self.automatic_optimization:
@@ -55,7 +56,7 @@ class RetrieverModule(pl.LightningModule):
         values = self.val_metrics.compute()
         self.val_metrics.reset()
         self.log_dict({f"val/{k}": v for k, v in values.items()}, prog_bar=True, sync_dist=False)
-        self.last_val_run = self._gather_run()
+        self.last_val_run, self.last_val_step = self._gather_run(), self.global_step
 
     def _gather_run(self) -> dict[str, dict[str, float]]:
         """The re-ranked run of this validation on every rank (written as a TREC run file by the tasks)."""
@@ -69,6 +70,14 @@ class RetrieverModule(pl.LightningModule):
         for qid, pid, score in rows.tolist():
             run.setdefault(str(int(qid)), {})[str(int(pid))] = score
         return run
+
+    # RNG states travel with the checkpoint, so dropout after a resume draws what an unbroken run would have.
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["rng_states"] = _collect_rng_states()
+
+    def on_load_checkpoint(self, checkpoint):
+        if "rng_states" in checkpoint:
+            _set_rng_states(checkpoint["rng_states"])
 
     def configure_optimizers(self):
         # No weight decay on biases and LayerNorm weights, as in BERT and sentence-transformers.
@@ -84,3 +93,26 @@ class RetrieverModule(pl.LightningModule):
         warmup = self.warmup_steps * total if self.warmup_steps < 1 else self.warmup_steps
         scheduler = get_linear_schedule_with_warmup(optimizer, int(min(warmup, total)), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _collect_rng_states() -> dict:
+    import random
+
+    import numpy as np
+
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

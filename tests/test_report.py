@@ -83,11 +83,11 @@ def test_sweep_report_rows_order_numbers_and_figure(sweep, tmp_path):
 def test_sort_by_another_metric_and_missing_before(tmp_path):
     make_run(tmp_path / "a", {"ndcg@10": 0.5, "mrr@10": 0.2}, overrides=["optimizer.lr=1e-5"])
     make_run(tmp_path / "b", {"ndcg@10": 0.4, "mrr@10": 0.3}, {"ndcg@10": 0.1, "mrr@10": 0.1},
-             overrides=["optimizer.lr=3e-5"])
+             overrides=["optimizer.lr=3.0012345678e-05"])  # as Optuna samples it
     rows = report.collect([tmp_path], "mrr@10")
     table = parse_table(report.markdown_table(rows, "mrr@10"))
     assert [(r["optimizer.lr"], r["mrr@10 after"], r["mrr@10 Δ"], r["ndcg@10 before"]) for r in table] == [
-        ("3e-5", "0.3000", "+0.2000", "0.1000"), ("1e-5", "0.2000", "–", "–")]
+        ("3.001e-05", "0.3000", "+0.2000", "0.1000"), ("1e-5", "0.2000", "–", "–")]
 
 
 def test_key_overridden_in_one_run_takes_the_others_default(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from conftest import FAST, ROOT, run_cli
 from omegaconf import OmegaConf
+from test_report import parse_table
 
 from marco_lightning.config import check_training_config
 
@@ -112,7 +113,14 @@ def test_slurm_launcher_writes_the_multi_node_sbatch_script(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- real sweeps (slow)
-SWEEP_FAST = [*FAST, "trainer.limit_train_batches=2", "data.val_top_k=10", "logger=none", "batch_size=4"]
+# Two training steps and two validations (before, after) a run; metrics.csv gets val/* at steps 0 and 2.
+SWEEP_FAST = [*FAST, "trainer.max_steps=2", "data.val_top_k=10", "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One data store for the module's sweeps, outside the repository."""
+    return f"paths.cache_dir={tmp_path_factory.mktemp('cache')}"
 
 
 def job_folders(sweep_dir: Path) -> list[Path]:
@@ -120,40 +128,40 @@ def job_folders(sweep_dir: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_multirun_grid_then_report(tmp_path):
+def test_multirun_grid_then_report(tmp_path, cache):
     sweep = tmp_path / "multirun"
-    result = run_cli(["-m", *SWEEP_FAST, "loss=margin_mse,mnrl", "negatives=bm25,tas_b", "model.similarity=dot",
+    result = run_cli(["-m", *SWEEP_FAST, cache, "loss=margin_mse,mnrl", "negatives=bm25,tas_b", "model.similarity=dot",
                       f"hydra.sweep.dir={sweep}"], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = job_folders(sweep)
     assert [j.name for j in jobs] == ["0", "1", "2", "3"]
-    combos = {tuple(o for o in yaml.safe_load((j / ".hydra" / "overrides.yaml").read_text())
-                    if o.startswith(("loss=", "negatives="))) for j in jobs}
-    assert combos == {(f"loss={loss}", f"negatives={neg}") for loss in ("margin_mse", "mnrl") for neg in ("bm25", "tas_b")}
+    combos = [tuple(o for o in yaml.safe_load((j / ".hydra" / "overrides.yaml").read_text())
+                    if o.startswith(("loss=", "negatives="))) for j in jobs]
+    assert set(combos) == {(f"loss={loss}", f"negatives={neg}") for loss in ("margin_mse", "mnrl") for neg in ("bm25", "tas_b")}
     metrics = [json.loads((j / "metrics.json").read_text()) for j in jobs]
     assert all(0 <= m["after"]["ndcg@10"] <= 1 for m in metrics)
 
     report = run_cli(["task=report", f"task.runs={sweep}", f"hydra.run.dir={tmp_path / 'report_run'}"], timeout=120)
     assert report.returncode == 0, report.stderr[-3000:]
-    lines = [line for line in (sweep / "report.md").read_text().splitlines() if line.startswith("| ")]
-    header, rows = lines[0].split(" | "), [line.strip("| ").split(" | ") for line in lines[1:]]
-    assert header[2:4] == ["loss", "negatives"] and len(rows) == 4
-    after = [float(r[header.index("ndcg@10 after")]) for r in rows]
+    rows = parse_table((sweep / "report.md").read_text())
+    assert list(rows[0])[2:4] == ["loss", "negatives"] and len(rows) == 4
+    after = [float(r["ndcg@10 after"]) for r in rows]
     assert after == sorted(after, reverse=True)
-    by_job = {r[1]: float(r[header.index("ndcg@10 after")]) for r in rows}
-    assert by_job == {j.name: pytest.approx(m["after"]["ndcg@10"], abs=5e-5) for j, m in zip(jobs, metrics)}
+    by_job = {r["run"]: (r["loss"], r["negatives"], float(r["ndcg@10 after"])) for r in rows}
+    assert by_job == {j.name: (*(o.split("=")[1] for o in combo), pytest.approx(m["after"]["ndcg@10"], abs=5e-5))
+                      for j, m, combo in zip(jobs, metrics, combos)}
     assert (sweep / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
-def test_optuna_three_trials(tmp_path):
+def test_optuna_three_trials(tmp_path, cache):
     sweep = tmp_path / "optuna"
-    result = run_cli(["hparams_search=optuna", *SWEEP_FAST, "hydra.sweeper.n_trials=3",
-                      "hydra.sweeper.sampler.n_startup_trials=2", "hydra.sweeper.params.batch_size=choice(2,4)",
-                      "hydra.sweeper.params.num_negatives=choice(1,2)", f"hydra.sweep.dir={sweep}"], timeout=600)
+    result = run_cli(["hparams_search=optuna", *SWEEP_FAST, cache, "hydra.sweeper.n_trials=3",
+                      "hydra.sweeper.sampler.n_startup_trials=2", "batch_size=choice(8,16)",
+                      "num_negatives=choice(1,2)", f"hydra.sweep.dir={sweep}"], timeout=600)
     if "Return value must be float-castable" in result.stderr + result.stdout:
-        pytest.fail("the Optuna sweeper needs a float: run.py must return the task's cfg.optimized_metric "
-                    "(see the change proposed with conf/hparams_search/optuna.yaml)")
+        pytest.fail("the Optuna sweeper needs a float: run.py must return the float at "
+                    "cfg.optimized_metric (after/ndcg@10) of the dict task=train returns")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = job_folders(sweep)
     assert [j.name for j in jobs] == ["0", "1", "2"]
@@ -164,9 +172,9 @@ def test_optuna_three_trials(tmp_path):
 
 
 @pytest.mark.slow
-def test_submitit_local_launcher_runs_a_job(tmp_path):
+def test_submitit_local_launcher_runs_a_job(tmp_path, cache):
     sweep = tmp_path / "submitit"
-    result = run_cli(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", *SWEEP_FAST,
+    result = run_cli(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", *SWEEP_FAST, cache,
                       f"hydra.sweep.dir={sweep}"], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [j.name for j in job_folders(sweep)] == ["0"]

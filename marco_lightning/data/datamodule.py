@@ -45,6 +45,17 @@ def store_path(cache_dir: str, data: DictConfig, negatives: DictConfig) -> Path:
     return Path(cache_dir) / "stores" / f"{data.name}-{digest}"
 
 
+class ResumableDataLoader(DataLoader):
+    """Tells Lightning this loader resumes mid-epoch; the position itself comes from Lightning's progress counters
+    (MarcoDataModule._resume_position), so there is no state of its own to save."""
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
 class MarcoDataModule(pl.LightningDataModule):
     def __init__(self, data: DictConfig, negatives: DictConfig, collator, store_dir: Path, batch_size: int,
                  num_negatives: int, with_teacher: bool, seed: int, num_workers: int = 2,
@@ -78,15 +89,27 @@ class MarcoDataModule(pl.LightningDataModule):
         t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
-    def _loader(self, dataset, sampler, batch_size, collate):
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+    def _loader(self, dataset, sampler, batch_size, collate, loader_cls=DataLoader):
+        return loader_cls(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                           num_workers=self.num_workers, pin_memory=self.pin_memory, worker_init_fn=worker_init,
                           persistent_workers=False)
 
     def train_dataloader(self):
         rank, world = self._rank()
-        sampler = EpochShardSampler(len(self.train_set), shuffle=True, seed=self.seed, rank=rank, world_size=world)
-        return self._loader(self.train_set, sampler, self.batch_size, self.collator.train)
+        sampler = EpochShardSampler(len(self.train_set), shuffle=True, seed=self.seed, rank=rank, world_size=world,
+                                    resume_at=self._resume_position())
+        return self._loader(self.train_set, sampler, self.batch_size, self.collator.train, ResumableDataLoader)
+
+    def _resume_position(self) -> tuple[int, int]:
+        """On a resumed fit: (epoch, examples already trained on in it), from Lightning's restored progress.
+
+        Draws are a pure function of (seed, epoch, index), so skipping those examples continues the very same
+        order: a run killed mid-epoch and resumed ends with the same steps and data as one that never stopped.
+        """
+        loop = self.trainer.fit_loop if self.trainer is not None else None
+        if loop is None or not loop.restarting:
+            return 0, 0
+        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed * self.batch_size
 
     def val_dataloader(self):
         rank, world = self._rank()

@@ -97,7 +97,10 @@ def iter_qrels(path, on_error="raise", skipped=None) -> Iterator[tuple[int, int,
 
 
 def _int_list(x) -> bool:
-    return type(x) is list and all(type(v) is int for v in x)
+    return type(x) is list and set(map(type, x)) <= _INT  # (bool, float and str are refused)
+
+
+_INT = {int}
 
 
 def iter_hard_negatives(path, on_error="raise", skipped=None) -> Iterator[tuple[int, list[int], dict[str, list[int]]]]:
@@ -151,7 +154,7 @@ def iter_teacher_score_chunks(path, on_error="raise", skipped=None, chunk_size=1
         for q, p, s in iter_parquet(path, columns=["query_id", "passage_id", "score"]):
             yield q, p, np.asarray(s, np.float64)
         return
-    if _peek(path, 1) != b"\x80":  # every binary pickle starts with PROTO; else it is the triples TSV
+    if _peek(path, 1) != b"\x80" and not re.search(r"\.(pkl|pickle)(\.gz)?$", str(path)):  # PROTO starts a pickle
         buf = []
         for qid, pos, neg, s_pos, s_neg in iter_hofstaetter_triples(path, on_error, skipped):
             buf += [(qid, pos, s_pos), (qid, neg, s_neg)]
@@ -231,13 +234,14 @@ class _Root(_Dict):
 _PUT = rb"(?:\x94|q.|r.{4})"
 _GET = rb"(?:h.|j.{4})"
 _NUM = rb"(?:J.{4}|M..|K.|G.{8}|" + _GET + _GET + rb"C(?:\x04.{4}|\x08.{8})" + _PUT + rb"\x86" + _PUT + rb"R" + _PUT + rb")"
-_TOKEN = re.compile(_NUM, re.S)
+_TOKEN = re.compile(_NUM, re.DOTALL)
 _SIMPLE = {ord("J"): np.dtype("<i4"), ord("M"): np.dtype("<u2"), ord("K"): np.dtype("u1"), ord("G"): np.dtype(">f8")}
 _PUT_WIDTH = {0x94: 1, ord("q"): 2, ord("r"): 5}
 _OPNAMES = {op.code.encode("latin1")[0]: op.name for op in pickletools.opcodes}
 _MARGIN = 1 << 18  # bytes kept ahead of the cursor: any short opcode and any 1000-entry batch fits
 _CHUNK = 1 << 22
 _MEMO_LIMIT = 100_000
+_MAX_STRING = 1 << 16
 
 
 def _deframed(f):
@@ -278,6 +282,9 @@ class _ScorePickle:
                 if self.pos >= len(self.buf):
                     self.fail("the file ends without the pickle STOP opcode (truncated?)")
                 op = self.buf[self.pos]
+                if self.pos + self.base == 0 and op != 0x80:
+                    self.fail("not a pickle of protocol 2 or higher (no PROTO opcode); re-save the scores with "
+                              "pickle.dump(scores, f, protocol=4)")
                 handler = _OPS.get(op)
                 if handler is None:
                     self.fail(f"refused pickle opcode {_OPNAMES.get(op, hex(op))}: a teacher-score pickle may "
@@ -287,7 +294,7 @@ class _ScorePickle:
                     done = handler(self)
                 except DataFormatError:
                     raise
-                except (IndexError, ValueError, TypeError) as e:  # e.g. a too-short stack, bad utf-8
+                except (IndexError, ValueError, TypeError, OverflowError) as e:  # a too-short stack, bad utf-8...
                     self.fail(f"malformed pickle at opcode {_OPNAMES[op]}: {e!r}")
                 for qid, d in self.out:
                     keys, vals = zip(*d) if d else ((), ())
@@ -312,6 +319,12 @@ class _ScorePickle:
                 self.fail("the file ends in the middle of an opcode (truncated?)")
         self.pos += n
         return self.buf[self.pos - n:self.pos]
+
+    def length(self, width):
+        n = _u(self.take(width))
+        if n > _MAX_STRING:  # no score pickle holds long strings; do not let one make us read gigabytes
+            self.fail(f"refused a string of {n} bytes")
+        return n
 
     def take_line(self):
         end = self.buf.find(b"\n", self.pos, self.pos + 256)
@@ -490,11 +503,11 @@ _OPS = {
     0x8A: lambda s: s.push(_u(s.take(s.take(1)[0]), signed=True)),                 # LONG1
     ord("G"): lambda s: s.push(float(np.frombuffer(s.take(8), ">f8")[0])),         # BINFLOAT
     0x8C: lambda s: s.push(s.take(s.take(1)[0]).decode("utf-8")),                  # SHORT_BINUNICODE
-    ord("X"): lambda s: s.push(s.take(_u(s.take(4))).decode("utf-8")),             # BINUNICODE
+    ord("X"): lambda s: s.push(s.take(s.length(4)).decode("utf-8")),              # BINUNICODE
     ord("C"): lambda s: s.push(s.take(s.take(1)[0])),                              # SHORT_BINBYTES
-    ord("B"): lambda s: s.push(s.take(_u(s.take(4)))),                             # BINBYTES
+    ord("B"): lambda s: s.push(s.take(s.length(4))),                               # BINBYTES
     ord("c"): lambda s: s.find_class(s.take_line(), s.take_line()),                # GLOBAL
-    0x93: lambda s: s.find_class(*[str(x) for x in s.pop_n(2)]),                   # STACK_GLOBAL
+    0x93: lambda s: s.find_class(*[x if type(x) is str else "?" for x in s.pop_n(2)]),  # STACK_GLOBAL
     ord("R"): _ScorePickle.reduce,                                                 # REDUCE
     ord("b"): _ScorePickle.build,                                                  # BUILD
     0x94: lambda s: s.put(s.nput),                                                 # MEMOIZE

@@ -17,24 +17,31 @@ class EpochShardSampler(Sampler):
     out an epoch; a new permutation each epoch means a different few each time.
     """
 
-    def __init__(self, num_examples: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, num_examples: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 resume_at: tuple[int, int] = (0, 0)):
         self.n, self.shuffle, self.seed, self.rank, self.world_size = num_examples, shuffle, seed, rank, world_size
         self.epoch = 0
+        # (epoch, examples this rank already trained on in it): a resumed run continues where it stopped
+        self.resume_epoch, self.resume_skip = resume_at
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
         self.epoch = epoch
+
+    @property
+    def skip(self) -> int:
+        return self.resume_skip if self.epoch == self.resume_epoch else 0
 
     def indices(self) -> np.ndarray:
         order = (np.random.default_rng((self.seed, self.epoch)).permutation(self.n) if self.shuffle
                  else np.arange(self.n))
         per_rank = self.n // self.world_size
-        return order[self.rank:per_rank * self.world_size:self.world_size]
+        return order[self.rank:per_rank * self.world_size:self.world_size][self.skip:]
 
     def __iter__(self):
         return ((self.epoch, int(i)) for i in self.indices())
 
     def __len__(self):
-        return self.n // self.world_size
+        return max(self.n // self.world_size - self.skip, 0)
 
 
 class TrainDataset(Dataset):
@@ -77,14 +84,20 @@ class TrainDataset(Dataset):
 
 
 class RerankPairs(Dataset):
-    """(qid, pid, query text, passage text) rows of a run's top-k, for validation by re-ranking."""
+    """(qid, pid, query text, passage text) rows of a run's top-k, for validation by re-ranking.
+
+    Rows are ordered by passage length, so each batch pads to similar lengths: ~2x faster than run order.
+    """
 
     def __init__(self, store, run: dict[str, dict[str, float]], top_k: int):
         rows = []
         for qid, docs in run.items():
             ranked = sorted(docs.items(), key=lambda kv: -kv[1])[:top_k]
             rows += [(int(qid), int(pid)) for pid, _ in ranked]
-        self.rows = np.array(rows, dtype=np.int64).reshape(-1, 2)
+        rows = np.array(rows, dtype=np.int64).reshape(-1, 2)
+        pos = store.passages.positions(rows[:, 1])
+        nbytes = store.passages.offsets[pos + 1] - store.passages.offsets[pos]
+        self.rows = rows[np.argsort(nbytes, kind="stable")]
         self.store = store
 
     def __len__(self):

@@ -78,6 +78,14 @@ def flat_config(run: Path) -> dict[str, str]:
     return {k: v for k, v in flatten(yaml.safe_load(path.read_text()) or {}) if not k.startswith("paths.")}
 
 
+def compact(value: str) -> str:
+    """1.9906996673933362e-05 -> 1.991e-05: sampled numbers as a person would write them."""
+    try:
+        return f"{float(value):.4g}" if len(value) > 8 and "." in value else value
+    except ValueError:
+        return value
+
+
 def label_runs(runs: list[Path]) -> tuple[list[str], list[dict[str, str]]]:
     """The keys whose values differ between the runs, and each run's value of them."""
     settings = [read_overrides(r) for r in runs]
@@ -88,7 +96,7 @@ def label_runs(runs: list[Path]) -> tuple[list[str], list[dict[str, str]]]:
         settings = [flat_config(r) for r in runs]
         keys = list(dict.fromkeys(k for s in settings for k in s))
     differing = [k for k in keys if len({s.get(k, "?") for s in settings}) > 1]
-    return differing, [{k: s.get(k, "?") for k in differing} for s in settings]
+    return differing, [{k: compact(s.get(k, "?")) for k in differing} for s in settings]
 
 
 def read_curve(run: Path, column: str) -> tuple[list[int], list[float]]:
@@ -149,7 +157,9 @@ def plot(rows: list[dict], metric: str, path: Path) -> None:
     n = len(rows)
     fig, axes = plt.subplots(1, 2 if with_curves else 1, figsize=(14 if with_curves else 8, max(3.5, 1.5 + 0.4 * n)),
                              squeeze=False, width_ratios=[3, 2] if with_curves else None, layout="constrained")
-    bars, colors = axes[0][0], [plt.cm.tab10(i % 10) for i in range(n)]
+    # Up to 10 runs: distinct colours; more: a gradient from best (dark) to worst (light), so colour reads as rank.
+    colors = [plt.cm.tab10(i) if n <= 10 else plt.cm.viridis(0.9 * i / (n - 1)) for i in range(n)]
+    bars = axes[0][0]
     y = range(n)[::-1]  # best on top
     before = [r.get("before", {}).get(metric, float("nan")) for r in rows]
     after = [r["after"].get(metric, float("nan")) for r in rows]

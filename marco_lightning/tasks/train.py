@@ -15,9 +15,11 @@ def main(cfg: DictConfig) -> dict:
     check_training_config(cfg)  # before anything heavy: a wrong combination fails in a second
     import pytorch_lightning as pl
 
+    from marco_lightning.checkpointing import AtomicCheckpointIO, resolve_ckpt_path
     from marco_lightning.data.datamodule import MarcoDataModule, store_path
     from marco_lightning.evaluation import compute_metrics, format_table, read_qrels, read_run, write_run
     from marco_lightning.loggers import build_loggers, print_run_summary
+    from marco_lightning.losses import negatives_per_query
     from marco_lightning.module import RetrieverModule
 
     run_dir = Path(cfg.paths.output_dir)
@@ -42,13 +44,27 @@ def main(cfg: DictConfig) -> dict:
                                               save_top_k=cfg.callbacks.checkpoint.save_top_k,
                                               save_last=cfg.callbacks.checkpoint.save_last,
                                               filename="epoch{epoch}-step{step}", auto_insert_metric_name=False)
+    # a mid-epoch "last.ckpt" every N steps, for resuming a killed run (validation checkpoints come on top)
+    resume_checkpoint = (pl.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+                                                      every_n_train_steps=cfg.callbacks.checkpoint.every_n_train_steps)
+                         if cfg.callbacks.checkpoint.every_n_train_steps else None)
     bar = (pl.callbacks.RichProgressBar() if cfg.callbacks.progress_bar == "rich"
            else pl.callbacks.TQDMProgressBar())
     trainer: pl.Trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
                                       gradient_clip_val=None if grad_cache else cfg.trainer.gradient_clip_val,
-                                      callbacks=[checkpoint, bar, pl.callbacks.LearningRateMonitor("step")])
+                                      plugins=[AtomicCheckpointIO()],
+                                      callbacks=[c for c in (checkpoint, resume_checkpoint, bar,
+                                                             pl.callbacks.LearningRateMonitor("step")) if c])
+    batch_info = {"global_batch_size": cfg.batch_size * trainer.world_size * trainer.accumulate_grad_batches,
+                  "negatives_per_query": negatives_per_query(loss, cfg.batch_size, 1 + cfg.num_negatives,
+                                                             trainer.world_size)}
+    for logger in trainer.loggers:
+        logger.log_hyperparams(batch_info)
     if trainer.is_global_zero:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        print(f"Batch: {cfg.batch_size} queries per device x {trainer.world_size} device(s) x "
+              f"{trainer.accumulate_grad_batches} accumulation = {batch_info['global_batch_size']} per step; "
+              f"each query is scored against {batch_info['negatives_per_query']} negatives")
 
     def evaluate(ckpt_path=None) -> dict:
         trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
@@ -58,8 +74,14 @@ def main(cfg: DictConfig) -> dict:
     metrics = {}
     if cfg.task.validate_before:
         metrics["before"] = evaluate()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics["after"] = evaluate("best" if checkpoint.best_model_path else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path")))
+    best_step = checkpoint_step(checkpoint.best_model_path)
+    if best_step is not None and best_step == module.last_val_step == trainer.global_step:
+        # the best checkpoint holds the weights validated last: reuse that ranking instead of recomputing it
+        metrics["after"] = compute_metrics(val_qrels, module.last_val_run, rel_level=cfg.data.val_rel_level,
+                                           measures=module.val_measures)
+    else:
+        metrics["after"] = evaluate("best" if checkpoint.best_model_path else None)
     if trainer.is_global_zero:
         write_run(module.last_val_run, run_dir / "val_run.trec", tag=f"marco-lightning-{run_dir.name}")
         model.save(run_dir / "final_model")
@@ -72,3 +94,9 @@ def main(cfg: DictConfig) -> dict:
         print(format_table({k: v for k, v in metrics.items() if isinstance(v, dict)}))
         print_run_summary(cfg, run_dir)
     return metrics
+
+
+def checkpoint_step(path: str) -> int | None:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"] if path else None

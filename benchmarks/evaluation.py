@@ -1,0 +1,194 @@
+"""Evaluation throughput: bi-encoder encoding + faiss search, and cross-encoder re-ranking, vs sentence-transformers.
+
+Both sides load the same weights, run fp32 on CPU with the same batch size and max lengths (query 32, passage 128;
+cross-encoder pairs 160), on real MS MARCO passages. `python -m benchmarks.evaluation` runs it alone.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import BACKBONE, DOC_LEN, QUERY_LEN, Stopwatch, fmt, interleaved, ratios
+
+TOP_K = 100
+
+
+def length_order(texts) -> np.ndarray:
+    """Longest first (characters stand in for tokens, as in sentence-transformers)."""
+    return np.argsort([-len(t) for t in texts], kind="stable")
+
+
+def encode_sorted(model, texts, batch_size: int, queries: bool = False) -> np.ndarray:
+    """The proposal for marco_lightning.retrieval.encode: encode in length order, return in input order."""
+    from marco_lightning.retrieval import encode
+
+    order = length_order(texts)
+    vectors = encode(model, [texts[i] for i in order], batch_size, queries=queries)
+    return vectors[np.argsort(order)]
+
+
+def rerank_sorted(model, run, queries, passages, top_k: int, batch_size: int) -> dict:
+    """The proposal for marco_lightning.tasks.evaluate.rerank: score the pairs in length order."""
+    import torch
+
+    rows = [(q, p) for q, docs in run.items() for p, _ in sorted(docs.items(), key=lambda kv: -kv[1])[:top_k]]
+    rows = [rows[i] for i in length_order([queries[q] + passages[p] for q, p in rows])]
+    collate, out = model.collator().pairs, {}
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            scores = model.score_pairs(collate([(int(q), int(p), queries[q], passages[p]) for q, p in chunk]))
+            for (q, p), s in zip(chunk, scores.tolist()):
+                out.setdefault(q, {})[p] = s
+    return out
+
+
+def padded_tokens(tokenizer, texts, batch_size: int, max_length: int, pairs=None) -> int:
+    """Tokens the model processes, padding included, when `texts` are batched in this order (dynamic padding)."""
+    enc = tokenizer(texts, pairs, truncation="longest_first" if pairs else True, max_length=max_length)
+    lengths = [len(ids) for ids in enc["input_ids"]]
+    return sum(max(lengths[i:i + batch_size]) * len(lengths[i:i + batch_size])
+               for i in range(0, len(lengths), batch_size))
+
+
+def run(num_passages: int = 256, num_pairs: int = 256, batch_size: int = 32, budget_s: float = 360,
+        min_rounds: int = 2, max_rounds: int = 5, log=print) -> dict:
+    import faiss
+    import torch
+    from sentence_transformers import CrossEncoder as STCrossEncoder
+
+    from benchmarks.common import passages, rerank_input
+    from benchmarks.training import st_bi_encoder
+    from marco_lightning.models import BiEncoder, CrossEncoder
+    from marco_lightning.retrieval import encode
+    from marco_lightning.tasks.evaluate import rerank
+
+    texts = list(passages(limit=num_passages).values())
+    depth = 8
+    run_, queries, docs = rerank_input(num_pairs // depth, depth)
+    qtexts = list(queries.values())
+    pairs = [(queries[q], docs[p]) for q, ds in run_.items() for p in ds]
+
+    # ---- bi-encoder: encode the passages, index them, encode the queries, search the top 100
+    bi = BiEncoder(BACKBONE, max_query_length=QUERY_LEN, max_doc_length=DOC_LEN).eval()
+    st = st_bi_encoder().eval()
+
+    def search(passage_vectors, query_vectors):
+        index = faiss.IndexFlatIP(passage_vectors.shape[1])
+        index.add(np.ascontiguousarray(passage_vectors, dtype=np.float32))
+        index.search(np.ascontiguousarray(query_vectors, dtype=np.float32), TOP_K)
+
+    def project_retrieval(encoder):
+        def go():
+            with Stopwatch() as sw:
+                search(encoder(bi, texts, batch_size), encoder(bi, qtexts, batch_size, queries=True))
+            return len(texts) / sw.seconds
+        return go
+
+    def st_retrieval():
+        with Stopwatch() as sw:
+            search(st.encode(texts, batch_size=batch_size), st.encode(qtexts, batch_size=batch_size))
+        return len(texts) / sw.seconds
+
+    same = np.abs(encode(bi, texts[:8], batch_size) - st.encode(texts[:8], batch_size=batch_size)).max()
+    log(f"evaluation: {len(texts)} passages, {len(qtexts)} queries, batch {batch_size}; "
+        f"max |project - sentence-transformers| embedding difference {same:.1e}")
+    retrieval = interleaved({"project": project_retrieval(encode), "project_sorted": project_retrieval(encode_sorted),
+                             "st": st_retrieval}, min_rounds, max_rounds, budget_s / 2, log)
+
+    # ---- cross-encoder: the packaged MiniLM backbone with a random head, exported once, loaded by both sides
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ce-"))
+    torch.manual_seed(0)
+    CrossEncoder(BACKBONE, max_query_length=QUERY_LEN, max_doc_length=DOC_LEN).save(tmp / "model")
+    ce = CrossEncoder(str(tmp / "model"), max_query_length=QUERY_LEN, max_doc_length=DOC_LEN).eval()
+    st_ce = STCrossEncoder(str(tmp / "model"), device="cpu")  # max_length 160 and raw logits, from the export
+    collection = tmp / "collection.tsv"
+    collection.write_text("".join(f"{p}\t{t}\n" for p, t in docs.items()), encoding="utf-8")
+
+    def timed(fn):
+        def go():
+            with Stopwatch() as sw:
+                fn()
+            return len(pairs) / sw.seconds
+        return go
+
+    ours = rerank(ce, run_, queries, collection, depth, batch_size)
+    theirs = st_ce.predict(pairs, batch_size=batch_size, show_progress_bar=False)
+    same_ce = max(abs(ours[q][p] - s) for (q, p), s in zip([(q, p) for q, ds in run_.items() for p in ds], theirs))
+    log(f"cross-encoder: {len(pairs)} pairs; max |project - sentence-transformers| score difference {same_ce:.1e}")
+    rerank_values = interleaved(
+        {"project": timed(lambda: rerank(ce, run_, queries, collection, depth, batch_size)),
+         "project_sorted": timed(lambda: rerank_sorted(ce, run_, queries, docs, depth, batch_size)),
+         "st": timed(lambda: st_ce.predict(pairs, batch_size=batch_size, show_progress_bar=False))},
+        min_rounds, max_rounds, budget_s / 2, log)
+
+    tok = bi.tokenizer
+    sorted_texts = [texts[i] for i in length_order(texts)]
+    qs, ps = [a for a, _ in pairs], [b for _, b in pairs]
+    pair_order = length_order([a + b for a, b in pairs])
+    tokens = {"encode_real": padded_tokens(tok, texts, 1, DOC_LEN),
+              "encode_input_order": padded_tokens(tok, texts, batch_size, DOC_LEN),
+              "encode_sorted": padded_tokens(tok, sorted_texts, batch_size, DOC_LEN),
+              "pairs_real": padded_tokens(tok, qs, 1, QUERY_LEN + DOC_LEN, ps),
+              "pairs_input_order": padded_tokens(tok, qs, batch_size, QUERY_LEN + DOC_LEN, ps),
+              "pairs_sorted": padded_tokens(tok, [qs[i] for i in pair_order], batch_size, QUERY_LEN + DOC_LEN,
+                                            [ps[i] for i in pair_order])}
+    return {"passages": len(texts), "queries": len(qtexts), "pairs": len(pairs), "batch_size": batch_size,
+            "retrieval": retrieval, "rerank": rerank_values, "tokens": tokens, "same_bi": float(same),
+            "same_ce": float(same_ce)}
+
+
+def markdown(res: dict) -> str:
+    r, c, t = res["retrieval"], res["rerank"], res["tokens"]
+    return f"""## Evaluation throughput
+
+fp32, batch {res['batch_size']}, same weights on both sides (max |difference|: embeddings {res['same_bi']:.0e}, cross-encoder
+scores {res['same_ce']:.0e}). Median (min-max) over {len(r['project'])} / {len(c['project'])} rounds, contenders
+rotated each round; ratios round by round.
+
+Retrieval: encode {res['passages']} real MS MARCO passages (128 tokens max), add them to a faiss `IndexFlatIP`,
+encode {res['queries']} TREC DL queries, search the top {TOP_K}; passages/s over the whole.
+
+| contender | passages/s |
+|---|---|
+| project: `marco_lightning.retrieval.encode` + faiss | {fmt(r['project'])} |
+| project, passages encoded in length order (proposal) | {fmt(r['project_sorted'])} |
+| sentence-transformers `encode` + faiss | {fmt(r['st'])} |
+
+| ratio | median (min-max) |
+|---|---|
+| project / sentence-transformers | {fmt(ratios(r, 'project', 'st'))} |
+| project sorted / sentence-transformers | {fmt(ratios(r, 'project_sorted', 'st'))} |
+| project sorted / project | {fmt(ratios(r, 'project_sorted', 'project'))} |
+
+Cross-encoder re-ranking: {res['pairs']} (query, BM25 top-8 passage) pairs of TREC DL queries, 160 tokens max; the
+all-MiniLM-L6-v2 backbone with a random one-logit head, built by `marco_lightning.models.CrossEncoder`, exported
+with `.save()` and loaded by both sides. Project: `marco_lightning.tasks.evaluate.rerank` (the Collator's `pairs`
+and `CrossEncoder.score_pairs`); sentence-transformers: `CrossEncoder.predict`.
+
+| contender | pairs/s |
+|---|---|
+| project: `tasks.evaluate.rerank` | {fmt(c['project'])} |
+| project, pairs scored in length order (proposal) | {fmt(c['project_sorted'])} |
+| sentence-transformers `CrossEncoder.predict` | {fmt(c['st'])} |
+
+| ratio | median (min-max) |
+|---|---|
+| project / sentence-transformers | {fmt(ratios(c, 'project', 'st'))} |
+| project sorted / sentence-transformers | {fmt(ratios(c, 'project_sorted', 'st'))} |
+| project sorted / project | {fmt(ratios(c, 'project_sorted', 'project'))} |
+
+Why: sentence-transformers' `encode` and `predict` sort their inputs by length before batching; the project
+batches in input order, so each batch pads to its longest member. Tokens processed, padding included:
+encoding {t['encode_input_order']:,} in input order vs {t['encode_sorted']:,} in length order ({t['encode_real']:,} real);
+cross-encoder {t['pairs_input_order']:,} vs {t['pairs_sorted']:,} ({t['pairs_real']:,} real).
+"""
+
+
+if __name__ == "__main__":
+    from benchmarks.common import setup
+
+    setup()
+    print(markdown(run()))
