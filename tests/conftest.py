@@ -26,13 +26,21 @@ def compose(overrides=(), tmp_path=None):
 
     import marco_lightning.config  # noqa: F401  (resolvers)
 
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
     extra = [f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"] if tmp_path else []
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=[*extra, *overrides])
+        cfg = hydra_compose("config", overrides=[*extra, *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # as under @hydra.main: group choices name runs and errors
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 # Small and fast: tiny random model, CPU, one short epoch, no W&B network.
 FAST = ["model=tiny", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_epochs=1", "batch_size=8",
+        "trainer.check_val_every_n_epoch=1",
         "num_workers=0", "scheduler.warmup_steps=0.1", "callbacks.progress_bar=tqdm", "data.val_top_k=20"]
 
 

@@ -59,6 +59,17 @@ def test_id_text_invalid_utf8(tmp_path):
         list(iter_id_text(f))
 
 
+def test_truncated_gzip(tmp_path):
+    data = gzip.compress(b"".join(b"%d\tpassage number %d\n" % (i, i) for i in range(5000)))
+    (tmp_path / "c.tsv.gz").write_bytes(data[:len(data) // 2])
+    with pytest.raises(DataFormatError, match=r"c\.tsv\.gz:\d+: truncated or corrupt gzip"):
+        list(iter_id_text(tmp_path / "c.tsv.gz"))
+    data = gzip.compress(pickle.dumps({q: {p: 0.5 for p in range(300)} for q in range(300)}, protocol=4))
+    (tmp_path / "s.pkl.gz").write_bytes(data[:len(data) // 2])
+    with pytest.raises(DataFormatError, match=r"s\.pkl\.gz: .*truncated or corrupt gzip"):
+        list(iter_teacher_scores(tmp_path / "s.pkl.gz"))
+
+
 def test_qrels_msmarco_and_trec(tmp_path):
     ms = write(tmp_path / "qrels.train.tsv", "1185869\t0\t0\t1\n1185868\t0\t16\t1\n")
     trec = write(tmp_path / "qrels.dl19.txt", "19335 Q0 1017759 0\n19335 Q0 1082489 3\n", gz=True)

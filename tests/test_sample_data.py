@@ -21,9 +21,9 @@ SYSTEMS = ["bm25", "bm25-rm3", "msmarco-distilbert-base-tas-b", "openai-ada2", "
 needs_source = pytest.mark.skipif(not (SOURCE / "SOURCE.md").exists(), reason=f"{SOURCE} not on this machine")
 
 
-def read_tsv(path):
+def read_tsv(path, maxsplit=-1):
     with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n").split("\t") for line in f]
+        return [line.rstrip("\n").split("\t", maxsplit) for line in f]
 
 
 class PlainUnpickler(pickle.Unpickler):  # the teacher file must be plain data, nothing executable
@@ -33,8 +33,8 @@ class PlainUnpickler(pickle.Unpickler):  # the teacher file must be plain data, 
 
 @pytest.fixture(scope="module")
 def collection():
-    rows = read_tsv(SAMPLE / "collection.tsv")
-    assert all(len(r) == 2 for r in rows)
+    rows = read_tsv(SAMPLE / "collection.tsv", maxsplit=1)
+    assert all(len(r) == 2 and r[1] for r in rows)
     return {int(pid): text for pid, text in rows}
 
 
@@ -60,12 +60,24 @@ def notice():
     return counts, ndcg
 
 
-def test_size_under_10mb():
+def test_size_under_10mb_and_gzip_has_no_timestamp():
     assert sum(f.stat().st_size for f in SAMPLE.iterdir()) < 10_000_000
+    for name in ("msmarco-hard-negatives.jsonl.gz", "teacher-scores.pkl.gz"):
+        assert (SAMPLE / name).read_bytes()[4:8] == bytes(4)  # gzip MTIME field: 0, so rebuilds are byte-equal
+
+
+def test_build_script_names_a_bad_source(tmp_path):
+    (tmp_path / "SOURCE.md").write_text("")
+    (tmp_path / "collection.tsv").write_text("1\tfine\nnot-a-pid\ttext\n")
+    res = subprocess.run([sys.executable, str(ROOT / "scripts/build_sample.py"), "--source", str(tmp_path),
+                          "--out", str(tmp_path / "out")], check=False, capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and f"{tmp_path / 'collection.tsv'}:2:" in res.stderr
+    assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 def test_counts_match_notice(collection, hard_negatives, teacher, notice):
     counts, _ = notice
+
     def lines(name):
         return len((SAMPLE / name).read_text(encoding="utf-8").splitlines())
 
@@ -134,9 +146,10 @@ def test_hard_negatives_follow_real_runs_and_texts_are_verbatim(collection, hard
 def test_teacher_covers_every_pair_with_plain_floats(hard_negatives, teacher):
     assert all(type(q) is int and all(type(p) is int and type(s) is float for p, s in d.items())
                for q, d in teacher.items())
+    assert sorted(teacher) == [h["qid"] for h in hard_negatives]
     for h in hard_negatives:
-        for pid in h["pos"] + [p for pids in h["neg"].values() for p in pids]:
-            assert -10.0 <= teacher[h["qid"]][pid] <= 10.0
+        assert set(teacher[h["qid"]]) == set(h["pos"]).union(*h["neg"].values())
+        assert all(-10.0 <= s <= 10.0 for s in teacher[h["qid"]].values())
     # the teacher prefers positives: on average a positive outscores the BM25 negatives
     pos = [teacher[h["qid"]][p] for h in hard_negatives for p in h["pos"]]
     neg = [teacher[h["qid"]][p] for h in hard_negatives for p in h["neg"]["bm25"] if p not in h["pos"]]

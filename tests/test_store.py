@@ -247,3 +247,21 @@ def test_config_errors(data, tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a data store"):
         prepare(data, negs(["bm25"]), tmp_path / "other")
+
+
+def test_no_training_query_left(data, tmp_path):
+    s = Store(prepare(data, negs(["D"], k=1, margin=100.0), tmp_path / "s"))  # every negative fails
+    assert len(s.train) == 0 and s.manifest["num_train_queries"] == 0 and len(s.passages) == 19
+
+
+def test_real_collection_round_trip(tmp_path):
+    # the 28,606 real MS MARCO passages of TREC DL (with their mojibake), against a plain split of the file
+    path = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "msmarco-trec-dl" / "collection.tsv"
+    expected = dict(line.rstrip("\n").split("\t", 1) for line in path.open(encoding="utf-8"))
+    from marco_lightning.data.formats import iter_id_text
+    from marco_lightning.data.store import TextTable, write_text_table
+
+    assert write_text_table(iter_id_text(path), tmp_path, "passages") == len(expected) == 28606
+    table = TextTable(tmp_path, "passages")
+    ids = [int(i) for i in expected][::97]
+    assert table.texts(ids) == [expected[str(i)] for i in ids]

@@ -13,6 +13,7 @@ import math
 import pickletools
 import re
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,9 @@ import numpy as np
 
 class DataFormatError(ValueError):
     """A data file does not have the expected format."""
+
+
+_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)  # a truncated or corrupt .gz
 
 
 def open_binary(path):
@@ -47,11 +51,15 @@ class _Lines:
         self.path, self.on_error, self.skipped, self.count = Path(path), on_error, skipped, 0
 
     def __iter__(self):
+        n = 0
         with open_binary(self.path) as f:
-            for n, line in enumerate(f, 1):  # binary: lines end at b"\n" only, never at a stray \r or \x85
-                line = line.rstrip(b"\r\n")
-                if line.strip():
-                    yield n, line
+            try:
+                for n, line in enumerate(f, 1):  # binary: lines end at b"\n" only, never at a stray \r or \x85
+                    line = line.rstrip(b"\r\n")
+                    if line.strip():
+                        yield n, line
+            except _GZIP_ERRORS as e:
+                raise DataFormatError(f"{self.path}:{n + 1}: truncated or corrupt gzip file ({e})") from None
         if self.count:
             warnings.warn(f"{self.path}: skipped {self.count} malformed line(s)", stacklevel=3)
 
@@ -306,9 +314,12 @@ class _ScorePickle:
     # input
     def refill(self, n):
         parts, size = [self.buf[self.pos:]], len(self.buf) - self.pos
-        while size < n and (chunk := next(self.chunks, None)) is not None:
-            parts.append(chunk)
-            size += len(chunk)
+        try:
+            while size < n and (chunk := next(self.chunks, None)) is not None:
+                parts.append(chunk)
+                size += len(chunk)
+        except _GZIP_ERRORS as e:
+            self.fail(f"truncated or corrupt gzip file ({e})")
         self.buf, self.base, self.pos = b"".join(parts), self.base + self.pos, 0
         self.eof = size < n
 
