@@ -1,5 +1,6 @@
 """The one entry point: `python run.py [task=train|prepare|evaluate|report] [group=option ...] [key=value ...]`."""
 import functools
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -17,4 +18,5 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # lines reach SLURM logs and pipes at once, also from DDP ranks
     main()

@@ -110,7 +110,7 @@ def rerank_input(num_queries: int, depth: int) -> tuple[dict, dict, dict]:
 
 # ---------------------------------------------------------------- timing
 def interleaved(contenders: dict, min_rounds: int = 2, max_rounds: int = 5, budget_s: float = 300.0,
-                log=print) -> dict[str, list[float]]:
+                log=print, show=lambda value: f"{value:.3g}") -> dict[str, list]:
     """Call each contender once per round, rotating the order each round (A B C, B C A, ...), for at least
     min_rounds and at most max_rounds rounds, starting another only if it should end within budget_s."""
     names, values, start = list(contenders), defaultdict(list), time.perf_counter()
@@ -121,7 +121,26 @@ def interleaved(contenders: dict, min_rounds: int = 2, max_rounds: int = 5, budg
         for name in names[r % len(names):] + names[:r % len(names)]:
             with Stopwatch() as sw:
                 values[name].append(contenders[name]())
-            log(f"    round {r + 1} {name}: {values[name][-1]:.3g} ({sw.seconds:.0f} s)")
+            log(f"    round {r + 1} {name}: {show(values[name][-1])} ({sw.seconds:.0f} s)")
+    return dict(values)
+
+
+def interleaved_steps(steppers: dict, steps: int, min_rounds: int = 2, max_rounds: int = 5,
+                      budget_s: float = 300.0, log=print) -> dict[str, list[float]]:
+    """Steppers (objects whose step() trains one step and returns its seconds) alternate step by step, in an
+    order rotated each step; per round, each one's mean seconds per step."""
+    names, values, start = list(steppers), defaultdict(list), time.perf_counter()
+    for r in range(max_rounds):
+        elapsed = time.perf_counter() - start
+        if r >= min_rounds and elapsed * (r + 1) / r > budget_s:
+            break
+        times = defaultdict(list)
+        for k in range(steps):
+            for name in names[k % len(names):] + names[:k % len(names)]:
+                times[name].append(steppers[name].step())
+        for name in names:
+            values[name].append(sum(times[name]) / steps)
+        log(f"    round {r + 1}: " + ", ".join(f"{n} {values[n][-1]:.2f} s/step" for n in names))
     return dict(values)
 
 

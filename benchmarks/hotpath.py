@@ -8,78 +8,99 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from functools import partial
 
 import numpy as np
 
 from benchmarks.common import DOC_LEN, QUERY_LEN, Stopwatch, backbone_path, fmt, interleaved, ratios, spread
 
 
-def _adamw_step_time(params, steps: int = 3, **kwargs) -> float:
-    """Seconds per AdamW step (gradients set; state allocated in an untimed first step)."""
-    import torch
+class _AdamWStepper:
+    """One AdamW implementation over the given parameters (gradients set): step() times optimizer.step()."""
 
-    optimizer = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.01, **kwargs)
-    optimizer.step()
-    with Stopwatch() as sw:
-        for _ in range(steps):
-            optimizer.step()
-    return sw.seconds / steps
+    def __init__(self, params, **kwargs):
+        import torch
+
+        self.optimizer = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.01, **kwargs)
+        self.optimizer.step()  # untimed: allocates the state
+
+    def step(self) -> float:
+        with Stopwatch() as sw:
+            self.optimizer.step()
+        return sw.seconds
+
+
+class _EncodeStepper:
+    """Encoding a list of passages in length order, fp32 or under bf16 autocast: step() times one pass."""
+
+    def __init__(self, model, texts, bf16: bool):
+        self.model, self.texts, self.bf16 = model, texts, bf16
+
+    def step(self) -> float:
+        import torch
+
+        from benchmarks.evaluation import encode_sorted
+
+        with Stopwatch() as sw, torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            encode_sorted(self.model, self.texts, 32)
+        return sw.seconds
+
+
+TRAIN_VARIANTS = {
+    "sdpa": "SDPA attention, dynamic padding, tokenised in advance (as (c))",
+    "eager": 'eager attention (`attn_implementation="eager"`)',
+    "max_length": "padding to max length (32 / 128)",
+    "chunks": "passages embedded in 4 length-sorted chunks (proposal)",
+    "collate_workers": "the project's Collator in 2 DataLoader workers (the project's default)",
+    "collate_main": "the project's Collator in the main process (`num_workers=0`)",
+}
 
 
 def run(batch_size: int = 8, steps: int = 2, num_passages: int = 96, budget_s: float = 240, min_rounds: int = 2,
-        max_rounds: int = 5, adamw_steps: int = 3, log=print) -> dict:
+        max_rounds: int = 5, log=print) -> dict:
+    """Each comparison's variants alternate step by step (see common.interleaved_steps)."""
     import torch
     from transformers import AutoModel
 
-    from benchmarks.common import BACKBONE, passages
+    from benchmarks.common import BACKBONE, interleaved_steps, passages
     from benchmarks.evaluation import encode_sorted
-    from benchmarks.training import bare, chunked_doc_tokens, padded_doc_tokens, windows
+    from benchmarks.training import BareStepper, chunked_doc_tokens, padded_doc_tokens, windows
     from marco_lightning.models import BiEncoder
 
-    res = {}
-    examples, _, _ = windows(batch_size, 1, steps)
-    models = {attn: AutoModel.from_pretrained(backbone_path(), attn_implementation=attn) for attn in ("sdpa", "eager")}
-    log(f"hot path: training steps of batch {batch_size}, 1 warmup + {steps} timed")
-    res["train"] = interleaved(
-        {"sdpa": lambda: bare(examples, batch_size, 1, model=models["sdpa"]),
-         "eager": lambda: bare(examples, batch_size, 1, model=models["eager"]),
-         "max_length": lambda: bare(examples, batch_size, 1, padding="max_length", model=models["sdpa"]),
-         "chunks": lambda: bare(examples, batch_size, 1, doc_chunks=4, model=models["sdpa"])},
-        min_rounds, max_rounds, budget_s * 0.6, log)
-    timed = examples[batch_size:]
-    res["tokens"] = {"dynamic": padded_doc_tokens(timed, batch_size),
-                     "chunks": chunked_doc_tokens(timed, batch_size, 4)}
+    res = {"batch_size": batch_size, "steps": steps}
+    window = windows(batch_size, 0, steps)[0]
+    sdpa, eager = (AutoModel.from_pretrained(backbone_path(), attn_implementation=a) for a in ("sdpa", "eager"))
+    log(f"hot path: training steps of batch {batch_size}, {steps} a round per variant")
+    steppers = {"sdpa": BareStepper(window, batch_size, model=sdpa),
+                "eager": BareStepper(window, batch_size, model=eager),
+                "max_length": BareStepper(window, batch_size, padding="max_length", model=sdpa),
+                "chunks": BareStepper(window, batch_size, doc_chunks=4, model=sdpa),
+                "collate_workers": BareStepper(window, batch_size, workers=2, model=sdpa),
+                "collate_main": BareStepper(window, batch_size, workers=0, model=sdpa)}
+    res["train"] = interleaved_steps(steppers, steps, min_rounds, max_rounds, budget_s * 0.6, log)
+    res["tokens"] = {"dynamic": padded_doc_tokens(window, batch_size),
+                     "chunks": chunked_doc_tokens(window, batch_size, 4)}
+    del steppers, sdpa, eager
 
-    params = [p for p in BiEncoder(BACKBONE).parameters()]
+    params = list(BiEncoder(BACKBONE).parameters())
     for p in params:
         p.grad = torch.randn_like(p)
     log("hot path: AdamW step on all-MiniLM-L6-v2's parameters")
-    adamw = partial(_adamw_step_time, params, adamw_steps)
-    res["adamw"] = interleaved({"for-loop (torch's CPU default; the project)": adamw,
-                                "foreach": partial(adamw, foreach=True),
-                                "fused (transformers.Trainer's default)": partial(adamw, fused=True)},
-                               min_rounds, max_rounds, budget_s * 0.1, log)
+    res["adamw"] = interleaved_steps({"for-loop": _AdamWStepper(params), "foreach": _AdamWStepper(params, foreach=True),
+                                      "fused": _AdamWStepper(params, fused=True)},
+                                     2, min_rounds, max_rounds, budget_s * 0.1, log)
+    del params
 
     bi = BiEncoder(BACKBONE, max_query_length=QUERY_LEN, max_doc_length=DOC_LEN).eval()
     texts = list(passages(limit=num_passages).values())
-
-    def encode_rate(bf16: bool):
-        def go():
-            with Stopwatch() as sw, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                encode_sorted(bi, texts, 32)
-            return len(texts) / sw.seconds
-        return go
-
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = encode_sorted(bi, texts, 32)
     high = encode_sorted(bi, texts, 32)
     cos = (low * high).sum(1) / np.linalg.norm(low, axis=1) / np.linalg.norm(high, axis=1)
-    res["bf16_cosine_min"] = float(cos.min())
-    log(f"hot path: encoding {len(texts)} passages, fp32 vs bf16 autocast (min cosine fp32/bf16 {cos.min():.4f})")
-    res["encode"] = interleaved({"fp32": encode_rate(False), "bf16": encode_rate(True)},
-                                min_rounds, max_rounds, budget_s * 0.3, log)
-    res["num_passages"], res["batch_size"], res["steps"] = len(texts), batch_size, steps
+    res["bf16_cosine_min"], res["num_passages"] = float(cos.min()), len(texts)
+    log(f"hot path: encoding {len(texts)} passages, fp32 vs bf16 autocast (min cosine {cos.min():.4f})")
+    res["encode"] = interleaved_steps({"fp32": _EncodeStepper(bi, texts, False),
+                                       "bf16": _EncodeStepper(bi, texts, True)},
+                                      1, min_rounds, max_rounds, budget_s * 0.3, log)
     return res
 
 
@@ -117,48 +138,53 @@ def compile_run(batch_size: int = 32, min_rounds: int = 2, max_rounds: int = 3, 
 
 
 def markdown(res: dict) -> str:
-    train, adamw, enc, tok = res["train"], res["adamw"], res["encode"], res["tokens"]
-    step_s = res["batch_size"] / spread(train["sdpa"])[0]
-    share = spread(next(iter(adamw.values())))[0] / step_s
-    adamw_rows = "\n".join(f"| {k} | {fmt([1000 * x for x in v], 0)} |" for k, v in adamw.items())
-    out = f"""## Hot-path effects
+    train, adamw, enc, tok, b = res["train"], res["adamw"], res["encode"], res["tokens"], res["batch_size"]
 
-Training steps: the bare loop of the training benchmark (batch {res['batch_size']} queries x 2 passages, fp32, AdamW),
-1 warmup + {res['steps']} timed steps a run, the same examples for each variant; queries/s, median (min-max).
+    def qps(name):
+        return fmt([b / x for x in train[name]])
 
-| variant | queries/s | vs SDPA + dynamic padding |
+    rows = "\n".join(f"| {label} | {qps(k)} | {fmt(ratios(train, 'sdpa', k))} |" for k, label in TRAIN_VARIANTS.items())
+    adamw_rows = "\n".join(f"| {label} | {fmt([1000 * x for x in adamw[k]], 0)} | {fmt(ratios(adamw, 'for-loop', k))} |"
+                           for k, label in (("for-loop", "for-loop (torch's CPU default; the project)"),
+                                            ("foreach", "foreach"), ("fused", "fused (transformers.Trainer's default)")))
+    share = spread(adamw["for-loop"])[0] / spread(train["sdpa"])[0]
+    return f"""## Hot-path effects
+
+Each comparison's variants alternate step by step (order rotated each step), on the same examples; figures are
+medians (min-max) over {len(train['sdpa'])} rounds of {res['steps']} steps per variant, ratios taken round by round.
+
+Training steps (the bare loop (c): batch {b} queries x 2 passages, fp32, AdamW, clip 1.0):
+
+| variant | queries/s | speed vs the first row |
 |---|---|---|
-| SDPA attention, dynamic padding (the project's setting) | {fmt(train['sdpa'])} | 1 |
-| eager attention (`attn_implementation="eager"`) | {fmt(train['eager'])} | {fmt(ratios(train, 'eager', 'sdpa'))} |
-| padding to max length (32 / 128) | {fmt(train['max_length'])} | {fmt(ratios(train, 'max_length', 'sdpa'))} |
-| passages embedded in 4 length-sorted chunks (proposal) | {fmt(train['chunks'])} | {fmt(ratios(train, 'chunks', 'sdpa'))} |
+{rows}
 
-At 128 tokens attention is a small share of the work, so the kernel matters little. Dynamic padding saves most on
-queries (padded to the batch's longest, far below 32): a batch of {2 * res['batch_size']} random passages almost always holds one
+Attention at 128 tokens is a small share of the work, so the kernel matters little. Dynamic padding saves mostly
+on queries (padded to the batch's longest, far below 32): a batch of {2 * b} random passages nearly always holds one
 that fills 128 tokens. Chunking (a proposal for `BiEncoder.loss_inputs`): sort the batch's passages by length,
 embed them in 4 chunks each padded to its own longest, restore the order; the batch and the loss are unchanged
-(so MNRL's in-batch negatives too), only padding goes: passage tokens per example {tok['dynamic']:.0f} -> {tok['chunks']:.0f}.
+(so MNRL's in-batch negatives too), only padding goes: passage tokens per example {tok['dynamic']:.0f} ->
+{tok['chunks']:.0f}. Tokenising in DataLoader workers vs the main process shows what the Collator costs on the
+critical path; on 2 cores the workers compete with the 2 torch threads.
 
-AdamW step over all-MiniLM-L6-v2's 22.7M parameters (11.7M of them the word embeddings, dense gradients every
-step), milliseconds, median (min-max):
+AdamW step over all-MiniLM-L6-v2's 22.7M parameters (11.7M of them the word embeddings, which get dense
+gradients every step):
 
-| implementation | ms/step |
-|---|---|
+| implementation | ms/step | speed vs for-loop |
+|---|---|---|
 {adamw_rows}
 
-With the default (for-loop) implementation the optimizer step is about {100 * share:.0f}% of a bare training step
-of batch {res['batch_size']} here.
+With the default implementation the optimizer step is about {100 * share:.0f}% of a bare training step of batch {b}.
 
-bf16 autocast for inference (the CPU here has AMX; the project enables autocast only on CUDA): encoding
-{res['num_passages']} passages in length order, passages/s; embeddings agree with fp32 to cosine >= {res['bf16_cosine_min']:.4f}.
+bf16 autocast for inference (the project enables autocast only on CUDA; this CPU has AMX): encoding
+{res['num_passages']} passages in length order; embeddings agree with fp32 to cosine >= {res['bf16_cosine_min']:.4f}.
 
 | variant | passages/s |
 |---|---|
-| fp32 | {fmt(enc['fp32'])} |
-| bf16 autocast | {fmt(enc['bf16'])} |
-| ratio bf16 / fp32 | {fmt(ratios(enc, 'bf16', 'fp32'))} |
+| fp32 | {fmt([res['num_passages'] / x for x in enc['fp32']])} |
+| bf16 autocast | {fmt([res['num_passages'] / x for x in enc['bf16']])} |
+| speed bf16 / fp32 | {fmt(ratios(enc, 'fp32', 'bf16'))} |
 """
-    return out
 
 
 def compile_markdown(c: dict) -> str:

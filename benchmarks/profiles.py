@@ -19,12 +19,13 @@ def lightning_hooks(batch_size: int = 8, steps: int = 3) -> dict[str, float]:
         profiler = SimpleProfiler(dirpath=tmp, filename="fit")
         project(examples, batch_size, 1, profiler=profiler)
 
-    def mean(suffix):
-        durations = next((d for name, d in profiler.recorded_durations.items() if name.endswith(suffix)), [0.0])
+    def mean(action):  # SimpleProfiler's action names, e.g. "[Strategy]SingleDeviceStrategy.backward"
+        durations = next((d for name, d in profiler.recorded_durations.items()
+                          if name == action or name.endswith("." + action)), [0.0])
         steady = durations[1:] or durations
         return sum(steady) / len(steady)
 
-    forward, backward, clip = mean("training_step"), mean(".backward"), mean("configure_gradient_clipping")
+    forward, backward, clip = mean("training_step"), mean("backward"), mean("configure_gradient_clipping")
     optimizer_step, batch, zero_grad = mean("optimizer_step"), mean("run_training_batch"), mean("optimizer_zero_grad")
     return {"forward (`training_step`: embed, loss, log)": forward, "backward": backward,
             "gradient clipping": clip, "AdamW step (rest of `optimizer_step`)": optimizer_step - forward - backward - clip,

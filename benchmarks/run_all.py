@@ -38,7 +38,7 @@ def suites(quick: bool, passages: int, batch_size: int) -> dict:
             "evaluation": lambda log: evaluation.markdown(
                 evaluation.run(num_passages=8, num_pairs=8, batch_size=4, log=log, **once)),
             "hotpath": lambda log: hotpath.markdown(
-                hotpath.run(batch_size=2, steps=1, num_passages=8, adamw_steps=1, log=log, **once)),
+                hotpath.run(batch_size=2, steps=1, num_passages=8, log=log, **once)),
             "profiles": lambda log: profiles.markdown(profiles.run(batch_size=2, num_passages=8, log=log)),
             "compile": lambda log: hotpath.compile_markdown(hotpath.compile_run(batch_size=2, log=log, **once)),
         }

@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import queue
+import threading
 import time
 from pathlib import Path
 
@@ -84,8 +86,9 @@ def _int_ops(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _int_bytes(x: int) -> bytes:
-    ops, n = _int_ops(np.array([x]))
-    return ops[0, :n[0]].tobytes()
+    if not 0 <= x < 1 << 31:
+        raise ValueError("ids must be in [0, 2^31)")
+    return b"K" + bytes([x]) if x < 256 else b"M" + x.to_bytes(2, "little") if x < 65536 else b"J" + x.to_bytes(4, "little")
 
 
 def _entries(pids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -155,8 +158,7 @@ class ScorePickleWriter:
 
     def _frame(self):
         if self.size:
-            self.f.write(b"\x95" + self.size.to_bytes(8, "little"))
-            self.f.writelines(self.parts)
+            self.f.write(b"".join([b"\x95" + self.size.to_bytes(8, "little")] + self.parts))
         self.parts, self.size = [], 0
 
     def close(self):
@@ -178,3 +180,166 @@ def score_pickle_bytes(scores: dict, module: str = "numpy._core.multiarray") -> 
         w.add([qid], [len(d)], np.fromiter(d, np.int64, len(d)), np.fromiter(d.values(), np.float32, len(d)))
     w.close()
     return buf.getvalue()
+
+
+# --- the files -----------------------------------------------------------------------------------------------
+
+def write_collection(path: Path, num_passages: int) -> None:
+    texts = _texts("collection.tsv")
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.writelines(f"{pid}\t{texts[pid % len(texts)]}\n" for pid in range(num_passages))
+
+
+class _GzipBehind:
+    """A gzip file (level 1) compressed in a thread: zlib releases the GIL, so the second core compresses
+    while this one generates."""
+
+    def __init__(self, path):
+        self.path, self.q, self.error = path, queue.Queue(16), None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            with gzip.open(self.path, "wb", compresslevel=1) as f:
+                while (b := self.q.get()) is not None:
+                    f.write(b)
+        except OSError as e:  # (a full disk) reported by the next write or close
+            self.error = e
+            while self.q.get() is not None:  # keep taking, so the writer never blocks on a dead thread
+                pass
+
+    def write(self, b: bytes):
+        if self.error:
+            raise self.error
+        self.q.put(b)
+
+    def close(self):
+        self.q.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+
+
+def _chunk(rng, has_pos: np.ndarray, num_passages: int, two_pos: float):
+    """(positives (n, 2) with -1 for none, system lists (n, 13, 50), systems present (n, 13)) of some queries."""
+    n = len(has_pos)
+    pos = np.full((n, 2), -1, np.int64)
+    pos[has_pos, 0] = rng.integers(0, num_passages, has_pos.sum())
+    second = has_pos & (rng.random(n) < two_pos)
+    pos[second, 1] = (pos[second, 0] + 1 + rng.integers(0, num_passages - 1, second.sum())) % num_passages
+    # Each query's candidate pool: 200 distinct pids (distinct offsets, rotated per query); each system ranks
+    # 50 of them (one random choice, rotated per query and system), so systems overlap as the real ones do.
+    offsets = np.sort(rng.choice(num_passages, POOL, replace=False))
+    pool = (rng.integers(0, num_passages, (n, 1)) + offsets) % num_passages
+    pick = rng.permutation(POOL)[:PER_SYSTEM]
+    idx = (pick + rng.integers(0, POOL, (n, len(SYSTEMS), 1))) % POOL
+    lists = np.take_along_axis(pool[:, None, :], idx, 2)
+    # False negatives, as in the real file: dense systems often rank the positive in their top 10.
+    qi, si = np.nonzero(has_pos[:, None] & (rng.random((n, len(SYSTEMS))) < 0.3))
+    lists[qi, si, rng.integers(0, 10, len(qi))] = pos[qi, 0]
+    present = rng.random((n, len(SYSTEMS))) < 0.97
+    present[:, 0] = True
+    return pos, lists, present
+
+
+def _scores(rng, pos, lists, present):
+    """(counts, pids, float32 scores) of every distinct pid of each line, sorted by pid within a query."""
+    n = len(pos)
+    x = np.concatenate([pos, np.where(present[:, :, None], lists, -1).reshape(n, -1)], 1)
+    x.sort(1)
+    keep = (x >= 0) & np.concatenate([np.ones((n, 1), bool), x[:, 1:] != x[:, :-1]], 1)
+    row, pids = np.nonzero(keep)[0], x[keep]
+    is_pos = (pids == pos[row, 0]) | (pids == pos[row, 1])
+    # cross-encoder logits: positives high, negatives spread (a ce_score_margin of 3 drops a realistic share)
+    scores = np.where(is_pos, rng.normal(7.0, 2.0, len(pids)), rng.normal(-2.0, 3.5, len(pids))).clip(-11, 11)
+    return keep.sum(1), pids, scores.astype(np.float32)
+
+
+def _int_lists(x: np.ndarray) -> tuple[memoryview, list[int]]:
+    """The rows of x (non-negative ints) as `1, 22, 333` texts: one byte buffer and each row's (start, end)."""
+    per = x.shape[1]
+    x = x.ravel().astype(np.int32)  # ids < 2^31: int32 halves the work
+    width = max(1, len(str(int(x.max())))) if len(x) else 1
+    digits = (x[:, None] // 10 ** np.arange(width - 1, -1, -1, dtype=np.int32)) % 10 + 48
+    ndig = np.searchsorted(10 ** np.arange(1, width, dtype=np.int64), x, side="right") + 1
+    tok = np.concatenate([digits.astype(np.uint8), np.full((len(x), 2), (44, 32), np.uint8)], 1)  # ", "
+    col = np.arange(width + 2)
+    ends = np.concatenate([[0], np.cumsum(ndig + 2)])[::per]
+    return memoryview(tok[(col >= width - ndig[:, None])]), ends.tolist()
+
+
+def _json_lines(qids, pos, lists, present) -> bytes:
+    """The lines of msmarco-hard-negatives.jsonl, as `json.dumps` writes them (checked in the tests), with the
+    7.8M numbers of a full-size chunk turned into digits by numpy rather than one by one."""
+    n, k, _ = lists.shape
+    buf, ends = _int_lists(lists.reshape(n * k, -1))
+    heads = [f'"{s}": ['.encode() for s in SYSTEMS]
+    out = []
+    for i, (qid, p, pr) in enumerate(zip(qids.tolist(), pos.tolist(), present.tolist())):
+        out.append(b'{"qid": %d, "pos": [%s], "neg": {' % (qid, ", ".join(str(x) for x in p if x >= 0).encode()))
+        first = True
+        for j in range(k):
+            if pr[j]:
+                out += [b"" if first else b", ", heads[j], buf[ends[i * k + j]:ends[i * k + j + 1] - 2], b"]"]
+                first = False
+        out.append(b"}}\n")
+    return b"".join(out)
+
+
+def generate(out: Path, scale: float = 1.0, seed: int = 0, log=print, pickle_module="numpy.core.multiarray") -> dict:
+    """Write the five files into `out`; return their paths, the counts and the seconds per file."""
+    out.mkdir(parents=True, exist_ok=True)
+    n, rng, seconds = scaled(scale), np.random.default_rng(seed), {}
+    files = {"collection": out / "collection.tsv", "train_queries": out / "queries.train.tsv",
+             "train_qrels": out / "qrels.train.tsv", "hard_negatives": out / "msmarco-hard-negatives.jsonl.gz",
+             "teacher_scores": out / "cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz"}
+    t = time.perf_counter()
+    write_collection(files["collection"], n["passages"])
+    seconds["collection"] = time.perf_counter() - t
+    log(f"  collection.tsv: {n['passages']:,} passages, {seconds['collection']:.0f} s")
+
+    t = time.perf_counter()
+    qids = rng.choice(max(MAX_QID, n["queries"]), n["queries"], replace=False)
+    has_pos = np.zeros(n["queries"], bool)
+    has_pos[rng.permutation(n["queries"])[:n["with_positive"]]] = True
+    two_pos = (FULL["qrels"] - FULL["with_positive"]) / FULL["with_positive"]
+    query_texts = _texts("queries.train.tsv") + _texts("queries.dev.tsv")
+    num_scores = num_qrels = 0
+    fh, fs = _GzipBehind(files["hard_negatives"]), _GzipBehind(files["teacher_scores"])
+    with open(files["train_queries"], "w", encoding="utf-8") as fq, open(files["train_qrels"], "w") as fr:
+        writer = ScorePickleWriter(fs, n["queries"], pickle_module)
+        for lo in range(0, n["queries"], CHUNK):
+            q, hp = qids[lo:lo + CHUNK], has_pos[lo:lo + CHUNK]
+            pos, lists, present = _chunk(rng, hp, n["passages"], two_pos)
+            fq.write("".join(f"{qid}\t{query_texts[qid % len(query_texts)]}\n" for qid in q.tolist()))
+            qrels = [f"{qid}\t0\t{x}\t1\n" for qid, p in zip(q.tolist(), pos.tolist()) for x in p if x >= 0]
+            fr.write("".join(qrels))
+            num_qrels += len(qrels)
+            fh.write(_json_lines(q, pos, lists, present))
+            counts, pids, scores = _scores(rng, pos, lists, present)
+            writer.add(q, counts, pids, scores)
+            num_scores += len(pids)
+        writer.close()
+    fh.close()
+    fs.close()
+    seconds["queries_negatives_scores"] = time.perf_counter() - t
+    log(f"  queries, qrels, hard negatives, teacher scores: {n['queries']:,} queries, {num_scores:,} scores, "
+        f"{seconds['queries_negatives_scores']:.0f} s")
+    counts = {"passages": n["passages"], "queries": n["queries"], "with_positive": n["with_positive"],
+              "qrels": num_qrels, "teacher_scores": num_scores}
+    return {"files": {k: str(v) for k, v in files.items()}, "counts": counts, "seconds": seconds,
+            "bytes": {k: v.stat().st_size for k, v in files.items()}}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--scale", type=float, default=0.01, help="fraction of the real MS MARCO shape (1 = full)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(json.dumps(generate(args.out, args.scale, args.seed), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -11,14 +11,9 @@ import random
 import time
 from functools import lru_cache, partial
 
-from benchmarks.common import BACKBONE, DOC_LEN, QUERY_LEN, backbone_path, fmt, interleaved, ratios
+from benchmarks.common import BACKBONE, DOC_LEN, QUERY_LEN, backbone_path, fmt, interleaved
 
 LR, WD, CLIP = 2e-5, 0.01, 1.0
-
-
-def _per_second(ends: list[float], warmup: int, batch_size: int) -> float:
-    """Queries/s over the steps after warmup: from the end of the last warmup step to the end of the last step."""
-    return (len(ends) - warmup) * batch_size / (ends[-1] - ends[warmup - 1])
 
 
 def _param_groups(named_params):
@@ -71,22 +66,28 @@ def chunked_doc_tokens(examples, batch_size: int, chunks: int) -> float:
 
 
 def windows(batch_size: int, warmup: int, steps: int, pool_batches: int = 64, seed: int = 0):
-    """(random, grouped, pool): the same warmup batches, then the same timed examples batched at random or by
-    length. The timed examples are `steps` batches picked at random from a length-grouped pool of `pool_batches`
-    batches, so the grouped window is as tight as in a real run with a buffer that size."""
+    """(random, grouped, pool): the same warmup batch(es), then the same timed examples batched at random or by
+    length. The timed examples are `steps` batches of a length-grouped pool of `pool_batches` batches, taken at
+    evenly spaced quantiles of their padded length, so the grouped window is as tight, and as long on average, as
+    the batches of a real run with a buffer that size."""
     from benchmarks.common import train_examples
 
     examples = train_examples((pool_batches + warmup) * batch_size, seed=seed)
     head, pool = examples[:warmup * batch_size], length_grouped(examples[warmup * batch_size:], batch_size, seed)
-    picked = random.Random(seed).sample(range(pool_batches), steps)
-    grouped = [ex for i in picked for ex in pool[i * batch_size:(i + 1) * batch_size]]
+    batches = sorted((pool[i:i + batch_size] for i in range(0, len(pool), batch_size)),
+                     key=lambda b: padded_doc_tokens(b, batch_size))
+    grouped = [ex for k in range(steps) for ex in batches[int((k + 0.5) * len(batches) / steps)]]
     return head + random.Random(seed).sample(grouped, len(grouped)), head + grouped, pool
 
 
 # ---------------------------------------------------------------- (a) this project, driven by Lightning
 def project(examples, batch_size: int, warmup: int, workers: int = 2, precision: str = "32-true",
-            fused: bool = False, profiler=None) -> float:
-    """RetrieverModule (MarginMSE) in a real pytorch_lightning.Trainer fed by the project's Collator in workers."""
+            fused: bool = False, others: dict | None = None, profiler=None) -> dict[str, list[float]]:
+    """RetrieverModule (MarginMSE) in a real pytorch_lightning.Trainer fed by the project's Collator in workers.
+
+    Returns the seconds of each timed step ("a": from the end of one step to the end of the next, data wait
+    included), and of the `others` (steppers): after each timed step of Lightning, each of them takes one step,
+    so every contender's steps sit side by side in time (drift on a shared machine hits all of them)."""
     import pytorch_lightning as pl
     import torch
     from torch.utils.data import DataLoader
@@ -95,28 +96,49 @@ def project(examples, batch_size: int, warmup: int, workers: int = 2, precision:
     from marco_lightning.models import BiEncoder
     from marco_lightning.module import RetrieverModule
 
-    class Clock(pl.Callback):
+    class Interleave(pl.Callback):
         def __init__(self):
-            self.ends = []
+            self.times, self.mark = {"a": [], **{name: [] for name in others or {}}}, 0.0
 
-        def on_train_batch_end(self, *args):
-            self.ends.append(time.perf_counter())
+        def on_train_start(self, *args):
+            self.mark = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if batch_idx >= warmup:
+                self.times["a"].append(time.perf_counter() - self.mark)
+                for name, stepper in (others or {}).items():
+                    self.times[name].append(stepper.step())
+            self.mark = time.perf_counter()
 
     model = BiEncoder(BACKBONE, max_query_length=QUERY_LEN, max_doc_length=DOC_LEN)
     optimizer = partial(torch.optim.AdamW, lr=LR, weight_decay=WD, **({"fused": True} if fused else {}))
     module = RetrieverModule(model, MarginMSELoss(), optimizer, warmup_steps=0.1,
                              val_qrels={"0": {"0": 2}})  # never validated; the metric only needs some qrels
     loader = DataLoader(examples, batch_size=batch_size, collate_fn=model.collator().train, num_workers=workers)
-    clock = Clock()
+    clock = Interleave()
     trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=len(loader),
-                         gradient_clip_val=CLIP, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[clock],
-                         profiler=profiler)
+                         gradient_clip_val=CLIP, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         num_sanity_val_steps=0, callbacks=[clock], profiler=profiler)
     trainer.fit(module, train_dataloaders=loader)
-    return _per_second(clock.ends, warmup, batch_size)
+    return clock.times
 
 
-# ---------------------------------------------------------------- (b) sentence-transformers
+# ---------------------------------------------------------------- steppers: one timed step at a time
+REPEAT = 10_000  # the DataLoaders of the steppers cycle over their examples
+
+
+def _timed_update(loss, model, optimizer, scheduler, start: float) -> float:
+    import torch
+
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
 def st_bi_encoder():
     """all-MiniLM-L6-v2 as the project exports it (Transformer + mean Pooling, no Normalize), 128 tokens."""
     from sentence_transformers import SentenceTransformer, models
@@ -125,174 +147,199 @@ def st_bi_encoder():
     return SentenceTransformer(modules=[transformer, models.Pooling(384, "mean")], device="cpu")
 
 
-def sentence_transformers(examples, batch_size: int, warmup: int, loss: str = "margin_mse",
-                          workers: int = 2) -> float:
-    """SentenceTransformerTrainer's step without the Trainer object (its `accelerate` and `datasets` are not
+class SentenceTransformersStepper:
+    """(b) SentenceTransformerTrainer's step without the Trainer object (its `accelerate` and `datasets` are not
     installed): its data collator in DataLoader workers, `collect_features`, its loss, then what
-    transformers.Trainer does by default: backward, clip 1.0, fused AdamW (the default for torch >= 2.8),
-    a linear schedule."""
-    import torch
-    from sentence_transformers import SentenceTransformerTrainer, losses
-    from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
-    from torch.utils.data import DataLoader
-    from transformers import get_linear_schedule_with_warmup
+    transformers.Trainer does by default: backward, clip 1.0, fused AdamW (the default for torch >= 2.8), a
+    linear schedule."""
 
-    model = st_bi_encoder()
-    model.train()
-    if loss == "margin_mse":
-        loss_fn = losses.MarginMSELoss(model)
-        rows = [{"query": q, "positive": d[0], "negative": d[1], "label": t} for q, d, t in examples]
-    else:
-        loss_fn = losses.MultipleNegativesRankingLoss(model)  # scale 20, cosine: as the recipe
-        rows = [{"query": q, "positive": d[0], "negative": d[1]} for q, d, _ in examples]
-    loader = DataLoader(rows, batch_size=batch_size, num_workers=workers,
-                        collate_fn=SentenceTransformerDataCollator(preprocess_fn=model.preprocess))
-    optimizer = torch.optim.AdamW(_param_groups(model.named_parameters()), lr=LR, fused=True)
-    scheduler = get_linear_schedule_with_warmup(optimizer, max(1, len(loader) // 10), len(loader))
-    ends = []
-    for batch in loader:
-        features, labels = SentenceTransformerTrainer.collect_features(None, batch)
-        loss_fn(features, labels).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        optimizer.step()
-        scheduler.step()
-        model.zero_grad(set_to_none=True)
-        ends.append(time.perf_counter())
-    return _per_second(ends, warmup, batch_size)
+    def __init__(self, examples, batch_size: int, loss: str = "margin_mse", workers: int = 2):
+        import torch
+        from sentence_transformers import losses
+        from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+        from torch.utils.data import DataLoader
+        from transformers import get_linear_schedule_with_warmup
+
+        self.model = st_bi_encoder()
+        self.model.train()
+        if loss == "margin_mse":
+            self.loss = losses.MarginMSELoss(self.model)
+            rows = [{"query": q, "positive": d[0], "negative": d[1], "label": t} for q, d, t in examples]
+        else:
+            self.loss = losses.MultipleNegativesRankingLoss(self.model)  # scale 20, cosine: as the recipe
+            rows = [{"query": q, "positive": d[0], "negative": d[1]} for q, d, _ in examples]
+        collate = SentenceTransformerDataCollator(preprocess_fn=self.model.preprocess)
+        self.batches = iter(DataLoader(rows * REPEAT, batch_size=batch_size, num_workers=workers,
+                                       collate_fn=collate))
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model.named_parameters()), lr=LR, fused=True)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, 100, 100_000)
+        self.step()  # untimed: worker start-up, optimizer state
+
+    def step(self) -> float:
+        from sentence_transformers import SentenceTransformerTrainer
+
+        start = time.perf_counter()
+        features, labels = SentenceTransformerTrainer.collect_features(None, next(self.batches))
+        return _timed_update(self.loss(features, labels), self.model, self.optimizer, self.scheduler, start)
 
 
-# ---------------------------------------------------------------- (c) bare PyTorch
-def bare(examples, batch_size: int, warmup: int, padding="longest", attn: str = "sdpa", doc_chunks: int = 1,
-         model=None) -> float:
-    """Tokenised in advance; forward, MarginMSE, backward, clip, AdamW (torch's default, as the project), schedule.
+class BareStepper:
+    """(c) a bare PyTorch loop: forward, MarginMSE, backward, clip, AdamW (torch's default, as the project), a
+    linear schedule. Batches tokenised in advance, or (workers=N) made by the project's Collator in a DataLoader
+    with N workers (0: in the main process).
 
     doc_chunks > 1 (a proposal): each batch's passages sorted by length and embedded in that many chunks, each
     padded to its own longest, then put back in order: same batch, same loss, fewer padded tokens."""
-    import torch
-    import torch.nn.functional as F
-    from transformers import AutoModel, get_linear_schedule_with_warmup
 
-    tok = tokenizer()
+    def __init__(self, examples, batch_size: int, padding="longest", attn: str = "sdpa", doc_chunks: int = 1,
+                 workers: int | None = None, model=None):
+        import torch
+        from torch.utils.data import DataLoader
+        from transformers import AutoModel, get_linear_schedule_with_warmup
 
-    def tokenize(texts, length):
-        return dict(tok(texts, padding=padding, truncation=True, max_length=length, return_tensors="pt"))
+        from marco_lightning.models import Collator
 
-    def doc_features(texts):
-        if doc_chunks == 1:
-            return [tokenize(texts, DOC_LEN)], None
-        order = sorted(range(len(texts)), key=lambda i: -len(tok(texts[i])["input_ids"]))
-        size = -(-len(texts) // doc_chunks)
-        chunks = [tokenize([texts[i] for i in order[s:s + size]], DOC_LEN) for s in range(0, len(texts), size)]
-        return chunks, torch.argsort(torch.tensor(order))
+        tok = tokenizer()
 
-    batches = []
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        batches.append((tokenize([q for q, _, _ in chunk], QUERY_LEN),
-                        doc_features([d for _, ds, _ in chunk for d in ds]),
-                        torch.tensor([t for _, _, t in chunk])))
-    if model is None:
-        model = AutoModel.from_pretrained(backbone_path(), attn_implementation=attn)
-    model.train()
-    optimizer = torch.optim.AdamW(_param_groups(model.named_parameters()), lr=LR)
-    scheduler = get_linear_schedule_with_warmup(optimizer, max(1, len(batches) // 10), len(batches))
+        def tokenize(texts, length):
+            return dict(tok(texts, padding=padding, truncation=True, max_length=length, return_tensors="pt"))
 
-    def embed(features):
-        hidden = model(**features).last_hidden_state
+        def docs(texts):
+            if doc_chunks == 1:
+                return [tokenize(texts, DOC_LEN)], None
+            order = sorted(range(len(texts)), key=lambda i: -len(tok(texts[i])["input_ids"]))
+            size = -(-len(texts) // doc_chunks)
+            return ([tokenize([texts[i] for i in order[s:s + size]], DOC_LEN) for s in range(0, len(texts), size)],
+                    torch.argsort(torch.tensor(order)))
+
+        if workers is None:
+            self.batches = [(tokenize([q for q, _, _ in b], QUERY_LEN), docs([d for _, ds, _ in b for d in ds]),
+                             torch.tensor([t for _, _, t in b]))
+                            for b in (examples[i:i + batch_size] for i in range(0, len(examples), batch_size))]
+            self.next = lambda: self.batches[self.i % len(self.batches)]
+        else:
+            loader = iter(DataLoader(examples * REPEAT, batch_size=batch_size, num_workers=workers,
+                                     collate_fn=Collator(tok, "bi", QUERY_LEN, DOC_LEN).train))
+
+            def fetch():
+                batch = next(loader)
+                return batch["query"], ([batch["docs"]], None), batch["teacher"]
+            self.next = fetch
+        self.model = model if model is not None else AutoModel.from_pretrained(backbone_path(),
+                                                                               attn_implementation=attn)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model.named_parameters()), lr=LR)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, 100, 100_000)
+        self.i = 0
+        self.step()  # untimed: optimizer state (and worker start-up)
+
+    def embed(self, features):
+        hidden = self.model(**features).last_hidden_state
         mask = features["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
-    ends = []
-    for queries, (docs, inverse), teacher in batches:
-        q = embed(queries)
-        d = torch.cat([embed(c) for c in docs])
+    def step(self) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        start = time.perf_counter()
+        queries, (docs, inverse), teacher = self.next()
+        self.i += 1
+        q = self.embed(queries)
+        d = torch.cat([self.embed(c) for c in docs])
         d = d if inverse is None else d[inverse]
         scores = torch.einsum("bd,bnd->bn", q, d.view(q.shape[0], -1, q.shape[1]))
-        F.mse_loss(scores[:, 0] - scores[:, 1], teacher[:, 0] - teacher[:, 1]).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        ends.append(time.perf_counter())
-    return _per_second(ends, warmup, batch_size)
+        loss = F.mse_loss(scores[:, 0] - scores[:, 1], teacher[:, 0] - teacher[:, 1])
+        return _timed_update(loss, self.model, self.optimizer, self.scheduler, start)
 
 
 CONTENDERS = {
     "a": "(a) project: Lightning, MarginMSE, Collator in 2 workers",
     "a_fast": "(a) + length-grouped batches + fused AdamW (proposals), fp32",
-    "a_bf16": "(a) + length-grouped + `trainer.precision=bf16-mixed` (AMX on this CPU; AdamW not fused, see below)",
-    "a_main": "(a) with tokenisation in the main process (`num_workers=0`)",
-    "b_mmse": "(b) sentence-transformers, MarginMSELoss, 2 workers",
-    "b_mnrl": "(b) sentence-transformers, MultipleNegativesRankingLoss, 2 workers",
+    "a_bf16": "(a) + length-grouped batches + `trainer.precision=bf16-mixed` (AdamW not fused, see below)",
+    "b_mmse": "(b) sentence-transformers, MarginMSELoss, collator in 2 workers",
+    "b_mnrl": "(b) sentence-transformers, MultipleNegativesRankingLoss, collator in 2 workers",
     "c": "(c) bare PyTorch loop, tokenised in advance",
 }
 
 
 def run(batch_size: int = 8, warmup: int = 1, steps: int = 2, budget_s: float = 420, min_rounds: int = 2,
         max_rounds: int = 5, log=print) -> dict:
-    rand, grouped, pool = windows(batch_size, warmup, steps)
-    args = (rand, batch_size, warmup)
-    contenders = {"a": lambda: project(*args),
-                  "a_fast": lambda: project(grouped, batch_size, warmup, fused=True),
-                  "a_bf16": lambda: project(grouped, batch_size, warmup, precision="bf16-mixed"),
-                  "a_main": lambda: project(*args, workers=0),
-                  "b_mmse": lambda: sentence_transformers(*args),
-                  "b_mnrl": lambda: sentence_transformers(*args, loss="mnrl"),
-                  "c": lambda: bare(*args)}
+    """Each round: one Lightning run per variant of (a), in rotated order; after each of its timed steps the
+    steppers take one step each: (b) both losses and (c) beside (a), (c) beside the other variants. Ratios are
+    taken within a run (side by side), then across runs through (c), the common reference."""
+    rand, grouped, _ = windows(batch_size, warmup, steps)
+    window = rand[warmup * batch_size:]
     log(f"training: batch {batch_size} queries x (1 pos + 1 neg), {warmup} warmup + {steps} timed steps a run")
-    values = interleaved(contenders, min_rounds, max_rounds, budget_s, log)
+    c = BareStepper(window, batch_size)
+    beside_a = {"b_mmse": SentenceTransformersStepper(window, batch_size),
+                "b_mnrl": SentenceTransformersStepper(window, batch_size, loss="mnrl"), "c": c}
+    variants = {"a": lambda: project(rand, batch_size, warmup, others=beside_a),
+                "a_fast": lambda: project(grouped, batch_size, warmup, fused=True, others={"c": c}),
+                "a_bf16": lambda: project(grouped, batch_size, warmup, precision="bf16-mixed", others={"c": c})}
+    runs = interleaved(variants, min_rounds, max_rounds, budget_s, log,
+                       show=lambda t: " ".join(f"{k} {batch_size / (sum(v) / len(v)):.3g}/s" for k, v in t.items()))
+    qps, vs_c = {k: [] for k in CONTENDERS}, {}
+    for variant, results in runs.items():
+        for times in results:
+            qps[variant].append(batch_size * len(times["a"]) / sum(times["a"]))
+            for name in ("b_mmse", "b_mnrl", "c"):
+                if name in times:
+                    qps[name].append(batch_size * len(times[name]) / sum(times[name]))
+        vs_c[variant] = [sum(t["c"]) / sum(t["a"]) for t in results]  # throughput ratio variant / c, per round
+    ratio = {"a/b_mmse": [sum(t["b_mmse"]) / sum(t["a"]) for t in runs["a"]],
+             "a/b_mnrl": [sum(t["b_mnrl"]) / sum(t["a"]) for t in runs["a"]], "a/c": vs_c["a"]}
+    c_over_b = [sum(t["b_mmse"]) / sum(t["c"]) for t in runs["a"]]
+    for v in ("a_fast", "a_bf16"):
+        ratio[f"{v}/a"] = [x / y for x, y in zip(vs_c[v], vs_c["a"])]
+        ratio[f"{v}/b_mmse"] = [x * y for x, y in zip(vs_c[v], c_over_b)]
     cut = warmup * batch_size
-    lengths = doc_lengths(rand[cut:])
-    tokens = {"real": sum(map(sum, lengths)) / len(lengths), "random": padded_doc_tokens(rand[cut:], batch_size),
-              "grouped": padded_doc_tokens(grouped[cut:], batch_size),
-              "pool_random": padded_doc_tokens(random.Random(0).sample(pool, len(pool)), batch_size),
-              "pool_grouped": padded_doc_tokens(pool, batch_size)}
-    return {"batch_size": batch_size, "warmup": warmup, "steps": steps, "rounds": len(values["a"]),
-            "values": values, "tokens": tokens}
+    lengths = doc_lengths(window)
+    tokens = {"real": sum(map(sum, lengths)) / len(lengths), "random": padded_doc_tokens(window, batch_size),
+              "grouped": padded_doc_tokens(grouped[cut:], batch_size)}
+    return {"batch_size": batch_size, "warmup": warmup, "steps": steps, "rounds": len(runs["a"]), "qps": qps,
+            "ratio": ratio, "tokens": tokens}
 
 
 def markdown(res: dict) -> str:
-    v, t = res["values"], res["tokens"]
+    v, r, t = res["qps"], res["ratio"], res["tokens"]
     rows = "\n".join(f"| {CONTENDERS[k]} | {fmt(v[k])} |" for k in CONTENDERS)
-
-    def ratio(a, b, target=""):
-        return f"| {a} / {b} | {fmt(ratios(v, a, b))} | {target} |"
-
+    targets = {"a/b_mmse": ">= 1.0", "a/b_mnrl": ">= 1.0", "a/c": ">= 0.95 (at most 5% overhead)",
+               "a_fast/b_mmse": ">= 1.5", "a_fast/a": "", "a_bf16/b_mmse": ">= 1.5 (bf16 vs fp32)", "a_bf16/a": ""}
+    ratios_rows = "\n".join(f"| {k} | {fmt(r[k])} | {target} |" for k, target in targets.items())
     return f"""## Training throughput
 
 all-MiniLM-L6-v2 (real weights), fp32 on CPU unless said, batch {res['batch_size']} queries x (1 positive + 1 BM25
-negative), query 32 / passage 128 tokens, AdamW lr 2e-5 wd 0.01, grad-norm clip 1.0, linear schedule. The same
-real TREC DL examples in the same order for every contender; each run starts from fresh weights, {res['warmup']}
-warmup step untimed, then {res['steps']} timed steps (data loading included); {res['rounds']} rounds, the order of
-the contenders rotated each round. Queries/s, median (min-max) over rounds. Ratios are taken round by round (the
-runs of a round ran back to back), then median (min-max).
+negative), query 32 / passage 128 tokens, AdamW lr 2e-5 wd 0.01, grad-norm clip 1.0, linear schedule, the same
+real TREC DL examples for every contender. Each round runs every variant of (a) in a fresh `pytorch_lightning.Trainer`
+(order rotated each round; {res['warmup']} warmup step untimed, then {res['steps']} timed steps, the wait for data
+included); after each timed Lightning step, (b) with both losses and (c) take one step each beside (a), (c) beside
+the other variants, on the same examples: the contenders alternate step by step, so load from other processes hits
+them alike. {res['rounds']} rounds; queries/s, median (min-max) over runs.
 
 | contender | queries/s |
 |---|---|
 {rows}
 
+Ratios of throughput, median (min-max) over rounds. `x/b` and `x/c` are measured side by side within a run; the
+ratios of the other variants go through (c), their common reference: a_fast/a = (a_fast/c) / (a/c) of the same round.
+
 | ratio | median (min-max) | target |
 |---|---|---|
-{ratio("a", "b_mmse", ">= 1.0")}
-{ratio("a", "b_mnrl", ">= 1.0")}
-{ratio("a", "c", ">= 0.95 (at most 5% overhead)")}
-{ratio("a_fast", "b_mmse", ">= 1.5")}
-{ratio("a_fast", "a", "")}
-{ratio("a_bf16", "b_mmse", ">= 1.5 (bf16 vs fp32)")}
-{ratio("a_main", "a", "")}
+{ratios_rows}
 
 Length grouping (a proposal; the project has no such option yet): a buffer of 64 batches of examples is sorted by
-the token count of each example's longer passage, cut into batches, and the batches shuffled; the timed window is
-{res['steps']} of those batches picked at random, and the other contenders get the same examples in random batches.
-Passage tokens the model processes per example, padding included (real tokens {t['real']:.0f}): timed window random
-{t['random']:.0f} vs grouped {t['grouped']:.0f} (x{t['random'] / t['grouped']:.2f}); the whole 64-batch buffer random
-{t['pool_random']:.0f} vs grouped {t['pool_grouped']:.0f} (x{t['pool_random'] / t['pool_grouped']:.2f}). Fused AdamW:
-`+optimizer.fused=true` works today as a Hydra override (see Hot-path effects for its share of a step), but only at
-`32-true`: Lightning's mixed-precision plugin refuses gradient clipping with a fused optimizer, bf16 included.
+the token count of each example's longer passage, cut into batches, and the batches shuffled (the timed window is
+{res['steps']} of those batches, taken at evenly spaced quantiles of their length); the other contenders get the same
+examples in random batches. Passage tokens the model processes per example, padding included: random batches
+{t['random']:.0f}, grouped {t['grouped']:.0f} (x{t['random'] / t['grouped']:.2f}); real tokens {t['real']:.0f}. Fused AdamW:
+`+optimizer.fused=true` works today as a Hydra override (see Hot-path effects for the optimizer's share of a step),
+but only at `32-true`: Lightning's mixed-precision plugin refuses gradient clipping with a fused optimizer, bf16
+included.
 
 (b) is SentenceTransformerTrainer's step without the Trainer object, because its `train` extra (`accelerate`,
 `datasets`) is not installed here: sentence-transformers' own data collator (in 2 DataLoader workers),
-`SentenceTransformerTrainer.collect_features`, its `MarginMSELoss` / `MultipleNegativesRankingLoss` (which embed
+`SentenceTransformerTrainer.collect_features`, its `MarginMSELoss` / `MultipleNegativesRankingLoss` (both embed
 the positive and negative columns in one merged forward, as the project does), then transformers.Trainer's
 defaults: backward, clip 1.0, fused AdamW (`adamw_torch_fused`, the default for torch >= 2.8), linear schedule.
 The Trainer object itself adds per-step bookkeeping of milliseconds. sentence-transformers truncates queries at

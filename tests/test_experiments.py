@@ -4,7 +4,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import FAST, compose
 
 TINY = {"bi_margin_mse": "tiny", "bi_mnrl": "tiny", "ce_distill": "tiny_ce"}

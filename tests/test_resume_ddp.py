@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import FAST, ROOT, run_cli
 
 SMALL = [*FAST, "logger=none", "data.val_top_k=10"]

@@ -53,7 +53,7 @@ def teacher():
 @pytest.fixture(scope="module")
 def notice():
     text = (SAMPLE / "NOTICE.md").read_text()
-    rows = re.finditer(r"^\| `([\w.]+)` \| [^|]+ \| ([\d,]+) \|$", text, re.MULTILINE)
+    rows = re.finditer(r"^\| `([\w.-]+)` \| [^|]+ \| ([\d,]+) \|$", text, re.MULTILINE)
     counts = {m[1]: int(m[2].replace(",", "")) for m in rows}
     dl19 = text[text.index("### DL19"):text.index("### DL20")]
     ndcg = {m[1]: float(m[2]) for m in re.finditer(r"^\| (\S+)[^|]* \| ([\d.]+) \|", dl19, re.MULTILINE)}

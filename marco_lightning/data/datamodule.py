@@ -9,8 +9,13 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from marco_lightning.data.sampling import (ContiguousShardSampler, EpochShardSampler, RerankPairs, TrainDataset,
-                                           worker_init)
+from marco_lightning.data.sampling import (
+    ContiguousShardSampler,
+    EpochShardSampler,
+    RerankPairs,
+    TrainDataset,
+    worker_init,
+)
 
 # The data keys that decide a store's content (validation files are read directly, not stored).
 STORE_KEYS = ("collection", "queries", "train_queries", "train_qrels", "hard_negatives", "teacher_scores")
