@@ -52,10 +52,11 @@ TRAIN_VARIANTS = {
     "chunks": "passages embedded in 4 length-sorted chunks (proposal)",
     "collate_workers": "the project's Collator in 2 DataLoader workers (the project's default)",
     "collate_main": "the project's Collator in the main process (`num_workers=0`)",
+    "bf16": "bf16 autocast, as `trainer.precision=bf16-mixed` (AMX on this CPU)",
 }
 
 
-def run(batch_size: int = 8, steps: int = 2, num_passages: int = 96, budget_s: float = 240, min_rounds: int = 2,
+def run(batch_size: int = 8, steps: int = 1, num_passages: int = 64, budget_s: float = 240, min_rounds: int = 2,
         max_rounds: int = 5, log=print) -> dict:
     """Each comparison's variants alternate step by step (see common.interleaved_steps)."""
     import torch
@@ -67,15 +68,17 @@ def run(batch_size: int = 8, steps: int = 2, num_passages: int = 96, budget_s: f
     from marco_lightning.models import BiEncoder
 
     res = {"batch_size": batch_size, "steps": steps}
-    window = windows(batch_size, 0, steps)[0]
+    window = windows(batch_size, 0, 2)[0]  # two batches; a round of one step each alternates between them
     sdpa, eager = (AutoModel.from_pretrained(backbone_path(), attn_implementation=a) for a in ("sdpa", "eager"))
+    sdpa.pooler = eager.pooler = None  # unused, as in the project's BiEncoder
     log(f"hot path: training steps of batch {batch_size}, {steps} a round per variant")
     steppers = {"sdpa": BareStepper(window, batch_size, model=sdpa),
                 "eager": BareStepper(window, batch_size, model=eager),
                 "max_length": BareStepper(window, batch_size, padding="max_length", model=sdpa),
                 "chunks": BareStepper(window, batch_size, doc_chunks=4, model=sdpa),
                 "collate_workers": BareStepper(window, batch_size, workers=2, model=sdpa),
-                "collate_main": BareStepper(window, batch_size, workers=0, model=sdpa)}
+                "collate_main": BareStepper(window, batch_size, workers=0, model=sdpa),
+                "bf16": BareStepper(window, batch_size, bf16=True, model=sdpa)}
     res["train"] = interleaved_steps(steppers, steps, min_rounds, max_rounds, budget_s * 0.6, log)
     res["tokens"] = {"dynamic": padded_doc_tokens(window, batch_size),
                      "chunks": chunked_doc_tokens(window, batch_size, 4)}
@@ -159,13 +162,13 @@ Training steps (the bare loop (c): batch {b} queries x 2 passages, fp32, AdamW, 
 |---|---|---|
 {rows}
 
-Attention at 128 tokens is a small share of the work, so the kernel matters little. Dynamic padding saves mostly
-on queries (padded to the batch's longest, far below 32): a batch of {2 * b} random passages nearly always holds one
-that fills 128 tokens. Chunking (a proposal for `BiEncoder.loss_inputs`): sort the batch's passages by length,
-embed them in 4 chunks each padded to its own longest, restore the order; the batch and the loss are unchanged
-(so MNRL's in-batch negatives too), only padding goes: passage tokens per example {tok['dynamic']:.0f} ->
-{tok['chunks']:.0f}. Tokenising in DataLoader workers vs the main process shows what the Collator costs on the
-critical path; on 2 cores the workers compete with the 2 torch threads.
+What each row changes: the attention kernel (SDPA's fused kernel vs the explicit softmax(QK^T)V); padding to the
+batch's longest vs to the maximum (queries gain most: they are far below 32 tokens, while a batch of {2 * b} random
+passages nearly always holds one that fills 128); chunking, a proposal for `BiEncoder.loss_inputs`: sort the
+batch's passages by length, embed them in 4 chunks each padded to its own longest, restore the order, so the batch
+and the loss are unchanged (MNRL's in-batch negatives too) and only padding goes (passage tokens per example
+{tok['dynamic']:.0f} -> {tok['chunks']:.0f}); where the Collator tokenises (on 2 cores, workers compete with the 2 torch
+threads); bf16 autocast, which is what Lightning's `bf16-mixed` does on CPU.
 
 AdamW step over all-MiniLM-L6-v2's 22.7M parameters (11.7M of them the word embeddings, which get dense
 gradients every step):

@@ -45,8 +45,8 @@ def suites(quick: bool, passages: int, batch_size: int) -> dict:
     return {
         "training": lambda log: training.markdown(training.run(batch_size=batch_size, budget_s=420, log=log)),
         "evaluation": lambda log: evaluation.markdown(
-            evaluation.run(num_passages=passages, num_pairs=passages, budget_s=300, log=log)),
-        "hotpath": lambda log: hotpath.markdown(hotpath.run(batch_size=batch_size, budget_s=200, log=log)),
+            evaluation.run(num_passages=passages, num_pairs=passages, budget_s=240, log=log)),
+        "hotpath": lambda log: hotpath.markdown(hotpath.run(batch_size=batch_size, budget_s=240, log=log)),
         "profiles": lambda log: profiles.markdown(profiles.run(batch_size=batch_size, log=log)),
         "compile": lambda log: hotpath.compile_markdown(hotpath.compile_run(log=log)),
     }

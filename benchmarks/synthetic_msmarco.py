@@ -91,28 +91,36 @@ def _int_bytes(x: int) -> bytes:
     return b"K" + bytes([x]) if x < 256 else b"M" + x.to_bytes(2, "little") if x < 65536 else b"J" + x.to_bytes(4, "little")
 
 
-def _entries(pids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """All `pid: numpy.float32(score)` entries as one byte array, with each entry's start offset."""
+def _entries(pids: np.ndarray, scores: np.ndarray, floats: bool) -> tuple[np.ndarray, np.ndarray]:
+    """All `pid: numpy.float32(score)` (or `pid: float(score)`) entries as one byte array, with each entry's
+    start offset."""
     key, width = _int_ops(pids)
-    rec = np.zeros((len(pids), 20), np.uint8)
+    if floats:  # BINFLOAT: a big-endian double
+        value = np.empty((len(pids), 9), np.uint8)
+        value[:, 0] = ord("G")
+        value[:, 1:] = np.asarray(scores, np.float32).astype(">f8").view(np.uint8).reshape(-1, 8)
+    else:
+        value = np.broadcast_to(_VALUE, (len(pids), 15)).copy()
+        value[:, 6:10] = np.asarray(scores, "<f4").view(np.uint8).reshape(-1, 4)
+    v = value.shape[1]
+    rec = np.zeros((len(pids), 5 + v), np.uint8)
     rec[:, :5] = key
-    value = np.broadcast_to(_VALUE, (len(pids), 15)).copy()
-    value[:, 6:10] = np.asarray(scores, "<f4").view(np.uint8).reshape(-1, 4)
     for w in (2, 3, 5):
         m = width == w
-        rec[m, w:w + 15] = value[m]
-    length = width + 15
+        rec[m, w:w + v] = value[m]
+    length = width + v
     starts = np.concatenate([[0], np.cumsum(length)])
-    return rec[np.arange(20) < length[:, None]], starts
+    return rec[np.arange(5 + v) < length[:, None]], starts
 
 
 class ScorePickleWriter:
     """Streams `scores[qid][pid] -> numpy.float32` as pickle protocol 4 into a binary file, query by query, with
     the C pickler's batching: MARK ... SETITEMS per 1000 entries (and an empty one after a full last batch),
-    SETITEM for a one-entry dict."""
+    SETITEM for a one-entry dict. `module`: where numpy.float32 scalars are rebuilt from (numpy 1 wrote
+    numpy.core.multiarray, numpy 2 numpy._core.multiarray); None writes Python floats instead."""
 
-    def __init__(self, f, num_queries: int, module: str = "numpy.core.multiarray"):
-        self.f, self.total, self.module = f, num_queries, module  # numpy 1 wrote numpy.core; numpy 2 numpy._core
+    def __init__(self, f, num_queries: int, module: str | None = "numpy.core.multiarray"):
+        self.f, self.total, self.module = f, num_queries, module
         self.done, self.first = 0, True
         self.parts, self.size = [b"}\x94"], 2  # the outer dict, memo 0; frame body so far
         self.f.write(b"\x80\x04")
@@ -122,11 +130,11 @@ class ScorePickleWriter:
         counts = np.asarray(counts, np.int64)
         if len(counts) and counts.min() < 1:
             raise ValueError("every query needs at least one score")
-        body, starts = _entries(pids, scores)
+        body, starts = _entries(pids, scores, floats=self.module is None)
         mv, ends = memoryview(body), starts.tolist()
 
         def entries(a, b):  # entries a..b-1 of this chunk; the very first scalar also defines the globals
-            if not self.first or a == b:
+            if not self.first or a == b or self.module is None:
                 return [mv[ends[a]:ends[b]]]
             self.first, k = False, ends[a + 1] - ends[a] - 15
             return [mv[ends[a]:ends[a] + k], _global_prefix(self.module), mv[ends[a] + k + 4:ends[a + 1]],
@@ -170,7 +178,7 @@ class ScorePickleWriter:
         self._frame()
 
 
-def score_pickle_bytes(scores: dict, module: str = "numpy._core.multiarray") -> bytes:
+def score_pickle_bytes(scores: dict, module: str | None = "numpy._core.multiarray") -> bytes:
     """`scores` ({qid: {pid: float}}) through ScorePickleWriter, in memory (for tests)."""
     import io
 
@@ -288,7 +296,8 @@ def _json_lines(qids, pos, lists, present) -> bytes:
 
 
 def generate(out: Path, scale: float = 1.0, seed: int = 0, log=print, pickle_module="numpy.core.multiarray") -> dict:
-    """Write the five files into `out`; return their paths, the counts and the seconds per file."""
+    """Write the five files into `out`; return their paths, the counts and the seconds per file.
+    pickle_module=None: the scores as Python floats rather than numpy.float32 (see ScorePickleWriter)."""
     out.mkdir(parents=True, exist_ok=True)
     n, rng, seconds = scaled(scale), np.random.default_rng(seed), {}
     files = {"collection": out / "collection.tsv", "train_queries": out / "queries.train.tsv",

@@ -176,6 +176,13 @@ class CrossEncoder(nn.Module):
         st.save(str(path))
 
 
+def load_checkpoint_weights(model: nn.Module, ckpt_path: str | Path) -> nn.Module:
+    """The model weights of a Lightning checkpoint of RetrieverModule (its `model.` submodule)."""
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    return model
+
+
 def from_exported(path: str | Path) -> BiEncoder | CrossEncoder:
     """Read a sentence-transformers folder (ours or any other, e.g. the packaged MiniLM) back into our model."""
     path = Path(path)

@@ -58,6 +58,13 @@ def test_project_reader_reads_the_score_pickle(tmp_path, num_queries, sizes):
     assert got == {q: {p: float(v) for p, v in d.items()} for q, d in scores.items()}
 
 
+def test_python_float_scores_too():
+    rng = np.random.default_rng(0)
+    scores = {q: {p: float(v) for p, v in d.items()} for q, d in float32_dict(rng, 1001, [1, 2, 1000]).items()}
+    mine = score_pickle_bytes(scores, module=None)
+    assert deframed(mine) == deframed(pickle.dumps(scores, protocol=4))
+
+
 def test_numpy1_spelling_loads_too():
     scores = {5: {7: np.float32(1.5), 70_000: np.float32(-2.0)}}
     b = score_pickle_bytes(scores, module="numpy.core.multiarray")  # as the real 2021 file was written

@@ -33,13 +33,12 @@ def test_recipe_trains_on_the_sample_with_its_pinned_hyperparameters(experiment,
 def test_cross_encoder_export_predicts_the_module_scores(tmp_path):
     from sentence_transformers import CrossEncoder as STCrossEncoder
 
-    from marco_lightning.models import CrossEncoder
+    from marco_lightning.models import CrossEncoder, load_checkpoint_weights
 
     cfg, _ = train(["model=tiny_ce", "loss=ce_mse"], tmp_path)
     best = tmp_path / json.loads((tmp_path / "metrics.json").read_text())["best_checkpoint"]
     model = CrossEncoder(**{k: v for k, v in cfg.model.items() if k != "_target_"})
-    state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    load_checkpoint_weights(model, best)
     model.eval()
     pairs = [("what is durable medical equipment", "Durable medical equipment is equipment that ..."),
              ("cost of interior concrete flooring", "Polished concrete runs from $2 to $12 per square foot.")]

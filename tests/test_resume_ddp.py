@@ -21,7 +21,7 @@ def final_state(run_dir):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_ddp_two_cpu_processes_train_and_report_the_global_batch(tmp_path):
-    result = run_cli([*SMALL, "trainer=ddp_cpu", "loss=mnrl", "model.similarity=cos", "num_negatives=2",
+    result = run_cli([*SMALL, "trainer=ddp_cpu", "trainer.devices=2", "loss=mnrl", "model.similarity=cos", "num_negatives=2",
                       f"hydra.run.dir={tmp_path}"], timeout=540)
     assert result.returncode == 0, result.stderr[-3000:]
     # 8 queries x 2 processes; MNRL gathers across both: 16 queries x 3 candidates - own positive

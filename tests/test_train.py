@@ -46,11 +46,12 @@ def test_final_model_loads_in_sentence_transformers_with_the_trained_weights(tra
     from hydra.utils import instantiate
     from sentence_transformers import SentenceTransformer
 
+    from marco_lightning.models import load_checkpoint_weights
+
     cfg, out, metrics = trained
     best = out / json.loads((out / "metrics.json").read_text())["best_checkpoint"]
     model = instantiate(cfg.model)
-    state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    load_checkpoint_weights(model, best)
     model.eval()
     texts = ["what is the daily life of thai people", "a passage about rice farming in the north of Thailand " * 5]
     with torch.no_grad():

@@ -46,7 +46,10 @@ def store_inputs(data: DictConfig, negatives: DictConfig) -> tuple[dict, dict]:
 def store_path(cache_dir: str, data: DictConfig, negatives: DictConfig) -> Path:
     """One store per (input files, negative selection): changing either never reuses a stale store."""
     data_in, neg_in = store_inputs(data, negatives)
-    digest = hashlib.sha1(json.dumps([data_in, neg_in], sort_keys=True).encode()).hexdigest()[:10]
+    # size and mtime of each input too: a file replaced in place (same path) gets a new store
+    paths = [p for v in data_in.values() for p in (v if isinstance(v, list) else [v]) if p and Path(p).exists()]
+    stamps = [(p, Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in paths]
+    digest = hashlib.sha1(json.dumps([data_in, neg_in, stamps], sort_keys=True).encode()).hexdigest()[:10]
     return Path(cache_dir) / "stores" / f"{data.name}-{digest}"
 
 

@@ -21,6 +21,7 @@ import sys
 import tarfile
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -116,8 +117,11 @@ def fetch(url: str, root: Path, names: list[str]) -> list[Path]:
     if kind == "tar":
         extract(archive, root, names, url)
     else:
-        with gzip.open(archive, "rb") as src, _atomic(root / names[0]) as f:
-            _copy(src, f, f"gunzip {archive.name}")
+        try:
+            with gzip.open(archive, "rb") as src, _atomic(root / names[0]) as f:
+                _copy(src, f, f"gunzip {archive.name}")
+        except (OSError, EOFError, zlib.error) as e:
+            raise DownloadError(f"cannot decompress {archive} ({url}): {e}; delete it to download it again") from None
     if not had_archive:  # only a carrier: the extracted files are what the config reads
         archive.unlink()
     return [root / n for n in names]

@@ -41,7 +41,8 @@ class EpochShardSampler(Sampler):
         return ((self.epoch, int(i)) for i in self.indices())
 
     def __len__(self):
-        return max(self.n // self.world_size - self.skip, 0)
+        # a full epoch even when resuming: Lightning counts the batches trained before the kill as already fetched
+        return self.n // self.world_size
 
 
 class TrainDataset(Dataset):

@@ -55,16 +55,13 @@ def load_model(cfg: DictConfig):
     """task.model_path: an exported final_model/ folder or a Lightning .ckpt; none: build `model=` from config."""
     from hydra.utils import instantiate
 
-    from marco_lightning.models import from_exported
+    from marco_lightning.models import from_exported, load_checkpoint_weights
 
     path = cfg.task.model_path
     if path and Path(path).is_dir():
         return from_exported(path)
     model = instantiate(cfg.model)
-    if path:
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    return model
+    return load_checkpoint_weights(model, path) if path else model
 
 
 def read_texts(path, keep=None) -> dict[str, str]:
