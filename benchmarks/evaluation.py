@@ -144,12 +144,12 @@ def markdown(res: dict) -> str:
     r, c, t = res["retrieval"], res["rerank"], res["tokens"]
     return f"""## Evaluation throughput
 
-fp32, batch {res['batch_size']}, same weights on both sides (max |difference|: embeddings {res['same_bi']:.0e}, cross-encoder
-scores {res['same_ce']:.0e}). Median (min-max) over {len(r['project'])} / {len(c['project'])} rounds, contenders
-rotated each round; ratios round by round.
+fp32, batch {res['batch_size']}, same weights on both sides (max |difference|: embeddings
+{res['same_bi']:.0e}, cross-encoder scores {res['same_ce']:.0e}). Median (min-max) over {len(r['project'])} /
+{len(c['project'])} rounds, contenders rotated each round; ratios round by round.
 
-Retrieval: encode {res['passages']} real MS MARCO passages (128 tokens max), add them to a faiss `IndexFlatIP`,
-encode {res['queries']} TREC DL queries, search the top {TOP_K}; passages/s over the whole.
+Retrieval: encode {res['passages']} real MS MARCO passages (128 tokens max), add them to a faiss
+`IndexFlatIP`, encode {res['queries']} TREC DL queries, search the top {TOP_K}; passages/s over the whole.
 
 | contender | passages/s |
 |---|---|
@@ -163,10 +163,10 @@ encode {res['queries']} TREC DL queries, search the top {TOP_K}; passages/s over
 | project sorted / sentence-transformers | {fmt(ratios(r, 'project_sorted', 'st'))} |
 | project sorted / project | {fmt(ratios(r, 'project_sorted', 'project'))} |
 
-Cross-encoder re-ranking: {res['pairs']} (query, BM25 top-8 passage) pairs of TREC DL queries, 160 tokens max; the
-all-MiniLM-L6-v2 backbone with a random one-logit head, built by `marco_lightning.models.CrossEncoder`, exported
-with `.save()` and loaded by both sides. Project: `marco_lightning.tasks.evaluate.rerank` (the Collator's `pairs`
-and `CrossEncoder.score_pairs`); sentence-transformers: `CrossEncoder.predict`.
+Cross-encoder re-ranking: {res['pairs']} (query, BM25 top-8 passage) pairs of TREC DL queries, 160 tokens max;
+the all-MiniLM-L6-v2 backbone with a random one-logit head, built by `marco_lightning.models.CrossEncoder`,
+exported with `.save()` and loaded by both sides. Project: `marco_lightning.tasks.evaluate.rerank` (the
+Collator's `pairs` and `CrossEncoder.score_pairs`); sentence-transformers: `CrossEncoder.predict`.
 
 | contender | pairs/s |
 |---|---|
@@ -181,9 +181,9 @@ and `CrossEncoder.score_pairs`); sentence-transformers: `CrossEncoder.predict`.
 | project sorted / project | {fmt(ratios(c, 'project_sorted', 'project'))} |
 
 Why: sentence-transformers' `encode` and `predict` sort their inputs by length before batching; the project
-batches in input order, so each batch pads to its longest member. Tokens processed, padding included:
-encoding {t['encode_input_order']:,} in input order vs {t['encode_sorted']:,} in length order ({t['encode_real']:,} real);
-cross-encoder {t['pairs_input_order']:,} vs {t['pairs_sorted']:,} ({t['pairs_real']:,} real).
+batches in input order, so each batch pads to its longest member. Tokens processed, padding included: encoding
+{t['encode_input_order']:,} in input order vs {t['encode_sorted']:,} in length order ({t['encode_real']:,}
+real); cross-encoder {t['pairs_input_order']:,} vs {t['pairs_sorted']:,} ({t['pairs_real']:,} real).
 """
 
 

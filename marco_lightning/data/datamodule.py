@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -98,7 +99,10 @@ class MarcoDataModule(pl.LightningDataModule):
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
     def _loader(self, dataset, sampler, batch_size, collate, loader_cls=DataLoader):
+        # Its own generator: a DataLoader iterator otherwise draws from the global RNG, and a resumed run (which
+        # creates one more iterator after restoring the RNG) would get other dropout masks than an unbroken one.
         return loader_cls(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                          generator=torch.Generator().manual_seed(self.seed),
                           num_workers=self.num_workers, pin_memory=self.pin_memory, worker_init_fn=worker_init,
                           persistent_workers=False)
 

@@ -17,6 +17,7 @@ def main(cfg: DictConfig) -> dict:
 
     from marco_lightning.checkpointing import AtomicCheckpointIO, resolve_ckpt_path
     from marco_lightning.data.datamodule import MarcoDataModule, store_path
+    from marco_lightning.data.download import ensure_files
     from marco_lightning.evaluation import compute_metrics, format_table, read_qrels, read_run, write_run
     from marco_lightning.loggers import build_loggers, print_run_summary
     from marco_lightning.losses import negatives_per_query
@@ -24,11 +25,14 @@ def main(cfg: DictConfig) -> dict:
 
     run_dir = Path(cfg.paths.output_dir)
     print(f"Run folder: {run_dir}")
-    store_dir = store_path(cfg.paths.cache_dir, cfg.data, cfg.negatives)
+    raw_keys = ("collection", "queries", "train_qrels", "hard_negatives", "teacher_scores")
+    ensure_files(cfg.data, ["val_qrels", "val_run"])  # downloads what data.downloads lists, if missing
     check_files(cfg, ["data.val_qrels", "data.val_run"])
-    if not (store_dir / "manifest.json").exists():
-        check_files(cfg, [f"data.{k}" for k in ("collection", "queries", "train_qrels", "hard_negatives",
-                                                  "teacher_scores")])
+    store_dir = store_path(cfg.paths.cache_dir, cfg.data, cfg.negatives)
+    if not (store_dir / "manifest.json").exists():  # the raw files are needed only to build the store
+        ensure_files(cfg.data, raw_keys)
+        check_files(cfg, [f"data.{k}" for k in raw_keys])
+        store_dir = store_path(cfg.paths.cache_dir, cfg.data, cfg.negatives)  # downloads change the digest
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     model, loss = instantiate(cfg.model), instantiate(cfg.loss)
