@@ -35,8 +35,8 @@ def setup() -> None:
 
     torch.set_num_threads(THREADS)
     warnings.filterwarnings("ignore")
-    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric", "sentence_transformers",
-                 "transformers"):
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric",
+                 "sentence_transformers", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
@@ -90,7 +90,8 @@ def train_examples(n: int, seed: int = 0) -> list[tuple[str, list[str], list[flo
             bm25[qid].append(pid)
         for qid, judged in qrels.items():
             negs = [p for p in bm25[qid] if judged.get(p, 0) < 2 and p in texts]
-            candidates += [(queries[qid], pos, negs) for pos, g in judged.items() if g >= 2 and negs and pos in texts]
+            candidates += [(queries[qid], pos, negs) for pos, g in judged.items()
+                           if g >= 2 and negs and pos in texts]
     picked = [(q, pos, rng.choice(negs)) for q, pos, negs in rng.sample(candidates, n)]
     return [(q, [texts[pos], texts[neg]], [rng.uniform(0, 10), rng.uniform(-5, 5)]) for q, pos, neg in picked]
 
@@ -180,8 +181,8 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     versions = {}
-    for dist in ("torch", "transformers", "sentence-transformers", "pytorch-lightning", "lightning", "tokenizers",
-                 "faiss-cpu", "numpy"):
+    for dist in ("torch", "transformers", "sentence-transformers", "pytorch-lightning", "lightning",
+                 "tokenizers", "faiss-cpu", "numpy"):
         try:
             versions[dist] = version(dist)
         except PackageNotFoundError:

@@ -1,7 +1,8 @@
-"""Evaluation throughput: bi-encoder encoding + faiss search, and cross-encoder re-ranking, vs sentence-transformers.
+"""Evaluation throughput vs sentence-transformers: bi-encoder encoding + faiss search, cross-encoder
+re-ranking.
 
-Both sides load the same weights, run fp32 on CPU with the same batch size and max lengths (query 32, passage 128;
-cross-encoder pairs 160), on real MS MARCO passages. `python -m benchmarks.evaluation` runs it alone.
+Both sides load the same weights, run fp32 on CPU with the same batch size and max lengths (query 32, passage
+128; cross-encoder pairs 160), on real MS MARCO passages. `python -m benchmarks.evaluation` runs it alone.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def rerank_sorted(model, run, queries, passages, top_k: int, batch_size: int) ->
 
 
 def padded_tokens(tokenizer, texts, batch_size: int, max_length: int, pairs=None) -> int:
-    """Tokens the model processes, padding included, when `texts` are batched in this order (dynamic padding)."""
+    """Tokens the model processes, padding included, when `texts` are batched in this order."""
     enc = tokenizer(texts, pairs, truncation="longest_first" if pairs else True, max_length=max_length)
     lengths = [len(ids) for ids in enc["input_ids"]]
     return sum(max(lengths[i:i + batch_size]) * len(lengths[i:i + batch_size])
@@ -95,8 +96,9 @@ def run(num_passages: int = 256, num_pairs: int = 256, batch_size: int = 32, bud
     same = np.abs(encode(bi, texts[:8], batch_size) - st.encode(texts[:8], batch_size=batch_size)).max()
     log(f"evaluation: {len(texts)} passages, {len(qtexts)} queries, batch {batch_size}; "
         f"max |project - sentence-transformers| embedding difference {same:.1e}")
-    retrieval = interleaved({"project": project_retrieval(encode), "project_sorted": project_retrieval(encode_sorted),
-                             "st": st_retrieval}, min_rounds, max_rounds, budget_s / 2, log)
+    retrieval = interleaved({"project": project_retrieval(encode),
+                             "project_sorted": project_retrieval(encode_sorted), "st": st_retrieval},
+                            min_rounds, max_rounds, budget_s / 2, log)
 
     # ---- cross-encoder: the packaged MiniLM backbone with a random head, exported once, loaded by both sides
     tmp = Path(tempfile.mkdtemp(prefix="bench-ce-"))
@@ -116,8 +118,9 @@ def run(num_passages: int = 256, num_pairs: int = 256, batch_size: int = 32, bud
 
     ours = rerank(ce, run_, queries, collection, depth, batch_size)
     theirs = st_ce.predict(pairs, batch_size=batch_size, show_progress_bar=False)
-    same_ce = max(abs(ours[q][p] - s) for (q, p), s in zip([(q, p) for q, ds in run_.items() for p in ds], theirs))
-    log(f"cross-encoder: {len(pairs)} pairs; max |project - sentence-transformers| score difference {same_ce:.1e}")
+    keys = [(q, p) for q, ds in run_.items() for p in ds]  # the order of `pairs`
+    same_ce = max(abs(ours[q][p] - s) for (q, p), s in zip(keys, theirs))
+    log(f"cross-encoder: {len(pairs)} pairs; max |project - sentence-transformers| score {same_ce:.1e}")
     rerank_values = interleaved(
         {"project": timed(lambda: rerank(ce, run_, queries, collection, depth, batch_size)),
          "project_sorted": timed(lambda: rerank_sorted(ce, run_, queries, docs, depth, batch_size)),

@@ -1,7 +1,5 @@
-"""Hot-path effects, each measured on its own: attention kernel, padding, AdamW kernel, bf16 autocast, compile.
-
-(Tokenisation in DataLoader workers vs the main process is measured on the project's real Lightning path, in the
-training benchmark.) `python -m benchmarks.hotpath` runs it alone.
+"""Hot-path effects, each measured on its own: attention kernel, padding, where tokenisation runs, bf16, the
+AdamW kernel, and (separately, slow) torch.compile. `python -m benchmarks.hotpath` runs it alone.
 """
 from __future__ import annotations
 
@@ -56,8 +54,8 @@ TRAIN_VARIANTS = {
 }
 
 
-def run(batch_size: int = 8, steps: int = 1, num_passages: int = 64, budget_s: float = 240, min_rounds: int = 2,
-        max_rounds: int = 5, log=print) -> dict:
+def run(batch_size: int = 8, steps: int = 1, num_passages: int = 64, budget_s: float = 240,
+        min_rounds: int = 2, max_rounds: int = 5, log=print) -> dict:
     """Each comparison's variants alternate step by step (see common.interleaved_steps)."""
     import torch
     from transformers import AutoModel
@@ -69,7 +67,8 @@ def run(batch_size: int = 8, steps: int = 1, num_passages: int = 64, budget_s: f
 
     res = {"batch_size": batch_size, "steps": steps}
     window = windows(batch_size, 0, 2)[0]  # two batches; a round of one step each alternates between them
-    sdpa, eager = (AutoModel.from_pretrained(backbone_path(), attn_implementation=a) for a in ("sdpa", "eager"))
+    sdpa, eager = (AutoModel.from_pretrained(backbone_path(), attn_implementation=a)
+                   for a in ("sdpa", "eager"))
     sdpa.pooler = eager.pooler = None  # unused, as in the project's BiEncoder
     log(f"hot path: training steps of batch {batch_size}, {steps} a round per variant")
     steppers = {"sdpa": BareStepper(window, batch_size, model=sdpa),
@@ -88,7 +87,8 @@ def run(batch_size: int = 8, steps: int = 1, num_passages: int = 64, budget_s: f
     for p in params:
         p.grad = torch.randn_like(p)
     log("hot path: AdamW step on all-MiniLM-L6-v2's parameters")
-    res["adamw"] = interleaved_steps({"for-loop": _AdamWStepper(params), "foreach": _AdamWStepper(params, foreach=True),
+    res["adamw"] = interleaved_steps({"for-loop": _AdamWStepper(params),
+                                      "foreach": _AdamWStepper(params, foreach=True),
                                       "fused": _AdamWStepper(params, fused=True)},
                                      2, min_rounds, max_rounds, budget_s * 0.1, log)
     del params
@@ -116,8 +116,9 @@ def compile_run(batch_size: int = 32, min_rounds: int = 2, max_rounds: int = 3, 
     from marco_lightning.models import BiEncoder
 
     bi = BiEncoder(BACKBONE, max_query_length=QUERY_LEN, max_doc_length=DOC_LEN).eval()
-    features = dict(bi.tokenizer(list(passages(limit=batch_size).values()), padding="max_length", truncation=True,
-                                 max_length=DOC_LEN, return_tensors="pt"))
+    texts = list(passages(limit=batch_size).values())
+    features = dict(bi.tokenizer(texts, padding="max_length", truncation=True, max_length=DOC_LEN,
+                                 return_tensors="pt"))
     encoder = bi.encoder
     # A cold compile, as a first run would see it: inductor's on-disk cache would otherwise hide the cost.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")
@@ -146,10 +147,12 @@ def markdown(res: dict) -> str:
     def qps(name):
         return fmt([b / x for x in train[name]])
 
-    rows = "\n".join(f"| {label} | {qps(k)} | {fmt(ratios(train, 'sdpa', k))} |" for k, label in TRAIN_VARIANTS.items())
-    adamw_rows = "\n".join(f"| {label} | {fmt([1000 * x for x in adamw[k]], 0)} | {fmt(ratios(adamw, 'for-loop', k))} |"
-                           for k, label in (("for-loop", "for-loop (torch's CPU default; the project)"),
-                                            ("foreach", "foreach"), ("fused", "fused (transformers.Trainer's default)")))
+    rows = "\n".join(f"| {label} | {qps(k)} | {fmt(ratios(train, 'sdpa', k))} |"
+                     for k, label in TRAIN_VARIANTS.items())
+    labels = {"for-loop": "for-loop (torch's CPU default; the project)", "foreach": "foreach",
+              "fused": "fused (transformers.Trainer's default)"}
+    adamw_rows = "\n".join(f"| {label} | {fmt([1000 * x for x in adamw[k]], 0)} | "
+                           f"{fmt(ratios(adamw, 'for-loop', k))} |" for k, label in labels.items())
     share = spread(adamw["for-loop"])[0] / spread(train["sdpa"])[0]
     return f"""## Hot-path effects
 

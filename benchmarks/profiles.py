@@ -1,13 +1,13 @@
-"""Where the time goes: Lightning's per-hook timings of the project's training step, and the top torch operators
-of the project's encoding. `python -m benchmarks.profiles` runs it alone."""
+"""Where the time goes: Lightning's per-hook timings of the project's training step, and the top torch
+operators of the project's encoding. `python -m benchmarks.profiles` runs it alone."""
 from __future__ import annotations
 
 from benchmarks.common import DOC_LEN, QUERY_LEN, Stopwatch
 
 
 def lightning_hooks(batch_size: int = 8, steps: int = 3) -> dict[str, float]:
-    """Mean seconds per step of the parts of the project's Lightning step (pytorch_lightning's SimpleProfiler),
-    the first (warmup) step left out."""
+    """Mean seconds per step of the parts of the project's Lightning step (pytorch_lightning's
+    SimpleProfiler), the first (warmup) step left out."""
     import tempfile
 
     from pytorch_lightning.profilers import SimpleProfiler
@@ -26,9 +26,11 @@ def lightning_hooks(batch_size: int = 8, steps: int = 3) -> dict[str, float]:
         return sum(steady) / len(steady)
 
     forward, backward, clip = mean("training_step"), mean("backward"), mean("configure_gradient_clipping")
-    optimizer_step, batch, zero_grad = mean("optimizer_step"), mean("run_training_batch"), mean("optimizer_zero_grad")
+    optimizer_step, batch = mean("optimizer_step"), mean("run_training_batch")
+    zero_grad = mean("optimizer_zero_grad")
     return {"forward (`training_step`: embed, loss, log)": forward, "backward": backward,
-            "gradient clipping": clip, "AdamW step (rest of `optimizer_step`)": optimizer_step - forward - backward - clip,
+            "gradient clipping": clip,
+            "AdamW step (rest of `optimizer_step`)": optimizer_step - forward - backward - clip,
             "zero_grad": zero_grad, "other Lightning work in the step": batch - optimizer_step - zero_grad,
             "waiting for the next batch (`train_dataloader_next`)": mean("train_dataloader_next")}
 
@@ -62,7 +64,8 @@ def run(batch_size: int = 8, num_passages: int = 32, log=print) -> dict:
 
 def markdown(res: dict) -> str:
     step = sum(res["hooks"].values())
-    hooks = "\n".join(f"| {name} | {1000 * sec:.0f} | {100 * sec / step:.1f}% |" for name, sec in res["hooks"].items())
+    hooks = "\n".join(f"| {name} | {1000 * sec:.0f} | {100 * sec / step:.1f}% |"
+                      for name, sec in res["hooks"].items())
     ops = "\n".join(f"| `{name}` | {100 * share:.0f}% |" for name, share in res["ops"])
     return f"""## Profiles
 

@@ -1,8 +1,8 @@
 """`make bench`: the benchmarks in one process, then BENCHMARKS.md rewritten with the results.
 
-    python -m benchmarks.run_all                      # training, evaluation, hotpath, profiles (~15 min, 2 cores)
-    python -m benchmarks.run_all --only compile       # torch.compile alone (minutes of compiling on CPU)
-    python -m benchmarks.run_all --quick --out /tmp/B.md   # tiny sizes, one round: checks that everything runs
+    python -m benchmarks.run_all                     # training, evaluation, hotpath, profiles
+    python -m benchmarks.run_all --only compile      # torch.compile alone (minutes of compiling on CPU)
+    python -m benchmarks.run_all --quick --out B.md  # tiny sizes, one round: checks that everything runs
 
 Each suite has a time budget: its contenders run in rounds (at least 2) until the budget is spent, so a loaded
 machine gets fewer rounds rather than an open-ended run. Sections this run does not write (`## Data pipeline`,
@@ -22,9 +22,11 @@ from benchmarks.common import ROOT, machine, setup
 DEFAULT = ("training", "evaluation", "hotpath", "profiles")
 ORDER = ("Training throughput", "Evaluation throughput", "Hot-path effects", "torch.compile", "Profiles",
          "Data pipeline")
-PLACEHOLDER = {"Data pipeline": "## Data pipeline\n\nNot measured yet: `make bench-data` fills this section.\n",
-               "torch.compile": "## torch.compile\n\nNot measured yet: `python -m benchmarks.run_all --only compile` "
-                                "(compiling takes minutes on CPU).\n"}
+PLACEHOLDER = {
+    "Data pipeline": "## Data pipeline\n\nNot measured yet: `make bench-data` fills this section.\n",
+    "torch.compile": "## torch.compile\n\nNot measured yet: `python -m benchmarks.run_all --only compile` "
+                     "(compiling takes minutes on CPU).\n",
+}
 
 
 def suites(quick: bool, passages: int, batch_size: int) -> dict:
@@ -40,7 +42,8 @@ def suites(quick: bool, passages: int, batch_size: int) -> dict:
             "hotpath": lambda log: hotpath.markdown(
                 hotpath.run(batch_size=2, steps=1, num_passages=8, log=log, **once)),
             "profiles": lambda log: profiles.markdown(profiles.run(batch_size=2, num_passages=8, log=log)),
-            "compile": lambda log: hotpath.compile_markdown(hotpath.compile_run(batch_size=2, log=log, **once)),
+            "compile": lambda log: hotpath.compile_markdown(
+                hotpath.compile_run(batch_size=2, log=log, **once)),
         }
     return {
         "training": lambda log: training.markdown(training.run(batch_size=batch_size, budget_s=420, log=log)),
@@ -99,12 +102,14 @@ ratios, each taken round by round. Every figure is a median over rounds with its
 
 
 def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(DEFAULT),
                         help="comma-separated suites: training, evaluation, hotpath, profiles, compile")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke test")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
-    parser.add_argument("--passages", type=int, default=192, help="passages (and cross-encoder pairs) to encode")
+    parser.add_argument("--passages", type=int, default=128,
+                        help="passages to encode, and cross-encoder pairs to score")
     parser.add_argument("--batch-size", type=int, default=8, help="training batch: queries per step")
     args = parser.parse_args(argv)
     setup()

@@ -1,9 +1,8 @@
-"""Training throughput (queries/s): this project's Lightning step vs sentence-transformers vs a bare PyTorch loop.
+"""Training throughput (queries/s): this project's Lightning step vs sentence-transformers vs bare PyTorch.
 
-Every contender trains all-MiniLM-L6-v2 (real weights) on the same real (query, positive, BM25 negative) examples
-in the same order, query length 32, passage length 128, AdamW lr 2e-5 wd 0.01, grad-norm clip 1.0, a linear
-schedule; each run starts from fresh weights, takes `warmup` steps untimed, then times `steps` steps (data loading
-included). `python -m benchmarks.training` runs it alone.
+Every contender trains all-MiniLM-L6-v2 (real weights) on the same real (query, positive, BM25 negative)
+examples, query length 32, passage length 128, AdamW lr 2e-5 wd 0.01, grad-norm clip 1.0, a linear schedule.
+`python -m benchmarks.training` runs it alone.
 """
 from __future__ import annotations
 
@@ -66,14 +65,15 @@ def chunked_doc_tokens(examples, batch_size: int, chunks: int) -> float:
 
 
 def windows(batch_size: int, warmup: int, steps: int, pool_batches: int = 64, seed: int = 0):
-    """(random, grouped, pool): the same warmup batch(es), then the same timed examples batched at random or by
-    length. The timed examples are `steps` batches of a length-grouped pool of `pool_batches` batches, taken at
-    evenly spaced quantiles of their padded length, so the grouped window is as tight, and as long on average, as
-    the batches of a real run with a buffer that size."""
+    """(random, grouped, pool): the same warmup batch(es), then the same timed examples batched at random or
+    by length. The timed examples are `steps` batches of a length-grouped pool of `pool_batches` batches,
+    taken at evenly spaced quantiles of their padded length: the grouped window is as tight, and as long on
+    average, as the batches of a real run with a buffer that size."""
     from benchmarks.common import train_examples
 
     examples = train_examples((pool_batches + warmup) * batch_size, seed=seed)
-    head, pool = examples[:warmup * batch_size], length_grouped(examples[warmup * batch_size:], batch_size, seed)
+    cut = warmup * batch_size
+    head, pool = examples[:cut], length_grouped(examples[cut:], batch_size, seed)
     batches = sorted((pool[i:i + batch_size] for i in range(0, len(pool), batch_size)),
                      key=lambda b: padded_doc_tokens(b, batch_size))
     grouped = [ex for k in range(steps) for ex in batches[int((k + 0.5) * len(batches) / steps)]]
@@ -83,10 +83,10 @@ def windows(batch_size: int, warmup: int, steps: int, pool_batches: int = 64, se
 # ---------------------------------------------------------------- (a) this project, driven by Lightning
 def project(examples, batch_size: int, warmup: int, workers: int = 2, precision: str = "32-true",
             fused: bool = False, others: dict | None = None, profiler=None) -> dict[str, list[float]]:
-    """RetrieverModule (MarginMSE) in a real pytorch_lightning.Trainer fed by the project's Collator in workers.
+    """RetrieverModule (MarginMSE) in a real pytorch_lightning.Trainer fed by the project's Collator.
 
     Returns the seconds of each timed step ("a": from the end of one step to the end of the next, data wait
-    included), and of the `others` (steppers): after each timed step of Lightning, each of them takes one step,
+    included), and of the `others` (steppers): after each timed step of Lightning each of them takes one step,
     so every contender's steps sit side by side in time (drift on a shared machine hits all of them)."""
     import pytorch_lightning as pl
     import torch
@@ -115,7 +115,8 @@ def project(examples, batch_size: int, warmup: int, workers: int = 2, precision:
     optimizer = partial(torch.optim.AdamW, lr=LR, weight_decay=WD, **({"fused": True} if fused else {}))
     module = RetrieverModule(model, MarginMSELoss(), optimizer, warmup_steps=0.1,
                              val_qrels={"0": {"0": 2}})  # never validated; the metric only needs some qrels
-    loader = DataLoader(examples, batch_size=batch_size, collate_fn=model.collator().train, num_workers=workers)
+    loader = DataLoader(examples, batch_size=batch_size, collate_fn=model.collator().train,
+                        num_workers=workers)
     clock = Interleave()
     trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=len(loader),
                          gradient_clip_val=CLIP, logger=False, enable_checkpointing=False,
@@ -161,8 +162,8 @@ def st_bi_encoder():
 
 
 class SentenceTransformersStepper:
-    """(b) SentenceTransformerTrainer's step without the Trainer object (its `accelerate` and `datasets` are not
-    installed): its data collator in DataLoader workers, `collect_features`, its loss, then what
+    """(b) SentenceTransformerTrainer's step without the Trainer object (its `accelerate` and `datasets` are
+    not installed): its data collator in DataLoader workers, `collect_features`, its loss, then what
     transformers.Trainer does by default: backward, clip 1.0, fused AdamW (the default for torch >= 2.8), a
     linear schedule."""
 
@@ -200,8 +201,9 @@ class SentenceTransformersStepper:
 
 class BareStepper:
     """(c) a bare PyTorch loop: forward, MarginMSE, backward, clip, AdamW (torch's default, as the project), a
-    linear schedule. Batches tokenised in advance, or (workers=N) made by the project's Collator in a DataLoader
-    with N workers (0: in the main process). bf16: the forward under bf16 autocast, as Lightning's bf16-mixed.
+    linear schedule. Batches tokenised in advance, or (workers=N) made by the project's Collator in a
+    DataLoader with N workers (0: in the main process). bf16: the forward under bf16 autocast, as
+    Lightning's bf16-mixed does.
 
     doc_chunks > 1 (a proposal): each batch's passages sorted by length and embedded in that many chunks, each
     padded to its own longest, then put back in order: same batch, same loss, fewer padded tokens."""
@@ -224,13 +226,15 @@ class BareStepper:
                 return [tokenize(texts, DOC_LEN)], None
             order = sorted(range(len(texts)), key=lambda i: -len(tok(texts[i])["input_ids"]))
             size = -(-len(texts) // doc_chunks)
-            return ([tokenize([texts[i] for i in order[s:s + size]], DOC_LEN) for s in range(0, len(texts), size)],
-                    torch.argsort(torch.tensor(order)))
+            chunks = [tokenize([texts[i] for i in order[s:s + size]], DOC_LEN)
+                      for s in range(0, len(texts), size)]
+            return chunks, torch.argsort(torch.tensor(order))
 
         if workers is None:
-            self.batches = [(tokenize([q for q, _, _ in b], QUERY_LEN), docs([d for _, ds, _ in b for d in ds]),
-                             torch.tensor([t for _, _, t in b]))
-                            for b in (examples[i:i + batch_size] for i in range(0, len(examples), batch_size))]
+            chunked = (examples[i:i + batch_size] for i in range(0, len(examples), batch_size))
+            self.batches = [(tokenize([q for q, _, _ in b], QUERY_LEN),
+                             docs([d for _, ds, _ in b for d in ds]), torch.tensor([t for _, _, t in b]))
+                            for b in chunked]
             self.next = lambda: self.batches[self.i % len(self.batches)]
         else:
             loader = iter(DataLoader(examples * REPEAT, batch_size=batch_size, num_workers=workers,
@@ -283,18 +287,20 @@ CONTENDERS = {
 def run(batch_size: int = 8, warmup: int = 1, steps: int = 2, budget_s: float = 420, min_rounds: int = 2,
         max_rounds: int = 5, log=print) -> dict:
     """Each round: one Lightning run per variant of (a), in rotated order; after each of its timed steps the
-    steppers take one step each (in rotated order): (b) with both losses and (c) beside (a), (c) beside a_fast.
-    Ratios are taken within a run (side by side), and between the variants through (c), their common reference."""
+    steppers take one step each (in rotated order): (b) with both losses and (c) beside (a), (c) beside
+    a_fast. Ratios are taken within a run (side by side), and between the variants through (c), their common
+    reference."""
     rand, grouped, _ = windows(batch_size, warmup, steps)
     window = rand[warmup * batch_size:]
-    log(f"training: batch {batch_size} queries x (1 pos + 1 neg), {warmup} warmup + {steps} timed steps a run")
+    log(f"training: batch {batch_size} queries x (1 pos + 1 neg), {warmup} warmup + {steps} timed steps")
     c = BareStepper(window, batch_size)
     beside_a = {"b_mmse": SentenceTransformersStepper(window, batch_size),
                 "b_mnrl": SentenceTransformersStepper(window, batch_size, loss="mnrl"), "c": c}
     variants = {"a": lambda: project(rand, batch_size, warmup, others=beside_a),
                 "a_fast": lambda: project(grouped, batch_size, warmup, fused=True, others={"c": c})}
     runs = interleaved(variants, min_rounds, max_rounds, budget_s, log,
-                       show=lambda t: " ".join(f"{k} {batch_size / (sum(v) / len(v)):.3g}/s" for k, v in t.items()))
+                       show=lambda t: " ".join(f"{k} {batch_size * len(v) / sum(v):.3g}/s"
+                                               for k, v in t.items()))
     qps, vs_c = {k: [] for k in CONTENDERS}, {}
     for variant, results in runs.items():
         for times in results:
@@ -302,7 +308,7 @@ def run(batch_size: int = 8, warmup: int = 1, steps: int = 2, budget_s: float = 
             for name in ("b_mmse", "b_mnrl", "c"):
                 if name in times:
                     qps[name].append(batch_size * len(times[name]) / sum(times[name]))
-        vs_c[variant] = [sum(t["c"]) / sum(t["a"]) for t in results]  # throughput ratio variant / c, per round
+        vs_c[variant] = [sum(t["c"]) / sum(t["a"]) for t in results]  # throughput variant / c, per round
     ratio = {"a/b_mmse": [sum(t["b_mmse"]) / sum(t["a"]) for t in runs["a"]],
              "a/b_mnrl": [sum(t["b_mnrl"]) / sum(t["a"]) for t in runs["a"]], "a/c": vs_c["a"]}
     c_over_b = [sum(t["b_mmse"]) / sum(t["c"]) for t in runs["a"]]

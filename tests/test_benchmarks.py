@@ -1,11 +1,11 @@
-"""The benchmarks (`make bench`): each suite runs end to end at a tiny size, and BENCHMARKS.md keeps the sections
-other suites own."""
+"""The benchmarks (`make bench`): each suite runs end to end at a tiny size, and BENCHMARKS.md keeps the
+sections other suites own."""
 import pytest
 
 from benchmarks.run_all import main, merge, sections
 
-SUITES = {"training": "Training throughput", "evaluation": "Evaluation throughput", "hotpath": "Hot-path effects",
-          "profiles": "Profiles", "compile": "torch.compile"}
+SUITES = {"training": "Training throughput", "evaluation": "Evaluation throughput",
+          "hotpath": "Hot-path effects", "profiles": "Profiles", "compile": "torch.compile"}
 
 
 def test_merge_replaces_measured_sections_and_keeps_the_others():

@@ -76,3 +76,13 @@ def test_incompatible_choices_fail_before_data_loads(overrides, message, tmp_pat
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         train([*overrides, f"paths.cache_dir={tmp_path}/never"], tmp_path)
     assert not (tmp_path / "never").exists()  # no store was prepared
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment,model", [("bi_margin_mse", "minilm"), ("bi_mnrl", "minilm"),
+                                              ("ce_distill", "minilm_ce")])
+def test_recipe_trains_with_the_real_minilm(experiment, model, tmp_path):
+    _, metrics = train([f"experiment={experiment}", f"model={model}", "trainer.max_steps=2", "data.val_top_k=5",
+                        "trainer.precision=32-true"], tmp_path)
+    assert set(metrics["after"]) >= {"ndcg@10", "mrr@10", "recall@100"}
+    assert (tmp_path / "final_model" / "config.json").exists()
