@@ -28,10 +28,11 @@ def lightning_hooks(batch_size: int = 8, steps: int = 3) -> dict[str, float]:
     forward, backward, clip = mean("training_step"), mean("backward"), mean("configure_gradient_clipping")
     optimizer_step, batch = mean("optimizer_step"), mean("run_training_batch")
     zero_grad = mean("optimizer_zero_grad")
+    # optimizer_step runs Lightning's closure (forward, zero_grad, backward) and clipping before AdamW itself.
     return {"forward (`training_step`: embed, loss, log)": forward, "backward": backward,
-            "gradient clipping": clip,
-            "AdamW step (rest of `optimizer_step`)": optimizer_step - forward - backward - clip,
-            "zero_grad": zero_grad, "other Lightning work in the step": batch - optimizer_step - zero_grad,
+            "gradient clipping": clip, "zero_grad": zero_grad,
+            "AdamW step (rest of `optimizer_step`)": optimizer_step - forward - backward - clip - zero_grad,
+            "other Lightning work in the step": batch - optimizer_step,
             "waiting for the next batch (`train_dataloader_next`)": mean("train_dataloader_next")}
 
 

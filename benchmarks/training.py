@@ -106,8 +106,8 @@ def project(examples, batch_size: int, warmup: int, workers: int = 2, precision:
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             if batch_idx >= warmup:
                 self.times["a"].append(time.perf_counter() - self.mark)
-                names = list(others or {})
-                for name in names[batch_idx % len(names):] + names[:batch_idx % len(names)]:  # rotated
+                names, k = list(others or {}), batch_idx % max(len(others or {}), 1)
+                for name in names[k:] + names[:k]:  # rotated
                     self.times[name].append(others[name].step())
             self.mark = time.perf_counter()
 

@@ -14,13 +14,18 @@ CHUNK = 8192  # passages read, encoded and added to the index at a time: memory 
 def encode(model, texts: list[str], batch_size: int, queries: bool = False) -> np.ndarray:
     collator, dev = model.collator(), next(model.parameters()).device
     length = model.max_query_length if queries else model.max_doc_length
+    order = np.argsort([len(t) for t in texts], kind="stable")  # batches of similar length pad less
     out = []
     for i in range(0, len(texts), batch_size):
-        features = collator._tok(texts[i:i + batch_size], length)
+        features = collator._tok([texts[j] for j in order[i:i + batch_size]], length)
         features = {k: v.to(dev, non_blocking=True) for k, v in features.items()}
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             out.append(model.output_embedding(features).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.encoder.config.hidden_size), np.float32)
+    if not out:
+        return np.zeros((0, model.encoder.config.hidden_size), np.float32)
+    embeddings = np.empty((len(texts), out[0].shape[1]), np.float32)
+    embeddings[order] = np.concatenate(out)  # back to input order
+    return embeddings
 
 
 def build_index(model, collection, index_dir: Path, index_factory: str = "Flat", batch_size: int = 64):

@@ -80,6 +80,7 @@ def rerank(model, run, queries, collection, top_k: int, batch_size: int) -> dict
     missing = sorted({pid for _, pid in rows if pid not in passages})
     if missing:
         raise ValueError(f"{len(missing)} run passages have no text in {collection} (e.g. {missing[:3]})")
+    rows.sort(key=lambda r: len(passages[r[1]]))  # similar lengths per batch: less padding (x1.3, BENCHMARKS.md)
     collate, dev = model.collator().pairs, next(model.parameters()).device
     out: dict[str, dict[str, float]] = {}
     for i in tqdm(range(0, len(rows), batch_size), desc="re-ranking", unit="batch"):
