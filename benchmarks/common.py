@@ -136,7 +136,7 @@ def interleaved_steps(steppers: dict, steps: int, min_rounds: int = 2, max_round
         if r >= min_rounds and elapsed * (r + 1) / r > budget_s:
             break
         times = defaultdict(list)
-        for k in range(steps):
+        for k in range(r * steps, (r + 1) * steps):  # the order rotates with every step, across rounds too
             for name in names[k % len(names):] + names[:k % len(names)]:
                 times[name].append(steppers[name].step())
         for name in names:

@@ -1,7 +1,7 @@
 """`make bench-data`: the data pipeline at MS MARCO scale, on synthetic files in the exact real formats.
 
-    python -m benchmarks.data_pipeline                   # default scale (see --help), writes BENCHMARKS.md
-    python -m benchmarks.data_pipeline --scale 1         # the full real shape: 8.8M passages, 160M scores
+    python -m benchmarks.data_pipeline                   # the full real shape (8.8M passages, 160M scores), ~16 min
+    python -m benchmarks.data_pipeline --scale 0.3       # a fraction of it, extrapolated to the full shape
     python -m benchmarks.data_pipeline --scale 0.001 --mnrl-scale 0.001 --small-scale 0.001 --out /tmp/B.md
 
 Each measurement runs in its own child process (one's memory never counts toward another's), one at a time:
@@ -41,8 +41,9 @@ BYTES_PER_SCALE = 10.5e9   # at scale 1: collection 3.4 GB + hard negatives 1.6 
 # A MarginMSE epoch of 500k queries took under an hour on a V100 (REFERENCE.md): the step consumes this many.
 V100_SAMPLES_PER_S = 500_000 / 3600
 TARGET_FACTOR = 10
-# The largest scale whose generation + prepare takes about 15 minutes here: scale 1 took 21 (2 cores, load ~5).
-DEFAULT_SCALE = 0.7
+# The largest scale whose generation + prepare takes about 15 minutes on a 2-core machine: the full one took
+# 11 minutes here (shared, load ~4) and 21 under heavier load (~6); pass a fraction on a slower machine.
+DEFAULT_SCALE = 1.0
 BATCH = 64
 NEGATIVES = {"bm25": {"systems": ["bm25"], "num_per_system": 5, "ce_score_margin": None, "require_positive": True},
              "mnrl_recipe": {"systems": "all", "num_per_system": 5, "ce_score_margin": 3.0,
@@ -522,8 +523,9 @@ def write_section(path: Path, text: str) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=DEFAULT_SCALE,
-                        help=f"fraction of the real MS MARCO shape for prepare and the pipeline (default {DEFAULT_SCALE}: "
-                             "about 15 minutes of generation + prepare on 2 cores; 1 = full)")
+                        help=f"fraction of the real MS MARCO shape for prepare and the pipeline (default {DEFAULT_SCALE:g}: "
+                             "the full shape: 11-21 minutes of generation + prepare on 2 shared cores, ~10 GB of "
+                             "disk; the whole run ~16 minutes)")
     parser.add_argument("--mnrl-scale", type=float, default=0.2,
                         help="scale of the files for the negatives=mnrl_recipe prepare (default 0.2)")
     parser.add_argument("--small-scale", type=float, default=0.05,

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from benchmarks.common import BACKBONE, DOC_LEN, QUERY_LEN, Stopwatch, fmt, interleaved, ratios
 
@@ -21,28 +22,26 @@ def length_order(texts) -> np.ndarray:
     return np.argsort([-len(t) for t in texts], kind="stable")
 
 
-def encode_sorted(model, texts, batch_size: int, queries: bool = False) -> np.ndarray:
-    """The proposal for marco_lightning.retrieval.encode: encode in length order, return in input order."""
-    from marco_lightning.retrieval import encode
+@torch.no_grad()
+def encode_input_order(model, texts, batch_size: int, queries: bool = False) -> np.ndarray:
+    """`retrieval.encode` as it was before it adopted length order (5c9d66c): batches in input order."""
+    collator, out = model.collator(), []
+    length = model.max_query_length if queries else model.max_doc_length
+    for i in range(0, len(texts), batch_size):
+        out.append(model.output_embedding(collator._tok(texts[i:i + batch_size], length)).numpy())
+    return np.concatenate(out)
 
-    order = length_order(texts)
-    vectors = encode(model, [texts[i] for i in order], batch_size, queries=queries)
-    return vectors[np.argsort(order)]
 
-
-def rerank_sorted(model, run, queries, passages, top_k: int, batch_size: int) -> dict:
-    """The proposal for marco_lightning.tasks.evaluate.rerank: score the pairs in length order."""
-    import torch
-
+@torch.no_grad()
+def rerank_input_order(model, run, queries, passages, top_k: int, batch_size: int) -> dict:
+    """`tasks.evaluate.rerank` as it was before it adopted length order: pairs in run order."""
     rows = [(q, p) for q, docs in run.items() for p, _ in sorted(docs.items(), key=lambda kv: -kv[1])[:top_k]]
-    rows = [rows[i] for i in length_order([queries[q] + passages[p] for q, p in rows])]
     collate, out = model.collator().pairs, {}
-    with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i:i + batch_size]
-            scores = model.score_pairs(collate([(int(q), int(p), queries[q], passages[p]) for q, p in chunk]))
-            for (q, p), s in zip(chunk, scores.tolist()):
-                out.setdefault(q, {})[p] = s
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        scores = model.score_pairs(collate([(int(q), int(p), queries[q], passages[p]) for q, p in chunk]))
+        for (q, p), s in zip(chunk, scores.tolist()):
+            out.setdefault(q, {})[p] = s
     return out
 
 
@@ -57,7 +56,6 @@ def padded_tokens(tokenizer, texts, batch_size: int, max_length: int, pairs=None
 def run(num_passages: int = 256, num_pairs: int = 256, batch_size: int = 32, budget_s: float = 360,
         min_rounds: int = 2, max_rounds: int = 5, log=print) -> dict:
     import faiss
-    import torch
     from sentence_transformers import CrossEncoder as STCrossEncoder
 
     from benchmarks.common import passages, rerank_input
@@ -97,7 +95,7 @@ def run(num_passages: int = 256, num_pairs: int = 256, batch_size: int = 32, bud
     log(f"evaluation: {len(texts)} passages, {len(qtexts)} queries, batch {batch_size}; "
         f"max |project - sentence-transformers| embedding difference {same:.1e}")
     retrieval = interleaved({"project": project_retrieval(encode),
-                             "project_sorted": project_retrieval(encode_sorted), "st": st_retrieval},
+                             "input_order": project_retrieval(encode_input_order), "st": st_retrieval},
                             min_rounds, max_rounds, budget_s / 2, log)
 
     # ---- cross-encoder: the packaged MiniLM backbone with a random head, exported once, loaded by both sides
@@ -123,7 +121,7 @@ def run(num_passages: int = 256, num_pairs: int = 256, batch_size: int = 32, bud
     log(f"cross-encoder: {len(pairs)} pairs; max |project - sentence-transformers| score {same_ce:.1e}")
     rerank_values = interleaved(
         {"project": timed(lambda: rerank(ce, run_, queries, collection, depth, batch_size)),
-         "project_sorted": timed(lambda: rerank_sorted(ce, run_, queries, docs, depth, batch_size)),
+         "input_order": timed(lambda: rerank_input_order(ce, run_, queries, docs, depth, batch_size)),
          "st": timed(lambda: st_ce.predict(pairs, batch_size=batch_size, show_progress_bar=False))},
         min_rounds, max_rounds, budget_s / 2, log)
 
@@ -156,15 +154,14 @@ Retrieval: encode {res['passages']} real MS MARCO passages (128 tokens max), add
 
 | contender | passages/s |
 |---|---|
-| project: `marco_lightning.retrieval.encode` + faiss | {fmt(r['project'])} |
-| project, passages encoded in length order (proposal) | {fmt(r['project_sorted'])} |
+| project: `marco_lightning.retrieval.encode` (length-ordered batches) + faiss | {fmt(r['project'])} |
+| the same, batches in input order (`encode` before it adopted length order) | {fmt(r['input_order'])} |
 | sentence-transformers `encode` + faiss | {fmt(r['st'])} |
 
 | ratio | median (min-max) |
 |---|---|
 | project / sentence-transformers | {fmt(ratios(r, 'project', 'st'))} |
-| project sorted / sentence-transformers | {fmt(ratios(r, 'project_sorted', 'st'))} |
-| project sorted / project | {fmt(ratios(r, 'project_sorted', 'project'))} |
+| project / input order | {fmt(ratios(r, 'project', 'input_order'))} |
 
 Cross-encoder re-ranking: {res['pairs']} (query, BM25 top-8 passage) pairs of TREC DL queries, 160 tokens max;
 the all-MiniLM-L6-v2 backbone with a random one-logit head, built by `marco_lightning.models.CrossEncoder`,
@@ -173,20 +170,20 @@ Collator's `pairs` and `CrossEncoder.score_pairs`); sentence-transformers: `Cros
 
 | contender | pairs/s |
 |---|---|
-| project: `tasks.evaluate.rerank` | {fmt(c['project'])} |
-| project, pairs scored in length order (proposal) | {fmt(c['project_sorted'])} |
+| project: `tasks.evaluate.rerank` (length-ordered batches) | {fmt(c['project'])} |
+| the same loop, pairs in run order (`rerank` before it adopted length order) | {fmt(c['input_order'])} |
 | sentence-transformers `CrossEncoder.predict` | {fmt(c['st'])} |
 
 | ratio | median (min-max) |
 |---|---|
 | project / sentence-transformers | {fmt(ratios(c, 'project', 'st'))} |
-| project sorted / sentence-transformers | {fmt(ratios(c, 'project_sorted', 'st'))} |
-| project sorted / project | {fmt(ratios(c, 'project_sorted', 'project'))} |
+| project / input order | {fmt(ratios(c, 'project', 'input_order'))} |
 
-Why: sentence-transformers' `encode` and `predict` sort their inputs by length before batching; the project
-batches in input order, so each batch pads to its longest member. Tokens processed, padding included: encoding
-{t['encode_input_order']:,} in input order vs {t['encode_sorted']:,} in length order ({t['encode_real']:,}
-real); cross-encoder {t['pairs_input_order']:,} vs {t['pairs_sorted']:,} ({t['pairs_real']:,} real).
+Length order is what both sides now do: sentence-transformers' `encode` and `predict` sort their inputs by
+length before batching, and so do the project's `encode` and `rerank`. Tokens processed, padding included, in
+input order vs length order: encoding {t['encode_input_order']:,} vs {t['encode_sorted']:,}
+({t['encode_real']:,} real); cross-encoder {t['pairs_input_order']:,} vs {t['pairs_sorted']:,}
+({t['pairs_real']:,} real).
 """
 
 

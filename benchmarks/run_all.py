@@ -76,11 +76,11 @@ def _load(la) -> str:
 
 def header(info: dict, seconds: float, quick: bool) -> str:
     v = info["versions"]
+    mode = " in --quick mode: tiny sizes, not figures to quote" if quick else ""
     return f"""# Benchmarks
 
-Written by `make bench` (`python -m
-benchmarks.run_all`){' in --quick mode: tiny sizes, not figures to quote' if quick else ''}. Last run:
-{info['date']}, {seconds / 60:.1f} minutes.
+Written by `make bench` (`python -m benchmarks.run_all`){mode}. Last run: {info['date']}, {seconds / 60:.1f}
+minutes.
 
 | machine | |
 |---|---|

@@ -82,8 +82,13 @@ def windows(batch_size: int, warmup: int, steps: int, pool_batches: int = 64, se
 
 # ---------------------------------------------------------------- (a) this project, driven by Lightning
 def project(examples, batch_size: int, warmup: int, workers: int = 2, precision: str = "32-true",
-            fused: bool = False, others: dict | None = None, profiler=None) -> dict[str, list[float]]:
+            fused: bool = False, dropout: bool = False, others: dict | None = None,
+            profiler=None) -> dict[str, list[float]]:
     """RetrieverModule (MarginMSE) in a real pytorch_lightning.Trainer fed by the project's Collator.
+
+    As shipped, the encoder trains in eval mode: `from_pretrained` returns it so and Lightning 2.x does not
+    call `.train()` on submodules, so dropout is off. dropout=True puts it in train mode, as (b), (c) and the
+    sentence-transformers recipe train (the fix this benchmark proposes).
 
     Returns the seconds of each timed step ("a": from the end of one step to the end of the next, data wait
     included), and of the `others` (steppers): after each timed step of Lightning each of them takes one step,
@@ -104,14 +109,18 @@ def project(examples, batch_size: int, warmup: int, workers: int = 2, precision:
             self.mark = time.perf_counter()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            if batch_idx >= warmup:
+            timed = batch_idx >= warmup
+            if timed:
                 self.times["a"].append(time.perf_counter() - self.mark)
-                names, k = list(others or {}), batch_idx % max(len(others or {}), 1)
-                for name in names[k:] + names[:k]:  # rotated
-                    self.times[name].append(others[name].step())
+            names, k = list(others or {}), batch_idx % max(len(others or {}), 1)
+            for name in names[k:] + names[:k]:  # rotated; during warmup untimed: their first step after
+                seconds = others[name].step()  # Lightning's set-up runs slow too
+                if timed:
+                    self.times[name].append(seconds)
             self.mark = time.perf_counter()
 
     model = BiEncoder(BACKBONE, max_query_length=QUERY_LEN, max_doc_length=DOC_LEN)
+    model.encoder.train(dropout)
     optimizer = partial(torch.optim.AdamW, lr=LR, weight_decay=WD, **({"fused": True} if fused else {}))
     module = RetrieverModule(model, MarginMSELoss(), optimizer, warmup_steps=0.1,
                              val_qrels={"0": {"0": 2}})  # never validated; the metric only needs some qrels
@@ -276,8 +285,9 @@ class BareStepper:
 
 
 CONTENDERS = {
-    "a": "(a) project: Lightning, MarginMSE, Collator in 2 workers",
-    "a_fast": "(a) + length-grouped batches + fused AdamW (proposals), fp32",
+    "a": "(a) project as shipped: Lightning, MarginMSE, Collator in 2 workers, encoder in eval mode",
+    "a_train": "(a) with the encoder in train mode (dropout on, like (b) and (c)): the like-for-like (a)",
+    "a_fast": "(a) in train mode + length-grouped batches + fused AdamW (proposals), fp32",
     "b_mmse": "(b) sentence-transformers, MarginMSELoss, collator in 2 workers",
     "b_mnrl": "(b) sentence-transformers, MultipleNegativesRankingLoss, collator in 2 workers",
     "c": "(c) bare PyTorch loop, tokenised in advance",
@@ -287,17 +297,19 @@ CONTENDERS = {
 def run(batch_size: int = 8, warmup: int = 1, steps: int = 2, budget_s: float = 420, min_rounds: int = 2,
         max_rounds: int = 5, log=print) -> dict:
     """Each round: one Lightning run per variant of (a), in rotated order; after each of its timed steps the
-    steppers take one step each (in rotated order): (b) with both losses and (c) beside (a), (c) beside
-    a_fast. Ratios are taken within a run (side by side), and between the variants through (c), their common
-    reference."""
+    steppers take one step each (in rotated order): (b) with both losses and (c) beside a_train, (c) beside
+    the others. Ratios are taken within a run (side by side), and between runs through (c), the reference
+    every run shares: a/a_train = (a/c) / (a_train/c) of the same round."""
     rand, grouped, _ = windows(batch_size, warmup, steps)
     window = rand[warmup * batch_size:]
     log(f"training: batch {batch_size} queries x (1 pos + 1 neg), {warmup} warmup + {steps} timed steps")
     c = BareStepper(window, batch_size)
-    beside_a = {"b_mmse": SentenceTransformersStepper(window, batch_size),
-                "b_mnrl": SentenceTransformersStepper(window, batch_size, loss="mnrl"), "c": c}
-    variants = {"a": lambda: project(rand, batch_size, warmup, others=beside_a),
-                "a_fast": lambda: project(grouped, batch_size, warmup, fused=True, others={"c": c})}
+    beside = {"b_mmse": SentenceTransformersStepper(window, batch_size),
+              "b_mnrl": SentenceTransformersStepper(window, batch_size, loss="mnrl"), "c": c}
+    variants = {"a_train": lambda: project(rand, batch_size, warmup, dropout=True, others=beside),
+                "a": lambda: project(rand, batch_size, warmup, others={"c": c}),
+                "a_fast": lambda: project(grouped, batch_size, warmup, dropout=True, fused=True,
+                                          others={"c": c})}
     runs = interleaved(variants, min_rounds, max_rounds, budget_s, log,
                        show=lambda t: " ".join(f"{k} {batch_size * len(v) / sum(v):.3g}/s"
                                                for k, v in t.items()))
@@ -309,11 +321,14 @@ def run(batch_size: int = 8, warmup: int = 1, steps: int = 2, budget_s: float = 
                 if name in times:
                     qps[name].append(batch_size * len(times[name]) / sum(times[name]))
         vs_c[variant] = [sum(t["c"]) / sum(t["a"]) for t in results]  # throughput variant / c, per round
-    ratio = {"a/b_mmse": [sum(t["b_mmse"]) / sum(t["a"]) for t in runs["a"]],
-             "a/b_mnrl": [sum(t["b_mnrl"]) / sum(t["a"]) for t in runs["a"]], "a/c": vs_c["a"]}
-    c_over_b = [sum(t["b_mmse"]) / sum(t["c"]) for t in runs["a"]]
-    ratio["a_fast/a"] = [x / y for x, y in zip(vs_c["a_fast"], vs_c["a"])]
-    ratio["a_fast/b_mmse"] = [x * y for x, y in zip(vs_c["a_fast"], c_over_b)]
+    c_over_b = [sum(t["b_mmse"]) / sum(t["c"]) for t in runs["a_train"]]
+    ratio = {"a_train/b_mmse": [sum(t["b_mmse"]) / sum(t["a"]) for t in runs["a_train"]],
+             "a_train/b_mnrl": [sum(t["b_mnrl"]) / sum(t["a"]) for t in runs["a_train"]],
+             "a_train/c": vs_c["a_train"]}
+    for v in ("a", "a_fast"):
+        ratio[f"{v}/a_train"] = [x / y for x, y in zip(vs_c[v], vs_c["a_train"])]
+        ratio[f"{v}/b_mmse"] = [x * y for x, y in zip(vs_c[v], c_over_b)]
+    ratio["a/c"] = vs_c["a"]
     cut = warmup * batch_size
     lengths = doc_lengths(window)
     tokens = {"real": sum(map(sum, lengths)) / len(lengths), "random": padded_doc_tokens(window, batch_size),
@@ -325,8 +340,9 @@ def run(batch_size: int = 8, warmup: int = 1, steps: int = 2, budget_s: float = 
 def markdown(res: dict) -> str:
     v, r, t = res["qps"], res["ratio"], res["tokens"]
     rows = "\n".join(f"| {CONTENDERS[k]} | {fmt(v[k])} |" for k in CONTENDERS)
-    targets = {"a/b_mmse": ">= 1.0", "a/b_mnrl": ">= 1.0", "a/c": ">= 0.95 (at most 5% overhead)",
-               "a_fast/b_mmse": ">= 1.5", "a_fast/a": ""}
+    targets = {"a_train/b_mmse": ">= 1.0", "a_train/b_mnrl": ">= 1.0",
+               "a_train/c": ">= 0.95 (at most 5% overhead)", "a_fast/b_mmse": ">= 1.5", "a_fast/a_train": "",
+               "a/a_train": "(what dropout costs)", "a/b_mmse": "", "a/c": ""}
     ratios_rows = "\n".join(f"| {k} | {fmt(r[k])} | {target} |" for k, target in targets.items())
     return f"""## Training throughput
 
@@ -334,18 +350,24 @@ all-MiniLM-L6-v2 (real weights), fp32 on CPU unless said, batch {res['batch_size
 BM25 negative), query 32 / passage 128 tokens, AdamW lr 2e-5 wd 0.01, grad-norm clip 1.0, linear schedule, the
 same real TREC DL examples for every contender. Each round runs every variant of (a) in a fresh
 `pytorch_lightning.Trainer` (order rotated each round; {res['warmup']} warmup step untimed, then
-{res['steps']} timed steps, the wait for data included); after each timed Lightning step, (b) with both losses
-and (c) take one step each (order rotated) beside (a), and (c) beside the proposals' run, on the same
-examples: the contenders alternate step by step, so load from other processes hits them alike. {res['rounds']}
-rounds; queries/s, median (min-max) over runs.
+{res['steps']} timed steps, the wait for data included); after each Lightning step (untimed during warmup),
+(b) with both losses and (c) take one step each (order rotated) beside a_train, and (c) beside the other
+variants, on the same examples: the contenders alternate step by step, so load from other processes hits them
+alike. {res['rounds']} rounds; queries/s, median (min-max) over runs.
 
 | contender | queries/s |
 |---|---|
 {rows}
 
-Ratios of throughput, median (min-max) over rounds. `x/b` and `x/c` are measured side by side within a run;
-the ratios of the other variants go through (c), their common reference: a_fast/a = (a_fast/c) / (a/c) of the
-same round.
+Ratios of throughput, median (min-max) over rounds. `a_train/b` and `x/c` are measured side by side within a
+run; the others go through (c), the reference every run shares: a_fast/a_train = (a_fast/c) / (a_train/c) of
+the same round. The targets apply to a_train, the like-for-like (a).
+
+Dropout: as shipped, the project trains with the encoder in eval mode. `AutoModel.from_pretrained` returns it
+so, and Lightning 2.x does not call `.train()` on submodules (the fit loop warns "Found N module(s) in eval
+mode at the start of training", and the Trainer restores that mode after each validation), so dropout is off
+while sentence-transformers' recipe trains with BERT's dropout of 0.1. That makes "a" faster than the others
+for the wrong reason (a/a_train above); a_train calls `model.encoder.train()` first, the fix proposed.
 
 | ratio | median (min-max) | target |
 |---|---|---|
