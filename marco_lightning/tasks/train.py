@@ -97,6 +97,9 @@ def main(cfg: DictConfig) -> dict:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         print(format_table({k: v for k, v in metrics.items() if isinstance(v, dict)}))
         print_run_summary(cfg, run_dir)
+    for logger in trainer.loggers:  # close the W&B run: its offline file is complete when main() returns
+        if isinstance(logger, pl.loggers.WandbLogger):
+            logger.experiment.finish()
     return metrics
 
 
