@@ -5,12 +5,14 @@ out a `Collator` so tokenisation runs in DataLoader workers, never in the traini
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,7 +27,7 @@ def resolve_backbone(name: str) -> str:
         return name
     package = PACKAGED_BACKBONES.get(name)
     if package and importlib.util.find_spec(package):
-        return importlib.import_module(package).get_model_path()
+        return str(importlib.import_module(package).get_model_path())
     return name  # a hub name: transformers downloads (and caches) it
 
 
@@ -40,6 +42,9 @@ def load_backbone(name: str, auto_class, random_init: dict | None, **kwargs):
     return auto_class.from_config(config, attn_implementation=attn), tokenizer
 
 
+_ENCODING_FIELDS = {"input_ids": "ids", "token_type_ids": "type_ids", "attention_mask": "attention_mask"}
+
+
 @dataclass
 class Collator:
     """Turns sampled texts into padded tensors (dynamic padding: to the longest in the batch)."""
@@ -50,8 +55,25 @@ class Collator:
     max_doc_length: int
 
     def _tok(self, texts, max_length, pairs=None):
-        return dict(self.tokenizer(texts, pairs, padding=True, truncation="longest_first" if pairs else True,
-                                   max_length=max_length, return_tensors="pt"))
+        if not getattr(self.tokenizer, "is_fast", False):
+            return dict(self.tokenizer(texts, pairs, padding=True, truncation="longest_first" if pairs else True,
+                                       max_length=max_length, return_tensors="pt"))
+        # The Rust tokenizer directly: the same ids as tokenizer(...), but transformers' Python wrapper around it
+        # takes about as long as the tokenisation itself (see BENCHMARKS.md, data pipeline).
+        backend = self._backend()
+        backend.enable_truncation(max_length, strategy="longest_first")
+        encodings = backend.encode_batch(list(zip(texts, pairs)) if pairs else texts)
+        return {name: torch.from_numpy(np.array([getattr(e, attr) for e in encodings], dtype=np.int64))
+                for name, attr in _ENCODING_FIELDS.items() if name in self.tokenizer.model_input_names}
+
+    def _backend(self):
+        if getattr(self, "_backend_tokenizer", None) is None:  # a copy: padding/truncation settings are state
+            self._backend_tokenizer = copy.deepcopy(self.tokenizer.backend_tokenizer)
+            self._backend_tokenizer.enable_padding(pad_id=self.tokenizer.pad_token_id,
+                                                   pad_token=self.tokenizer.pad_token,
+                                                   pad_type_id=self.tokenizer.pad_token_type_id,
+                                                   direction=self.tokenizer.padding_side)
+        return self._backend_tokenizer
 
     def train(self, examples):
         """examples: (query, [positive, negative, ...], teacher scores or None) -> model inputs."""

@@ -24,6 +24,11 @@ class RetrieverModule(pl.LightningModule):
         self.last_val_run: dict[str, dict[str, float]] = {}
         self.last_val_step = -1  # global step of the weights last_val_run was computed with
 
+    def on_train_start(self):
+        # from_pretrained returns the backbone in eval mode and Lightning keeps each module's mode, so without this
+        # the model would train without dropout, unlike the published recipes (sentence-transformers calls train()).
+        self.model.train()
+
     def training_step(self, batch, batch_idx):
         if not self.automatic_optimization:
             return self._grad_cache_step(batch)
@@ -40,12 +45,28 @@ class RetrieverModule(pl.LightningModule):
         optimizer.zero_grad()
         loss = cached_loss_backward(self.model.embed, batch["query"], batch["docs"], self.loss, self.mini_batch_size,
                                     self.manual_backward, batch.get("teacher"))
-        if self.gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+        self.configure_gradient_clipping(optimizer, self.gradient_clip_val, "norm")
         optimizer.step()
         scheduler.step()
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["query"]["input_ids"].shape[0])
         return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if not gradient_clip_val:
+            return
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps it in manual optimisation
+        if not getattr(optimizer, "_step_supports_amp_scaling", False):
+            return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        # A fused optimizer (optimizer.fused=true): Lightning refuses to clip it under mixed precision because it
+        # could unscale fp16 gradients itself; unscaling first (GradScaler supports that) and clipping is exact.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def validation_step(self, batch, batch_idx):
         scores = self.model.score_pairs(batch).float()

@@ -41,12 +41,7 @@ def test_score_pickle_is_what_pickle_dump_writes(num_queries, sizes):
     assert pickle.loads(mine) == scores
 
 
-@pytest.mark.parametrize("num_queries,sizes", [
-    *SHAPES[:4],
-    pytest.param(*SHAPES[4], marks=pytest.mark.xfail(strict=True, reason=(
-        "formats._ScorePickle.fast_batch fails on the empty MARK SETITEMS batch pickle writes after a dict's "
-        "full last batch of 1000 (any scores[qid] of exactly 1000*k entries); the real file's dicts hold <= ~650"))),
-])
+@pytest.mark.parametrize("num_queries,sizes", SHAPES)
 def test_project_reader_reads_the_score_pickle(tmp_path, num_queries, sizes):
     rng = np.random.default_rng(num_queries)
     scores = float32_dict(rng, num_queries, sizes)

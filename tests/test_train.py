@@ -86,3 +86,4 @@ def test_cli_errors_name_the_problem_and_fail_before_data_loads(args, expect, tm
     for text in expect:
         assert text in result.stderr + result.stdout, result.stderr[-2000:]
     assert not (tmp_path / "checkpoints").exists()
+

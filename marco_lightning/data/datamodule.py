@@ -109,7 +109,7 @@ class MarcoDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         rank, world = self._rank()
         sampler = EpochShardSampler(len(self.train_set), shuffle=True, seed=self.seed, rank=rank, world_size=world,
-                                    resume_at=self._resume_position())
+                                    resume_at=self._resume_position)
         return self._loader(self.train_set, sampler, self.batch_size, self.collator.train, ResumableDataLoader)
 
     def _resume_position(self) -> tuple[int, int]:

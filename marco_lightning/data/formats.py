@@ -447,7 +447,8 @@ class _ScorePickle:
             puts, p = puts + nput * n, p + n * stride
         if p >= len(buf):
             return
-        target.append((np.concatenate(keys).astype(np.int64), np.concatenate(vals).astype(np.float64)))
+        if keys:  # `MARK SETITEMS` with nothing between: pickle writes it after a full last batch of 1000
+            target.append((np.concatenate(keys).astype(np.int64), np.concatenate(vals).astype(np.float64)))
         self.marks.pop()
         self.nput += puts
         self.pos = p + 1  # past SETITEMS

@@ -5,6 +5,8 @@ state; every draw is a pure function of (seed, epoch, index), hence identical ac
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -18,27 +20,25 @@ class EpochShardSampler(Sampler):
     """
 
     def __init__(self, num_examples: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 resume_at: tuple[int, int] = (0, 0)):
+                 resume_at: tuple[int, int] | Callable[[], tuple[int, int]] = (0, 0)):
         self.n, self.shuffle, self.seed, self.rank, self.world_size = num_examples, shuffle, seed, rank, world_size
         self.epoch = 0
-        # (epoch, examples this rank already trained on in it): a resumed run continues where it stopped
-        self.resume_epoch, self.resume_skip = resume_at
+        # (epoch, examples this rank already trained on in it): a resumed run continues where it stopped. A callable
+        # is asked at each iter(): Lightning builds the loader before it restores a checkpoint's progress.
+        self.resume_at = resume_at if callable(resume_at) else lambda: resume_at
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
         self.epoch = epoch
 
-    @property
-    def skip(self) -> int:
-        return self.resume_skip if self.epoch == self.resume_epoch else 0
-
-    def indices(self) -> np.ndarray:
+    def indices(self, skip: int = 0) -> np.ndarray:
         order = (np.random.default_rng((self.seed, self.epoch)).permutation(self.n) if self.shuffle
                  else np.arange(self.n))
         per_rank = self.n // self.world_size
-        return order[self.rank:per_rank * self.world_size:self.world_size][self.skip:]
+        return order[self.rank:per_rank * self.world_size:self.world_size][skip:]
 
     def __iter__(self):
-        return ((self.epoch, int(i)) for i in self.indices())
+        resume_epoch, skip = self.resume_at()
+        return ((self.epoch, int(i)) for i in self.indices(skip if self.epoch == resume_epoch else 0))
 
     def __len__(self):
         # a full epoch even when resuming: Lightning counts the batches trained before the kill as already fetched

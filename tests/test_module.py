@@ -1,0 +1,64 @@
+"""RetrieverModule's training step: dropout as in the recipes, and fused AdamW clipped exactly like the default."""
+from functools import partial
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import compose
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader
+
+from marco_lightning.losses import MarginMSELoss
+from marco_lightning.module import RetrieverModule
+
+QRELS = {"1": {"2": 1}}  # validation is not run here, but the module wants qrels
+
+
+def tiny_model(tmp_path, dropout=0.1):
+    torch.manual_seed(0)
+    overrides = [f"+model.random_init.hidden_dropout_prob={dropout}",
+                 f"+model.random_init.attention_probs_dropout_prob={dropout}"]
+    return instantiate(compose(["model=tiny", *overrides], tmp_path).model)
+
+
+def batches(model, n=3):
+    texts = ["rice farming in the north of thailand", "the daily life of thai people", "a recipe for pad thai",
+             "the history of the mekong river and its delta", "what is the capital of thailand"]
+    return [model.collator().train([(texts[(i + j) % 5], [texts[(i + j + 1) % 5], texts[(i + j + 2) % 5]],
+                                     [5.0 + j, -1.0 * j]) for j in range(4)]) for i in range(n)]
+
+
+def fit(model, data, callbacks=(), **trainer_kwargs):
+    optimizer = trainer_kwargs.pop("optimizer", partial(torch.optim.AdamW, lr=1e-3))
+    module = RetrieverModule(model, MarginMSELoss(), optimizer, warmup_steps=0, val_qrels=QRELS)
+    pl.Trainer(max_steps=len(data), accelerator="cpu", logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+               **trainer_kwargs).fit(module, DataLoader(data, batch_size=None))
+    return module
+
+
+def test_training_runs_with_dropout_like_the_recipes(tmp_path):
+    """from_pretrained hands out the backbone in eval mode; training must still use its dropout (the recipes do)."""
+    model = tiny_model(tmp_path).eval()  # as from_pretrained returns it
+    modes = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_start(self, trainer, module, *_):
+            modes.append({m.training for m in module.model.modules()})
+
+    fit(model, batches(model, 2), callbacks=[Spy()])
+    assert modes == [{True}, {True}]
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])  # 16-mixed is bf16 on CPU
+def test_fused_adamw_is_clipped_like_the_default_adamw(tmp_path, precision):
+    """Lightning refuses to clip a fused optimizer under mixed precision; the module clips it itself, exactly."""
+    weights = {}
+    for fused in (False, True):
+        model = tiny_model(tmp_path, dropout=0.0)
+        fit(model, batches(model), precision=precision, gradient_clip_val=0.05,  # small: clipping acts every step
+            optimizer=partial(torch.optim.AdamW, lr=1e-3, fused=fused))
+        weights[fused] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    start = torch.cat([p.detach().flatten() for p in tiny_model(tmp_path, dropout=0.0).parameters()])
+    assert (weights[False] - start).abs().max() > 1e-4  # it trained
+    torch.testing.assert_close(weights[True], weights[False], atol=1e-6, rtol=0)
