@@ -164,8 +164,8 @@ def markdown(res: dict) -> str:
 
     rows = "\n".join(f"| {label} | {qps(k)} | {fmt(ratios(train, 'sdpa', k))} |"
                      for k, label in TRAIN_VARIANTS.items())
-    labels = {"for-loop": "for-loop (torch's CPU default; the project)", "foreach": "foreach",
-              "fused": "fused (transformers.Trainer's default)"}
+    labels = {"for-loop": "for-loop (torch's CPU default; `optimizer.fused=false`)", "foreach": "foreach",
+              "fused": "fused (the project's default, as transformers.Trainer's)"}
     adamw_rows = "\n".join(f"| {label} | {fmt([1000 * x for x in adamw[k]], 0)} | "
                            f"{fmt(ratios(adamw, 'for-loop', k))} |" for k, label in labels.items())
     share = spread(adamw["for-loop"])[0] / spread(train["sdpa"])[0]
@@ -197,7 +197,7 @@ gradients every step):
 |---|---|---|
 {adamw_rows}
 
-With the default implementation the optimizer step is about {100 * share:.0f}% of a bare training step of
+With the for-loop implementation the optimizer step is about {100 * share:.0f}% of a bare training step of
 batch {b}.
 
 bf16 autocast for inference (`retrieval.encode` and `rerank` enable autocast only on CUDA, and so switch

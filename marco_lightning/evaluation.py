@@ -78,22 +78,42 @@ def read_qrels(path) -> dict[str, dict[str, int]]:
 
 
 def read_run(path) -> dict[str, dict[str, float]]:
-    """TREC run `qid Q0 pid rank score tag`, plain or .gz. The rank column is ignored, as trec_eval does."""
+    """A run, plain or .gz, in one of the field's formats:
+    - TREC `qid Q0 pid rank score tag` (the rank column is ignored, as trec_eval does);
+    - MS MARCO `qid \\t pid \\t rank` (score = -rank);
+    - MS MARCO top-1000 `qid \\t pid \\t query \\t passage` (BM25 candidates in no order: every score 0)."""
     run = defaultdict(dict)
     with _open(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            fields = line.split()
+            tabbed = line.count("\t") in (2, 3)
+            fields = line.rstrip("\n").split("\t") if tabbed else line.split()
             try:
-                qid, _, pid, _, score, _ = fields
-                score = float(score)
+                if tabbed and len(fields) == 4:
+                    qid, pid, score = fields[0], fields[1], 0.0
+                    int(qid), int(pid)
+                elif tabbed:
+                    qid, pid, score = fields[0], fields[1], -float(fields[2])
+                else:
+                    qid, _, pid, _, score, _ = fields
+                    score = float(score)
             except ValueError:
-                raise ValueError(f"{path}:{lineno}: expected 'qid Q0 pid rank score tag', got {line!r}")
+                raise ValueError(f"{path}:{lineno}: expected a TREC run line 'qid Q0 pid rank score tag', an MS MARCO "
+                                 f"run line 'qid<TAB>pid<TAB>rank' or a top-1000 line 'qid<TAB>pid<TAB>query<TAB>"
+                                 f"passage', got {line[:200]!r}")
             if pid in run[qid]:
                 raise ValueError(f"{path}:{lineno}: passage {pid} listed twice for query {qid}")
             run[qid][pid] = score
     return dict(run)
+
+
+def top_candidates(qid: str, docs: dict[str, float], top_k: int, key: str = "top_k") -> list[str]:
+    """The top_k pids of one query's run entry; refuses to cut an unranked list (a top-1000 file) at random."""
+    if len(docs) > top_k and len(set(docs.values())) == 1:
+        raise ValueError(f"{key}={top_k} would cut query {qid}'s {len(docs)} candidates, but the run ranks none above "
+                         f"another (a top-1000 file has no scores): set {key} >= {len(docs)} or use a scored run")
+    return [pid for pid, _ in sorted(docs.items(), key=lambda kv: -kv[1])[:top_k]]
 
 
 def _ranked(docs: dict[str, float]) -> list[tuple[str, float]]:

@@ -24,7 +24,7 @@ class RetrieverModule(pl.LightningModule):
         self.last_val_run: dict[str, dict[str, float]] = {}
         self.last_val_step = -1  # global step of the weights last_val_run was computed with
 
-    def on_train_start(self):
+    def on_fit_start(self):
         # from_pretrained returns the backbone in eval mode and Lightning keeps each module's mode, so without this
         # the model would train without dropout, unlike the published recipes (sentence-transformers calls train()).
         self.model.train()

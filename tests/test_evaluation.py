@@ -72,6 +72,25 @@ def test_write_run_sorted_ranked_and_readable_by_ir_measures(tmp_path):
     assert independent == run
 
 
+def test_ms_marco_run_formats(tmp_path):
+    from marco_lightning.evaluation import top_candidates
+
+    ranked = tmp_path / "run.dev.tsv"  # MS MARCO's run format: qid, pid, rank
+    ranked.write_text("7\t30\t1\n7\t10\t2\n8\t10\t1\n")
+    assert read_run(ranked) == {"7": {"30": -1.0, "10": -2.0}, "8": {"10": -1.0}}
+    top1000 = tmp_path / "top1000.tsv"  # the official top-1000 files: qid, pid, query, passage, in no order
+    top1000.write_text("7\t30\ta query\tpassage thirty\n7\t10\ta query\tpassage ten\n")
+    assert read_run(top1000) == {"7": {"10": 0.0, "30": 0.0}}
+    assert sorted(top_candidates("7", read_run(top1000)["7"], 2)) == ["10", "30"]
+    with pytest.raises(ValueError, match="data.val_top_k=1 would cut query 7's 2 candidates"):
+        top_candidates("7", read_run(top1000)["7"], 1, key="data.val_top_k")
+    assert top_candidates("7", read_run(ranked)["7"], 1) == ["30"]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("7\t10\ta query\tpassage\nseven\t10\tq\tp\n")
+    with pytest.raises(ValueError, match=r"bad\.txt:2"):
+        read_run(bad)
+
+
 @pytest.mark.parametrize(
     "reader, text",
     [

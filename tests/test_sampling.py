@@ -69,6 +69,52 @@ def test_workers_see_every_example_of_the_epoch_exactly_once():
     assert sorted(seen) == data and seen == [i for _, i in sampler]
 
 
+def identity_lengths(epoch, indices):
+    return np.asarray(indices)  # example i has length i: batches are easy to check by hand
+
+
+def grouped(n, world, batch=4, pool_batches=64, epoch=0):
+    samplers = [EpochShardSampler(n, seed=5, rank=r, world_size=world, lengths=identity_lengths, batch_size=batch,
+                                  pool_batches=pool_batches) for r in range(world)]
+    for s in samplers:
+        s.set_epoch(epoch)
+    return [s.indices() for s in samplers]
+
+
+def test_length_grouped_batches_are_alike_across_ranks_and_cover_the_epoch_once():
+    ranks = grouped(42, world=2)  # one pool: sorted 0..41, global batches of 8 = [0..7], [8..15], ..., [40, 41]
+    assert sorted(np.concatenate(ranks)) == list(range(42))
+    steps = [np.concatenate([r[j:j + 4] for r in ranks]) for j in range(0, 21, 4)]
+    for step in steps[:-1]:  # each step (both ranks) is one global batch: 8 consecutive lengths
+        assert sorted(step) == list(range(step.min(), step.min() + 8)) and step.min() % 8 == 0
+        assert all(len(r[j:j + 4]) == 4 for r in ranks for j in range(0, 20, 4))
+    assert sorted(steps[-1]) == [40, 41] and [list(r[20:]) for r in ranks] == [[40], [41]]  # partial batch last
+    assert [s.min() for s in steps[:-1]] != sorted(s.min() for s in steps[:-1])  # batch order shuffled
+    assert [s.min() for s in steps[:-1]] != [s.min() for s in
+                                              (np.concatenate([r[j:j + 4] for r in grouped(42, 2, epoch=1)])
+                                               for j in range(0, 20, 4))]  # ...differently each epoch
+
+
+def test_length_groups_form_within_pools_of_the_shuffled_order():
+    n, batch = 64, 4
+    order = np.random.default_rng((5, 0)).permutation(n)  # the sampler's shuffle of epoch 0
+    (got,) = grouped(n, world=1, batch=batch, pool_batches=2)  # pools of 8 examples
+    pools = [set(order[i:i + 8]) for i in range(0, n, 8)]
+    batches = [set(got[i:i + batch]) for i in range(0, n, batch)]
+    for pool in pools:  # each pool splits into its lower and upper half
+        lo, hi = set(sorted(pool)[:4]), set(sorted(pool)[4:])
+        assert lo in batches and hi in batches
+
+
+def test_example_length_is_its_longest_passage():
+    texts = SimpleNamespace(text=str, texts=lambda ids: [str(i) for i in ids],
+                            nbytes=lambda ids: np.array([len("x" * (int(i) % 7)) for i in ids]))
+    ds = TrainDataset(SimpleNamespace(train=Lists(), queries=texts, passages=texts), 2, 0, with_teacher=True)
+    for epoch in range(3):
+        expected = [max(int(p) % 7 for p in ds.draw(epoch, i)[1]) for i in range(2)]
+        assert list(ds.doc_bytes(epoch, [0, 1])) == expected
+
+
 def test_contiguous_validation_shards_cover_every_pair_once():
     parts = [list(ContiguousShardSampler(10, r, 3)) for r in range(3)]
     assert sum(parts, []) == list(range(10))
@@ -83,3 +129,25 @@ class _Echo(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.items)
+
+
+def test_group_by_length_pads_less_on_the_real_sample(tmp_path):
+    """The same examples (same real tokens) in the epoch, with fewer padded passage tokens."""
+    from conftest import compose
+    from hydra.utils import instantiate
+
+    from marco_lightning.data.datamodule import MarcoDataModule, store_path
+
+    cfg = compose(["model=tiny", "model.max_doc_length=256"], tmp_path)
+    collator = instantiate(cfg.model).collator()
+    tokens = {}
+    for group in (False, True):
+        dm = MarcoDataModule(cfg.data, cfg.negatives, collator, store_path(cfg.paths.cache_dir, cfg.data,
+                             cfg.negatives), batch_size=8, num_negatives=1, with_teacher=True, seed=0, num_workers=0,
+                             group_by_length=group)
+        dm.prepare_data()
+        dm.setup()
+        docs = [b["docs"] for b in dm.train_dataloader()]
+        tokens[group] = (sum(d["input_ids"].numel() for d in docs), sum(int(d["attention_mask"].sum()) for d in docs))
+    assert tokens[True][1] == tokens[False][1]  # the same passages
+    assert tokens[True][0] < 0.9 * tokens[False][0]  # measured: 0.82 (54 queries, batches of 8)

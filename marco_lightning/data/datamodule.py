@@ -68,11 +68,12 @@ class ResumableDataLoader(DataLoader):
 class MarcoDataModule(pl.LightningDataModule):
     def __init__(self, data: DictConfig, negatives: DictConfig, collator, store_dir: Path, batch_size: int,
                  num_negatives: int, with_teacher: bool, seed: int, num_workers: int = 2,
-                 val_batch_size: int | None = None, pin_memory: bool = False):
+                 val_batch_size: int | None = None, pin_memory: bool = False, group_by_length: bool = False):
         super().__init__()
         self.data, self.negatives, self.collator, self.store_dir = data, negatives, collator, Path(store_dir)
         self.batch_size, self.num_negatives, self.with_teacher = batch_size, num_negatives, with_teacher
         self.seed, self.num_workers, self.pin_memory = seed, num_workers, pin_memory
+        self.group_by_length = group_by_length
         self.val_batch_size = val_batch_size or 4 * batch_size
         self.store = None
 
@@ -87,11 +88,12 @@ class MarcoDataModule(pl.LightningDataModule):
         if self.store is not None:
             return
         from marco_lightning.data.store import Store
-        from marco_lightning.evaluation import read_run
+        from marco_lightning.evaluation import read_qrels, read_run
 
         self.store = Store(self.store_dir)
         self.train_set = TrainDataset(self.store, self.num_negatives, self.seed, self.with_teacher)
-        run = read_run(self.data.val_run)
+        judged = read_qrels(self.data.val_qrels)  # a run may hold unjudged queries (DL19 top-1000: 200, 43 judged)
+        run = {qid: docs for qid, docs in read_run(self.data.val_run).items() if qid in judged}
         self.val_set = RerankPairs(self.store, run, self.data.val_top_k)
 
     def _rank(self):
@@ -109,7 +111,8 @@ class MarcoDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         rank, world = self._rank()
         sampler = EpochShardSampler(len(self.train_set), shuffle=True, seed=self.seed, rank=rank, world_size=world,
-                                    resume_at=self._resume_position)
+                                    resume_at=self._resume_position, batch_size=self.batch_size,
+                                    lengths=self.train_set.doc_bytes if self.group_by_length else None)
         return self._loader(self.train_set, sampler, self.batch_size, self.collator.train, ResumableDataLoader)
 
     def _resume_position(self) -> tuple[int, int]:

@@ -17,11 +17,19 @@ class EpochShardSampler(Sampler):
 
     Each rank gets the same number of examples (DDP needs equal step counts), so up to world_size-1 examples sit
     out an epoch; a new permutation each epoch means a different few each time.
+
+    With `lengths` (epoch, indices -> length of each example) and `batch_size`, batches are length-grouped: the
+    shuffled order is cut into pools of `pool_batches` global batches, each pool sorted by length and cut into
+    global batches (every rank's share of one is alike, so no rank waits on another), whose order is shuffled.
+    Same examples per epoch, far less padding; the last, partial batch stays last.
     """
 
     def __init__(self, num_examples: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 resume_at: tuple[int, int] | Callable[[], tuple[int, int]] = (0, 0)):
+                 resume_at: tuple[int, int] | Callable[[], tuple[int, int]] = (0, 0),
+                 lengths: Callable[[int, np.ndarray], np.ndarray] | None = None, batch_size: int = 1,
+                 pool_batches: int = 64):
         self.n, self.shuffle, self.seed, self.rank, self.world_size = num_examples, shuffle, seed, rank, world_size
+        self.lengths, self.batch_size, self.pool_batches = lengths, batch_size, pool_batches
         self.epoch = 0
         # (epoch, examples this rank already trained on in it): a resumed run continues where it stopped. A callable
         # is asked at each iter(): Lightning builds the loader before it restores a checkpoint's progress.
@@ -31,10 +39,21 @@ class EpochShardSampler(Sampler):
         self.epoch = epoch
 
     def indices(self, skip: int = 0) -> np.ndarray:
-        order = (np.random.default_rng((self.seed, self.epoch)).permutation(self.n) if self.shuffle
-                 else np.arange(self.n))
-        per_rank = self.n // self.world_size
-        return order[self.rank:per_rank * self.world_size:self.world_size][skip:]
+        rng = np.random.default_rng((self.seed, self.epoch))
+        order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+        order = order[:self.n // self.world_size * self.world_size]
+        if self.lengths is None:
+            return order[self.rank::self.world_size][skip:]
+        lengths, step = self.lengths(self.epoch, order), self.batch_size * self.world_size
+        pool = step * self.pool_batches
+        mine = []
+        for start in range(0, len(order), pool):
+            ids = order[start:start + pool]
+            ids = ids[np.argsort(lengths[start:start + pool], kind="stable")]
+            batches = [ids[i:i + step] for i in range(0, len(ids), step)]
+            full = [batches[i] for i in rng.permutation(len(batches) - (len(batches[-1]) < step))]
+            mine += [b[self.rank::self.world_size] for b in full + batches[len(full):]]
+        return np.concatenate(mine)[skip:]
 
     def __iter__(self):
         resume_epoch, skip = self.resume_at()
@@ -70,6 +89,11 @@ class TrainDataset(Dataset):
         scores = np.concatenate([[pos_scores[p]], neg_scores[n]]).astype(np.float32)
         return int(self.lists.qids[i]), pids, scores
 
+    def doc_bytes(self, epoch: int, indices) -> np.ndarray:
+        """Length of each example at this epoch (its longest passage, in utf-8 bytes): the key of length grouping.
+        About as costly as drawing the examples (~10 s per epoch for MS MARCO's 500k queries)."""
+        return np.array([self.store.passages.nbytes(self.draw(epoch, int(i))[1]).max() for i in indices])
+
     def __getitem__(self, key):
         epoch, i = key
         qid, pids, scores = self.draw(epoch, i)
@@ -91,10 +115,10 @@ class RerankPairs(Dataset):
     """
 
     def __init__(self, store, run: dict[str, dict[str, float]], top_k: int):
-        rows = []
-        for qid, docs in run.items():
-            ranked = sorted(docs.items(), key=lambda kv: -kv[1])[:top_k]
-            rows += [(int(qid), int(pid)) for pid, _ in ranked]
+        from marco_lightning.evaluation import top_candidates
+
+        rows = [(int(qid), int(pid)) for qid, docs in run.items()
+                for pid in top_candidates(qid, docs, top_k, key="data.val_top_k")]
         rows = np.array(rows, dtype=np.int64).reshape(-1, 2)
         pos = store.passages.positions(rows[:, 1])
         nbytes = store.passages.offsets[pos + 1] - store.passages.offsets[pos]

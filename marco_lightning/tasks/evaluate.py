@@ -74,8 +74,10 @@ def read_texts(path, keep=None) -> dict[str, str]:
 def rerank(model, run, queries, collection, top_k: int, batch_size: int) -> dict[str, dict[str, float]]:
     from tqdm import tqdm
 
+    from marco_lightning.evaluation import top_candidates
+
     rows = [(qid, pid) for qid, docs in run.items() if qid in queries
-            for pid, _ in sorted(docs.items(), key=lambda kv: -kv[1])[:top_k]]
+            for pid in top_candidates(qid, docs, top_k, key="task.top_k")]
     passages = read_texts(collection, keep={pid for _, pid in rows})  # streams the collection, keeps what is needed
     missing = sorted({pid for _, pid in rows if pid not in passages})
     if missing:

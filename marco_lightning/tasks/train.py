@@ -38,7 +38,8 @@ def main(cfg: DictConfig) -> dict:
     model, loss = instantiate(cfg.model), instantiate(cfg.loss)
     datamodule = MarcoDataModule(cfg.data, cfg.negatives, model.collator(), store_dir, batch_size=cfg.batch_size,
                                  num_negatives=cfg.num_negatives, with_teacher=loss.needs_teacher, seed=cfg.seed,
-                                 num_workers=cfg.num_workers, pin_memory=cfg.trainer.accelerator in ("gpu", "cuda"))
+                                 num_workers=cfg.num_workers, pin_memory=cfg.trainer.accelerator in ("gpu", "cuda"),
+                                 group_by_length=cfg.group_by_length)
     val_qrels = read_qrels(cfg.data.val_qrels)
     grad_cache = cfg.get("mini_batch_size")
     module = RetrieverModule(model, loss, instantiate(cfg.optimizer), cfg.scheduler.warmup_steps,
