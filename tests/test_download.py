@@ -209,7 +209,8 @@ def test_msmarco_config_lists_a_source_for_its_files(tmp_path):
     names = {n for ns in todo.values() for n in ns}
     assert names == {"collection.tsv", "queries.train.tsv", "queries.dev.tsv", "msmarco-test2019-queries.tsv",
                      "qrels.train.tsv", "msmarco-hard-negatives.jsonl.gz",
-                     "cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz", "2019qrels-pass.txt"}
+                     "cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz", "2019qrels-pass.txt",
+                     "msmarco-passagetest2019-top1000.tsv"}  # every file the config names, val_run included
     assert all(urlparse(u).scheme == "https" for u in todo)
     assert todo["https://msmarco.z22.web.core.windows.net/msmarcoranking/queries.tar.gz"] == [
         "queries.train.tsv", "queries.dev.tsv"]
