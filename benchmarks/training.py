@@ -365,7 +365,10 @@ longest passage (utf-8 bytes, free to read from the store), cut into batches, an
 timed window is {res['steps']} of those batches, taken at evenly spaced quantiles of their length); the other
 contenders get the same examples in random batches. Passage tokens the model processes per example, padding
 included: random batches {t['random']:.0f}, grouped {t['grouped']:.0f} (x{t['random'] / t['grouped']:.2f});
-real tokens {t['real']:.0f}. Fused AdamW is the default (`optimizer.fused: true`); Lightning refuses to clip
+real tokens {t['real']:.0f}. That bounds what any padding cut can give at equal precision: a step over real tokens
+only would process x{t['random'] / t['real']:.2f} fewer passage tokens than random batches, short of the 1.5x target
+even before the fixed costs (queries, optimizer); the byte-length key groups a little less tightly than token
+counts would (which would mean tokenising the whole collection at prepare, per tokenizer). Fused AdamW is the default (`optimizer.fused: true`); Lightning refuses to clip
 a fused optimizer's gradients under mixed precision, so the module clips them itself (exactly: a test compares
 with the for-loop AdamW at 32-true and bf16-mixed). `trainer.precision=bf16-mixed`, the other documented speed
 option, changes precision, so it is measured under Hot-path effects instead.

@@ -113,6 +113,6 @@ def test_benchmark_runs_at_a_tiny_scale_and_writes_only_its_section(tmp_path):
     assert text.index("## Training throughput") < text.index("## Data pipeline") < text.index("## Profiles")
     section = text[text.index("## Data pipeline"):text.index("## Profiles")]
     assert "scale 0.0005" in section and "nan" not in section and "extrapolated" in section
-    assert res["pipeline"]["direct_identical"] and min(res["pipeline"]["samples_per_s_2"]) > 0
+    assert res["pipeline"]["call_identical"] and min(res["pipeline"]["samples_per_s_2"]) > 0
     assert res["prepare"]["manifest"]["num_train_queries"] == res["generate"]["counts"]["with_positive"]
     assert not workdir.exists()  # the synthetic files and stores are deleted

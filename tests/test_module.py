@@ -50,13 +50,21 @@ def test_training_runs_with_dropout_like_the_recipes(tmp_path):
     assert modes == [{True}, {True}]
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])  # 16-mixed is bf16 on CPU
+def fp16_with_grad_scaler():
+    """16-mixed as on a GPU, on CPU: Trainer(precision="16-mixed") would turn into bf16 there, without a scaler."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))]}
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
 def test_fused_adamw_is_clipped_like_the_default_adamw(tmp_path, precision):
     """Lightning refuses to clip a fused optimizer under mixed precision; the module clips it itself, exactly."""
     weights = {}
     for fused in (False, True):
         model = tiny_model(tmp_path, dropout=0.0)
-        fit(model, batches(model), precision=precision, gradient_clip_val=0.05,  # small: clipping acts every step
+        mode = fp16_with_grad_scaler() if precision == "16-mixed" else {"precision": precision}
+        fit(model, batches(model), **mode, gradient_clip_val=0.05,  # small: clipping acts every step
             optimizer=partial(torch.optim.AdamW, lr=1e-3, fused=fused))
         weights[fused] = torch.cat([p.detach().flatten() for p in model.parameters()])
     start = torch.cat([p.detach().flatten() for p in tiny_model(tmp_path, dropout=0.0).parameters()])

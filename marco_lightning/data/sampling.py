@@ -120,9 +120,7 @@ class RerankPairs(Dataset):
         rows = [(int(qid), int(pid)) for qid, docs in run.items()
                 for pid in top_candidates(qid, docs, top_k, key="data.val_top_k")]
         rows = np.array(rows, dtype=np.int64).reshape(-1, 2)
-        pos = store.passages.positions(rows[:, 1])
-        nbytes = store.passages.offsets[pos + 1] - store.passages.offsets[pos]
-        self.rows = rows[np.argsort(nbytes, kind="stable")]
+        self.rows = rows[np.argsort(store.passages.nbytes(rows[:, 1]), kind="stable")]
         self.store = store
 
     def __len__(self):
