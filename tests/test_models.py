@@ -11,10 +11,12 @@ SAMPLE = ROOT / "data" / "sample"
 
 @pytest.fixture(scope="module")
 def texts():
-    queries = [line.split("\t", 1)[1].rstrip("\n") for line in open(SAMPLE / "queries.dev.tsv", encoding="utf-8")]
-    passages = [line.split("\t", 1)[1].rstrip("\n") for _, line in zip(range(40), open(SAMPLE / "collection.tsv",
-                                                                                       encoding="utf-8"))]
-    return queries[:40] + ["", "naïve café ☕ 東京"], passages + ["", "short"]
+    def texts_of(path, n=40):
+        with open(path, encoding="utf-8") as f:
+            return [line.split("\t", 1)[1].rstrip("\n") for _, line in zip(range(n), f)]
+
+    return (texts_of(SAMPLE / "queries.dev.tsv") + ["", "naïve café ☕ 東京"],
+            texts_of(SAMPLE / "collection.tsv") + ["", "short"])
 
 
 @pytest.mark.parametrize("max_query,max_doc", [(32, 256), (8, 16)])  # (8, 16): nearly every text is truncated

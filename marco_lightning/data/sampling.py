@@ -5,7 +5,7 @@ state; every draw is a pure function of (seed, epoch, index), hence identical ac
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -10,9 +10,8 @@ from marco_lightning.config import check_files
 
 def main(cfg: DictConfig):
     from marco_lightning.data.datamodule import store_inputs, store_path
-    from marco_lightning.data.store import prepare
-
     from marco_lightning.data.download import ensure_files
+    from marco_lightning.data.store import prepare
 
     keys = ("collection", "queries", "train_qrels", "hard_negatives", "teacher_scores")
     ensure_files(cfg.data, keys)  # the official files, when data.downloads lists them and they are missing
