@@ -80,17 +80,21 @@ def read_qrels(path) -> dict[str, dict[str, int]]:
 def read_run(path) -> dict[str, dict[str, float]]:
     """A run, plain or .gz, in one of the field's formats:
     - TREC `qid Q0 pid rank score tag` (the rank column is ignored, as trec_eval does);
-    - MS MARCO `qid \\t pid \\t rank` (score = -rank);
+    - MS MARCO `qid \\t pid \\t rank` (score = -rank), or `qid \\t pid \\t rank \\t score` (Pyserini, ColBERT);
     - MS MARCO top-1000 `qid \\t pid \\t query \\t passage` (BM25 candidates in no order: every score 0)."""
     run = defaultdict(dict)
     with _open(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            tabbed = line.count("\t") in (2, 3)
-            fields = line.rstrip("\n").split("\t") if tabbed else line.split()
+            fields = line.rstrip("\r\n").rstrip("\t").split("\t")
+            tabbed = len(fields) in (3, 4)
+            if not tabbed:
+                fields = line.split()
             try:
-                if tabbed and len(fields) == 4:
+                if tabbed and len(fields) == 4 and _is_number(fields[2]) and _is_number(fields[3]):
+                    qid, pid, score = fields[0], fields[1], float(fields[3])
+                elif tabbed and len(fields) == 4:
                     qid, pid, score = fields[0], fields[1], 0.0
                     int(qid), int(pid)
                 elif tabbed:
@@ -106,6 +110,14 @@ def read_run(path) -> dict[str, dict[str, float]]:
                 raise ValueError(f"{path}:{lineno}: passage {pid} listed twice for query {qid}")
             run[qid][pid] = score
     return dict(run)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def top_candidates(qid: str, docs: dict[str, float], top_k: int, key: str = "top_k") -> list[str]:

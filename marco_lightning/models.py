@@ -61,7 +61,7 @@ class Collator:
         # The Rust tokenizer directly: the same ids as tokenizer(...), but transformers' Python wrapper around it
         # takes about as long as the tokenisation itself (see BENCHMARKS.md, data pipeline).
         backend = self._backend()
-        backend.enable_truncation(max_length, strategy="longest_first")
+        backend.enable_truncation(max_length, strategy="longest_first", direction=self.tokenizer.truncation_side)
         encodings = backend.encode_batch(list(zip(texts, pairs)) if pairs else texts)
         return {name: torch.from_numpy(np.array([getattr(e, attr) for e in encodings], dtype=np.int64))
                 for name, attr in _ENCODING_FIELDS.items() if name in self.tokenizer.model_input_names}

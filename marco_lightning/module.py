@@ -55,18 +55,22 @@ class RetrieverModule(pl.LightningModule):
         if not gradient_clip_val:
             return
         optimizer = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps it in manual optimisation
-        if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)  # optimizer.fused=true
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # 16-mixed
+        if not fused and (scaler is None or self.automatic_optimization):
             return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        # A fused optimizer (optimizer.fused=true): Lightning refuses to clip it under mixed precision because it
-        # could unscale fp16 gradients itself; unscaling first (GradScaler supports that) and clipping is exact.
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
+        # Lightning cannot clip these right: it refuses a fused optimizer under mixed precision, and in manual
+        # optimisation (GradCache) it unscales fp16 gradients only inside optimizer.step(), after clipping.
+        limit = gradient_clip_val
+        if scaler is not None and fused:
+            scaler.unscale_(optimizer)  # the fused step then skips its own unscaling
+        elif scaler is not None:
+            limit *= scaler.get_scale()  # gradients still scaled: the same clip at the scaled threshold
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            torch.nn.utils.clip_grad_value_(params, limit)
         else:
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            torch.nn.utils.clip_grad_norm_(params, limit)
 
     def validation_step(self, batch, batch_idx):
         scores = self.model.score_pairs(batch).float()

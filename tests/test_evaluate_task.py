@@ -30,6 +30,10 @@ def test_unknown_mode_and_missing_run_fail_clearly(tmp_path):
         evaluate(["task.mode=nope"], tmp_path)
     with pytest.raises(ConfigError, match="task.run"):
         evaluate(["task.run=/nowhere.trec"], tmp_path)
+    top1000 = tmp_path / "top1000.tsv"  # unscored candidates: scoring them would measure docid order
+    top1000.write_text("".join(f"19335\t{p}\tq\tpassage\n" for p in (1017759, 1082489, 109063)))
+    with pytest.raises(ConfigError, match="ranks no candidate above another"):
+        evaluate([f"task.run={top1000}"], tmp_path)
 
 
 @pytest.mark.slow

@@ -78,6 +78,12 @@ def test_ms_marco_run_formats(tmp_path):
     ranked = tmp_path / "run.dev.tsv"  # MS MARCO's run format: qid, pid, rank
     ranked.write_text("7\t30\t1\n7\t10\t2\n8\t10\t1\n")
     assert read_run(ranked) == {"7": {"30": -1.0, "10": -2.0}, "8": {"10": -1.0}}
+    trailing = tmp_path / "trailing.tsv"
+    trailing.write_text("7\t30\t1\t\n7\t10\t2\t\n")  # a trailing tab is no fourth column
+    assert read_run(trailing) == {"7": {"30": -1.0, "10": -2.0}}
+    scored = tmp_path / "run.pyserini.tsv"  # qid, pid, rank, score
+    scored.write_text("7\t30\t1\t12.5\n7\t10\t2\t11.25\n")
+    assert read_run(scored) == {"7": {"30": 12.5, "10": 11.25}}
     top1000 = tmp_path / "top1000.tsv"  # the official top-1000 files: qid, pid, query, passage, in no order
     top1000.write_text("7\t30\ta query\tpassage thirty\n7\t10\ta query\tpassage ten\n")
     assert read_run(top1000) == {"7": {"10": 0.0, "30": 0.0}}

@@ -19,9 +19,10 @@ def texts():
             texts_of(SAMPLE / "collection.tsv") + ["", "short"])
 
 
-@pytest.mark.parametrize("max_query,max_doc", [(32, 256), (8, 16)])  # (8, 16): nearly every text is truncated
-def test_collator_equals_the_tokenizer_call(texts, max_query, max_doc):
+@pytest.mark.parametrize("max_query,max_doc,side", [(32, 256, "right"), (8, 16, "right"), (8, 16, "left")])
+def test_collator_equals_the_tokenizer_call(texts, max_query, max_doc, side):  # (8, 16): nearly all truncated
     tokenizer = AutoTokenizer.from_pretrained(resolve_backbone("sentence-transformers/all-MiniLM-L6-v2"))
+    tokenizer.truncation_side = tokenizer.padding_side = side
     queries, passages = texts
     n = min(len(queries), len(passages))
     examples = [(q, [p, passages[-1 - i]], None) for i, (q, p) in enumerate(zip(queries[:n], passages[:n]))]

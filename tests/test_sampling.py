@@ -95,6 +95,10 @@ def test_length_grouped_batches_are_alike_across_ranks_and_cover_the_epoch_once(
                                                for j in range(0, 20, 4))]  # ...differently each epoch
 
 
+def test_fewer_examples_than_ranks_give_empty_shards():
+    assert [len(s) for s in grouped(1, world=2)] == [0, 0]
+
+
 def test_length_groups_form_within_pools_of_the_shuffled_order():
     n, batch = 64, 4
     order = np.random.default_rng((5, 0)).permutation(n)  # the sampler's shuffle of epoch 0

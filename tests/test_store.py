@@ -98,19 +98,6 @@ def test_selection_without_margin(data, tmp_path):
     assert m["inputs"]["hard_negatives"] == data["hard_negatives"] and m["negatives"]["num_per_system"] == 2
 
 
-def test_selection_first_k_of_each_list(data, tmp_path):
-    with pytest.warns(UserWarning, match="ids without text"):
-        s = Store(prepare(data, negs(["bm25", "B", "C"], quota="first"), tmp_path / "store"))
-    # only the first 2 of each list count: q1: bm25 [10 pos, 1 take] | B [2 take, 3 take] | C [13 no text, 1 taken]
-    # q2: bm25 [1 take, 2 take] | q3: B [12 positive, 5 take]
-    assert lists(s) == {1: ([10], [1, 2, 3]), 2: ([11], [1, 2]), 3: ([12], [5])}
-    m = s.manifest
-    assert m["negatives_per_system"] == {"bm25": 3, "B": 3, "C": 0} and m["negatives"]["quota"] == "first"
-    assert m["dropped"]["negative_is_positive"] == 2 and m["dropped"]["negative_without_text"] == 1
-    with pytest.raises(ValueError, match="negatives.quota must be"):
-        prepare(data, negs(["bm25"], quota="some"), tmp_path / "other")
-
-
 def test_selection_with_margin(data, tmp_path):
     with pytest.warns(UserWarning, match="ids without text"):
         s = Store(prepare(data, negs(["bm25", "B", "C"], margin=3.0), tmp_path / "store"))

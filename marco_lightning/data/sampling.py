@@ -53,7 +53,7 @@ class EpochShardSampler(Sampler):
             batches = [ids[i:i + step] for i in range(0, len(ids), step)]
             full = [batches[i] for i in rng.permutation(len(batches) - (len(batches[-1]) < step))]
             mine += [b[self.rank::self.world_size] for b in full + batches[len(full):]]
-        return np.concatenate(mine)[skip:]
+        return np.concatenate(mine)[skip:] if mine else order
 
     def __iter__(self):
         resume_epoch, skip = self.resume_at()

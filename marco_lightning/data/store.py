@@ -281,11 +281,7 @@ def _config(data: Mapping, negatives: Mapping) -> tuple[dict, dict]:
         margin = float(margin)
         if inputs["teacher_scores"] is None:
             raise ValueError("negatives.ce_score_margin needs teacher scores: set data.teacher_scores")
-    quota = negatives.get("quota", "new")
-    if quota not in ("new", "first"):
-        raise ValueError(f"negatives.quota must be 'new' (k new negatives per system, the MNRL recipe) or 'first' "
-                         f"(the first k of each list, de-duplicated: the MarginMSE recipe), got {quota!r}")
-    neg = {"systems": systems, "num_per_system": k, "ce_score_margin": margin, "quota": quota,
+    neg = {"systems": systems, "num_per_system": k, "ce_score_margin": margin,
            "require_positive": bool(negatives.get("require_positive", True))}
     return inputs, neg
 
@@ -416,7 +412,6 @@ def _build(inputs: dict, neg: dict, out: Path) -> dict:
     row_qid, row_pos = np.frombuffer(row_qid, np.int64), np.frombuffer(row_pos, np.int64)
     cand = np.memmap(out / "candidates.tmp", np.int64, "r") if n else np.empty(0, np.int64)
     k, margin = neg["num_per_system"], neg["ce_score_margin"]
-    first_k = neg.get("quota", "new") == "first"
     teacher = None
     if margin is not None:  # keep only candidate pairs' scores, unless listing the candidates costs more (all 13)
         pairs = np.unique(_pair_keys(np.repeat(row_qid, np.diff(row_pos)), cand)) if n <= 50_000_000 else None
@@ -425,7 +420,6 @@ def _build(inputs: dict, neg: dict, out: Path) -> dict:
 
     # 5. Selection, query by query, exactly as sentence-transformers' MNRL recipe (see REFERENCE.md): systems in
     #    order, each list best-first, skipping positives and margin failures, up to k new pids per system.
-    #    quota "first" (the MarginMSE recipe) walks only the first k of each list, so overlaps and skips cost.
     #    Why a candidate is skipped is worked out for all of a query's candidates at once (numpy); only the
     #    walk over the usable ones is Python. Skips are counted for the candidates the walk visited.
     per_system, skips = Counter(), np.zeros(len(SKIP_REASONS) + 1, np.int64)
@@ -456,8 +450,7 @@ def _build(inputs: dict, neg: dict, out: Path) -> dict:
             skip[block == p] = 1
         usable = np.flatnonzero(skip == 0)
         segs = sorted(range(row_seg[r], row_seg[r + 1]), key=lambda s: rank[seg_sys[s]])
-        bounds = [(seg_start[s] - row_pos[r], seg_start[s] - row_pos[r] + (min(seg_len[s], k) if first_k
-                                                                          else seg_len[s])) for s in segs]
+        bounds = [(seg_start[s] - row_pos[r], seg_start[s] - row_pos[r] + seg_len[s]) for s in segs]
         cuts = np.searchsorted(usable, bounds).tolist()
         usable, block_list = usable.tolist(), block.tolist()
         visited, taken, negs = np.zeros(len(block), bool), set(), []

@@ -28,6 +28,10 @@ def main(cfg: DictConfig) -> dict:
     qrels = read_qrels(task.qrels)
     if task.mode == "score":
         run = read_run(task.run)
+        lists = [docs for docs in run.values() if len(docs) > 1]
+        if lists and all(len(set(docs.values())) == 1 for docs in lists):
+            raise ConfigError(f"task.run={task.run} ranks no candidate above another (a top-1000 candidate file?): "
+                              "scoring it would measure docid order; re-rank it (task.mode=rerank) or pass a scored run")
     else:
         model = load_model(cfg).to(device(task.device)).eval()
         queries = read_texts(task.queries)
