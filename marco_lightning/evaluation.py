@@ -120,9 +120,14 @@ def _is_number(text: str) -> bool:
         return False
 
 
+def unranked(docs: dict[str, float]) -> bool:
+    """Several candidates, none scored above another: a top-1000 candidate file, not a ranking."""
+    return len(docs) > 1 and len(set(docs.values())) == 1
+
+
 def top_candidates(qid: str, docs: dict[str, float], top_k: int, key: str = "top_k") -> list[str]:
     """The top_k pids of one query's run entry; refuses to cut an unranked list (a top-1000 file) at random."""
-    if len(docs) > top_k and len(set(docs.values())) == 1:
+    if len(docs) > top_k and unranked(docs):
         raise ValueError(f"{key}={top_k} would cut query {qid}'s {len(docs)} candidates, but the run ranks none above "
                          f"another (a top-1000 file has no scores): set {key} >= {len(docs)} or use a scored run")
     return [pid for pid, _ in sorted(docs.items(), key=lambda kv: -kv[1])[:top_k]]

@@ -9,7 +9,7 @@ import copy
 import importlib
 import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,7 @@ class Collator:
     kind: str  # "bi" or "cross"
     max_query_length: int
     max_doc_length: int
+    _backend_tokenizer: object = field(default=None, init=False, repr=False)  # a copy: padding/truncation are state
 
     def _tok(self, texts, max_length, pairs=None):
         if not getattr(self.tokenizer, "is_fast", False):
@@ -67,7 +68,7 @@ class Collator:
                 for name, attr in _ENCODING_FIELDS.items() if name in self.tokenizer.model_input_names}
 
     def _backend(self):
-        if getattr(self, "_backend_tokenizer", None) is None:  # a copy: padding/truncation settings are state
+        if self._backend_tokenizer is None:
             self._backend_tokenizer = copy.deepcopy(self.tokenizer.backend_tokenizer)
             self._backend_tokenizer.enable_padding(pad_id=self.tokenizer.pad_token_id,
                                                    pad_token=self.tokenizer.pad_token,

@@ -16,7 +16,14 @@ MODES = ("score", "rerank", "retrieve")
 
 
 def main(cfg: DictConfig) -> dict:
-    from marco_lightning.evaluation import compute_metrics, format_table, read_qrels, read_run, write_run
+    from marco_lightning.evaluation import (
+        compute_metrics,
+        format_table,
+        read_qrels,
+        read_run,
+        unranked,
+        write_run,
+    )
 
     task, out = cfg.task, Path(cfg.paths.output_dir)
     if task.mode not in MODES:
@@ -29,7 +36,7 @@ def main(cfg: DictConfig) -> dict:
     if task.mode == "score":
         run = read_run(task.run)
         lists = [docs for docs in run.values() if len(docs) > 1]
-        if lists and all(len(set(docs.values())) == 1 for docs in lists):
+        if lists and all(unranked(docs) for docs in lists):
             raise ConfigError(f"task.run={task.run} ranks no candidate above another (a top-1000 candidate file?): "
                               "scoring it would measure docid order; re-rank it (task.mode=rerank) or pass a scored run")
     else:
