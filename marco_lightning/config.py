@@ -5,7 +5,7 @@ import inspect
 from pathlib import Path
 
 from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 OmegaConf.register_new_resolver("marco_root", lambda: str(ROOT), replace=True)
@@ -15,12 +15,39 @@ class ConfigError(ValueError):
     pass
 
 
-def loss_similarity(loss_cfg: DictConfig) -> str | None:
-    cls = get_class(loss_cfg._target_)
-    if "similarity" in loss_cfg:
-        return loss_cfg.similarity
-    param = inspect.signature(cls).parameters.get("similarity")
-    return param.default if param is not None else getattr(cls, "similarity", None)
+def resolve_similarity(cfg: DictConfig) -> str | None:
+    """The similarity a bi-encoder trains, validates and is exported with, written into both config nodes so the
+    saved config.yaml says what ran: model.similarity when the user set it, else the loss's own (its recipe's)."""
+    if get_class(cfg.model._target_).kind != "bi" or "similarity" not in cfg.loss:
+        return None
+    chosen, loss_sim = cfg.model.get("similarity"), cfg.loss.similarity
+    if chosen and chosen != loss_sim and "loss.similarity" in _overridden_keys():
+        raise ConfigError(f"model.similarity={chosen} but loss.similarity={loss_sim}: the model is scored and "
+                          f"exported with the similarity it trains with; set only one (model.similarity={loss_sim})")
+    sim = chosen or loss_sim
+    with open_dict(cfg):
+        cfg.model.similarity = cfg.loss.similarity = sim
+    return sim
+
+
+def _overridden_keys() -> set[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    except ValueError:  # composed without Hydra's runtime: no command-line overrides
+        return set()
+
+
+def _check_arguments(cfg: DictConfig, group: str) -> None:
+    """A key the class does not take would be dropped or fail later: refuse it now, naming it."""
+    params = inspect.signature(get_class(cfg[group]._target_)).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    unread = [k for k in cfg[group] if not k.startswith("_") and k not in params]
+    if unread:
+        raise ConfigError(f"{group}={_choice(cfg, group)} ({cfg[group]._target_}) has no option "
+                          f"{', '.join(f'{group}.{k}' for k in unread)}; it takes: {', '.join(params)}")
 
 
 def check_training_config(cfg: DictConfig) -> None:
@@ -34,10 +61,13 @@ def check_training_config(cfg: DictConfig) -> None:
     if loss_cls.needs_teacher and not cfg.data.get("teacher_scores"):
         raise ConfigError(f"loss={loss_choice} distils teacher scores, but data={_choice(cfg, 'data')} sets no "
                           "data.teacher_scores: point data.teacher_scores at a score file or choose a supervised loss")
-    sim = loss_similarity(cfg.loss) if model_cls.kind == "bi" else None
-    if sim is not None and sim != cfg.model.similarity:
-        raise ConfigError(f"loss={loss_choice} trains with {sim} similarity but model.similarity="
-                          f"{cfg.model.similarity} (used to score and export): set model.similarity={sim}")
+    if not cfg.negatives.require_positive and not loss_cls.needs_teacher:
+        raise ConfigError(f"negatives.require_positive=false trains queries without a positive, which only a "
+                          f"distillation loss can (the teacher ranks their candidates); loss={loss_choice} needs a "
+                          "positive per query: set negatives.require_positive=true or a distillation loss")
+    _check_arguments(cfg, "model")
+    _check_arguments(cfg, "loss")
+    resolve_similarity(cfg)
     if cfg.get("mini_batch_size"):
         if model_cls.kind != "bi":
             raise ConfigError(f"mini_batch_size (GradCache) caches embeddings of a bi-encoder; model={model_choice} "

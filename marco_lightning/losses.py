@@ -13,6 +13,17 @@ import torch.nn.functional as F
 from torch import nn
 
 SIMILARITIES = ("cos", "dot")
+# Student score = scale * similarity. Cosine lives in [-1, 1]: x20 gives InfoNCE its recipe's temperature (0.05)
+# and MarginMSE margins on the scale of cross-encoder logits; dot products are unit-free already.
+DEFAULT_SCALE = {"cos": 20.0, "dot": 1.0}
+
+
+def _scale(name: str, similarity: str, scale: float | None) -> float:
+    _check_similarity(name, similarity)
+    scale = DEFAULT_SCALE[similarity] if scale is None else scale
+    if not scale > 0:
+        raise ValueError(f"{name}: scale={scale}; it must be > 0 (config key loss.scale)")
+    return float(scale)
 
 
 def _check_similarity(name: str, similarity: str) -> None:
@@ -78,16 +89,21 @@ def _gather_with_grad(x):
 
 
 class MarginMSELoss(nn.Module):
-    """Hofstaetter et al. 2020: match the student's margin s(q,p) - s(q,n) to the teacher's, s = dot product."""
+    """Hofstaetter et al. 2020: match the student's margin s(q,p) - s(q,n) to the teacher's. The paper's s is the dot
+    product; s = scale * cos trains a cosine model (msmarco-MiniLM-L6-cos-v5) without leaving its geometry."""
 
     model_kind, needs_teacher = "bi", True
+
+    def __init__(self, similarity: str = "dot", scale: float | None = None):
+        super().__init__()
+        self.similarity, self.scale = similarity, _scale(type(self).__name__, similarity, scale)
 
     def forward(self, query_emb, doc_emb, teacher=None):
         _check_bi(self, query_emb, doc_emb)
         _check_teacher(self, teacher, doc_emb.shape[:2])
         if doc_emb.shape[1] < 2:
             raise ValueError("MarginMSELoss needs at least one hard negative per query (data.num_negatives >= 1)")
-        return _margin_mse(_pair_scores(query_emb, doc_emb, "dot"), teacher)
+        return _margin_mse(self.scale * _pair_scores(query_emb, doc_emb, self.similarity), teacher)
 
 
 class MultipleNegativesRankingLoss(nn.Module):
@@ -99,12 +115,10 @@ class MultipleNegativesRankingLoss(nn.Module):
 
     model_kind, needs_teacher = "bi", False
 
-    def __init__(self, scale: float = 20.0, similarity: str = "cos", num_hard_negatives: int | None = None,
+    def __init__(self, scale: float | None = None, similarity: str = "cos", num_hard_negatives: int | None = None,
                  symmetric: bool = False, gather_across_devices: bool = True):
         super().__init__()
-        _check_similarity(type(self).__name__, similarity)
-        if not scale > 0:
-            raise ValueError(f"MultipleNegativesRankingLoss: scale={scale}; it must be > 0 (scale = 1/temperature)")
+        scale = _scale(type(self).__name__, similarity, scale)  # 1/temperature
         if num_hard_negatives is not None and num_hard_negatives < 0:
             raise ValueError(f"MultipleNegativesRankingLoss: num_hard_negatives={num_hard_negatives} must be >= 0")
         self.scale, self.similarity, self.num_hard_negatives = scale, similarity, num_hard_negatives

@@ -95,8 +95,8 @@ class Collator:
         """rows: (qid, pid, query, passage) -> model inputs for scoring each pair."""
         batch = {"qid": torch.tensor([r[0] for r in rows]), "pid": torch.tensor([r[1] for r in rows])}
         queries, docs = [r[2] for r in rows], [r[3] for r in rows]
-        if self.kind == "bi":
-            batch["query"] = self._tok(queries, self.max_query_length)
+        if self.kind == "bi":  # queries as sentence-transformers' encode cuts them: at max_seq_length
+            batch["query"] = self._tok(queries, self.max_doc_length)
             batch["doc"] = self._tok(docs, self.max_doc_length)
         else:
             batch["pairs"] = self._tok(queries, self.max_cross_length, docs)
@@ -107,38 +107,86 @@ class Collator:
         return self.max_query_length + self.max_doc_length
 
 
+SIMILARITY_FN = {"cos": "cosine", "dot": "dot"}  # ours -> sentence-transformers' similarity_fn_name
+
+
+def load_sentence_transformer(backbone: str, pooling: str | None = None, random_init: dict | None = None,
+                              attn_implementation: str = "sdpa"):
+    """The backbone as sentence-transformers has it: its own modules (Pooling, Dense, Normalize, ...) and
+    similarity, read from its folder or hub id; a plain Hugging Face model gets mean pooling (sentence-transformers'
+    rule). random_init: a fresh transformer of that shape (config overrides), keeping tokenizer and module kinds."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Pooling
+
+    st = SentenceTransformer(resolve_backbone(backbone), device="cpu",
+                             model_kwargs={"attn_implementation": attn_implementation})
+    transformer = st[0]
+    if random_init is not None:
+        if any(isinstance(m, Dense) for m in st):
+            raise ValueError(f"model.random_init: {backbone} has a Dense head whose shape a new hidden size breaks")
+        config = AutoConfig.from_pretrained(resolve_backbone(backbone), **dict(random_init))
+        transformer.model = AutoModel.from_config(config, attn_implementation=attn_implementation)
+    pools = [i for i, m in enumerate(st) if isinstance(m, Pooling)]
+    if pools and (random_init is not None or (pooling and st[pools[0]].pooling_mode != pooling)):
+        mode = pooling or st[pools[0]].pooling_mode
+        st[pools[0]] = Pooling(transformer.model.config.hidden_size, pooling_mode=mode)
+    pooler = getattr(transformer.model, "pooler", None)
+    if pooler is not None:  # BERT's pooler is unused by sentence embeddings: frozen, so DDP sees no unused grads
+        pooler.requires_grad_(False)
+    return st
+
+
 class BiEncoder(nn.Module):
-    """Query and passage encoded apart by one shared transformer, pooled, compared by dot or cosine."""
+    """A sentence-transformers model trained as a bi-encoder: queries and passages are embedded apart by all of its
+    modules and compared by its similarity, so every score here is the score `SentenceTransformer` gives.
+
+    similarity=None keeps the model's own (its folder's similarity_fn_name). Training with another one adapts the
+    modules the way sentence-transformers scores: cos appends Normalize, dot drops a Normalize module.
+    """
 
     kind = "bi"
 
-    def __init__(self, backbone: str, pooling: str = "mean", similarity: str = "dot", max_query_length: int = 32,
-                 max_doc_length: int = 256, random_init: dict | None = None, attn_implementation: str = "sdpa"):
+    def __init__(self, backbone: str, similarity: str | None = None, pooling: str | None = None,
+                 max_query_length: int = 32, max_doc_length: int | None = None, random_init: dict | None = None,
+                 attn_implementation: str = "sdpa"):
         super().__init__()
-        if pooling not in ("mean", "cls"):
-            raise ValueError(f"model.pooling={pooling!r}: use 'mean' or 'cls'")
-        if similarity not in ("dot", "cos"):
-            raise ValueError(f"model.similarity={similarity!r}: use 'dot' or 'cos'")
-        self.encoder, self.tokenizer = load_backbone(backbone, AutoModel, random_init,
-                                                     attn_implementation=attn_implementation)
-        if getattr(self.encoder, "pooler", None) is not None:
-            self.encoder.pooler = None  # BERT's pooler is never used here: DDP would fail on its unused weights
-        self.pooling, self.similarity = pooling, similarity
-        self.max_query_length, self.max_doc_length = max_query_length, max_doc_length
+        from sentence_transformers.sentence_transformer.modules import Normalize
+
+        if similarity not in (None, *SIMILARITY_FN):
+            raise ValueError(f"model.similarity={similarity!r}: use 'cos', 'dot' or null (the model's own)")
+        self.st = load_sentence_transformer(backbone, pooling, random_init, attn_implementation)
+        native = {v: k for k, v in SIMILARITY_FN.items()}.get(self.st.similarity_fn_name)
+        if native is None and similarity is None:
+            raise ValueError(f"{backbone} scores by {self.st.similarity_fn_name!r}, which these losses do not train: "
+                             "set model.similarity=cos or dot")
+        self.own_similarity, self.similarity = native, similarity or native
+        if self.similarity != native:
+            kept = [m for m in self.st if not isinstance(m, Normalize)]
+            modules = kept + [Normalize()] if self.similarity == "cos" else kept
+            self.st = type(self.st)(modules=modules, device="cpu", similarity_fn_name=SIMILARITY_FN[self.similarity])
+        if max_doc_length:
+            self.st.max_seq_length = max_doc_length
+        # Evaluation tokenises queries like sentence-transformers' encode (up to max_seq_length); training batches
+        # truncate queries at max_query_length (the recipes' 32, which MS MARCO queries fit).
+        self.max_query_length, self.max_doc_length = max_query_length, self.st.max_seq_length
+
+    @property
+    def tokenizer(self):
+        return self.st.tokenizer
+
+    @property
+    def dim(self) -> int:
+        return self.st.get_embedding_dimension()
 
     def collator(self) -> Collator:
         return Collator(self.tokenizer, self.kind, self.max_query_length, self.max_doc_length)
 
     def embed(self, features: dict) -> torch.Tensor:
-        hidden = self.encoder(input_ids=features["input_ids"], attention_mask=features["attention_mask"],
-                              token_type_ids=features.get("token_type_ids")).last_hidden_state
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        mask = features["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        """Every module of the sentence-transformers model: what `encode` returns, with gradients."""
+        return self.st(dict(features))["sentence_embedding"]  # a copy: the modules add keys to it
 
     def output_embedding(self, features: dict) -> torch.Tensor:
-        """What the exported sentence-transformers model returns from `encode`."""
+        """Vectors whose inner product is the model's similarity (for faiss): unit length for cos."""
         emb = self.embed(features)
         return F.normalize(emb, dim=-1) if self.similarity == "cos" else emb
 
@@ -151,19 +199,9 @@ class BiEncoder(nn.Module):
         return (q * d).sum(-1)
 
     def save(self, path: str | Path) -> None:
-        """Write a folder that `sentence_transformers.SentenceTransformer(path)` loads."""
-        from sentence_transformers import SentenceTransformer, models  # heavy import: only on export
-
-        path = Path(path)
-        self.encoder.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        modules = [models.Transformer(str(path), max_seq_length=self.max_doc_length),
-                   models.Pooling(self.encoder.config.hidden_size, pooling_mode=self.pooling)]
-        if self.similarity == "cos":
-            modules.append(models.Normalize())
-        st = SentenceTransformer(modules=modules, device="cpu",
-                                 similarity_fn_name="cosine" if self.similarity == "cos" else "dot")
-        st.save(str(path))
+        """Write a folder that `sentence_transformers.SentenceTransformer(path)` loads, declaring its similarity."""
+        self.st.similarity_fn_name = SIMILARITY_FN[self.similarity]
+        self.st.save(str(path))
 
 
 class CrossEncoder(nn.Module):
@@ -207,17 +245,9 @@ def load_checkpoint_weights(model: nn.Module, ckpt_path: str | Path) -> nn.Modul
 
 
 def from_exported(path: str | Path) -> BiEncoder | CrossEncoder:
-    """Read a sentence-transformers folder (ours or any other, e.g. the packaged MiniLM) back into our model."""
-    path = Path(path)
-    config = json.loads((path / "config.json").read_text())
+    """Read a sentence-transformers folder (ours or any other, e.g. the packaged MiniLM) back into our model, with
+    its own modules and similarity."""
+    config = json.loads((Path(path) / "config.json").read_text())
     if any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
         return CrossEncoder(str(path))
-    modules = json.loads((path / "modules.json").read_text()) if (path / "modules.json").exists() else []
-    pool_dirs = [m["path"] for m in modules if m["type"].endswith("Pooling")]
-    pool = json.loads((path / pool_dirs[0] / "config.json").read_text()) if pool_dirs else {}
-    cls = pool.get("pooling_mode") in ("cls", ["cls"]) or pool.get("pooling_mode_cls_token", False)
-    st_cfg = path / "sentence_bert_config.json"
-    max_len = json.loads(st_cfg.read_text()).get("max_seq_length") if st_cfg.exists() else None
-    return BiEncoder(str(path), pooling="cls" if cls else "mean",
-                     similarity="cos" if any(m["type"].endswith("Normalize") for m in modules) else "dot",
-                     max_doc_length=max_len or 256)
+    return BiEncoder(str(path))

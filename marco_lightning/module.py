@@ -9,6 +9,10 @@ from transformers import get_linear_schedule_with_warmup
 from marco_lightning.evaluation import RerankingMetrics
 
 
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
 class RetrieverModule(pl.LightningModule):
     def __init__(self, model, loss, optimizer, warmup_steps: float, val_qrels: dict | None = None,
                  val_rel_level: int = 2, val_measures=("ndcg@10", "mrr@10", "recall@100"),
@@ -35,6 +39,7 @@ class RetrieverModule(pl.LightningModule):
         # The model turns its batch into the loss's inputs, so no branch on the loss or the model kind here.
         inputs = self.model.loss_inputs(batch)
         loss = self.loss(*inputs, batch.get("teacher"))
+        self._check_finite(loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=inputs[0].shape[0])
         return loss
 
@@ -45,11 +50,25 @@ class RetrieverModule(pl.LightningModule):
         optimizer.zero_grad()
         loss = cached_loss_backward(self.model.embed, batch["query"], batch["docs"], self.loss, self.mini_batch_size,
                                     self.manual_backward, batch.get("teacher"))
+        self._check_finite(loss)  # before the step: the weights stay the last finite ones
         self.configure_gradient_clipping(optimizer, self.gradient_clip_val, "norm")
         optimizer.step()
         scheduler.step()
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["query"]["input_ids"].shape[0])
         return loss
+
+    def _check_finite(self, loss):
+        """Stop at the first non-finite loss, on every rank at once (one would otherwise wait for the others);
+        nothing is saved after it, so the last checkpoint holds the last finite weights."""
+        bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=loss.device)
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
+        if bad.item():
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}): lower "
+                f"optimizer.lr (now {self.optimizer_factory.keywords.get('lr')}), keep trainer.gradient_clip_val "
+                "set, or use trainer.precision=bf16-mixed / 32-true instead of 16-mixed. No final_model/ was "
+                "exported; checkpoints/ hold the last weights saved before this step.")
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         if not gradient_clip_val:
@@ -98,6 +117,9 @@ class RetrieverModule(pl.LightningModule):
 
     # RNG states travel with the checkpoint, so dropout after a resume draws what an unbroken run would have.
     def on_save_checkpoint(self, checkpoint):
+        if not all(p.isfinite().all() for p in self.model.parameters()):  # never overwrite good weights with these
+            raise NonFiniteLossError(f"the weights are not finite at step {self.global_step}: not checkpointed. "
+                                     "Lower optimizer.lr or keep trainer.gradient_clip_val set.")
         checkpoint["rng_states"] = _collect_rng_states()
 
     def on_load_checkpoint(self, checkpoint):

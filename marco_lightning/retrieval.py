@@ -11,9 +11,9 @@ CHUNK = 8192  # passages read, encoded and added to the index at a time: memory 
 
 
 @torch.no_grad()
-def encode(model, texts: list[str], batch_size: int, queries: bool = False) -> np.ndarray:
+def encode(model, texts: list[str], batch_size: int) -> np.ndarray:
     collator, dev = model.collator(), next(model.parameters()).device
-    length = model.max_query_length if queries else model.max_doc_length
+    length = model.max_doc_length  # sentence-transformers' max_seq_length, for queries too
     order = np.argsort([len(t) for t in texts], kind="stable")  # batches of similar length pad less
     out = []
     for i in range(0, len(texts), batch_size):
@@ -22,10 +22,27 @@ def encode(model, texts: list[str], batch_size: int, queries: bool = False) -> n
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             out.append(model.output_embedding(features).float().cpu().numpy())
     if not out:
-        return np.zeros((0, model.encoder.config.hidden_size), np.float32)
+        return np.zeros((0, model.dim), np.float32)
     embeddings = np.empty((len(texts), out[0].shape[1]), np.float32)
     embeddings[order] = np.concatenate(out)  # back to input order
     return embeddings
+
+
+def model_fingerprint(model) -> str:
+    """Digest of what decides the vectors: every weight, the module stack, similarity and max_seq_length."""
+    import hashlib
+
+    digest = hashlib.sha1(repr([type(m).__name__ for m in model.st]).encode())
+    digest.update(f"{model.similarity} {model.max_doc_length}".encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _stat(path) -> list:
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns]  # a collection replaced in place gets a new index
 
 
 def build_index(model, collection, index_dir: Path, index_factory: str = "Flat", batch_size: int = 64):
@@ -36,10 +53,11 @@ def build_index(model, collection, index_dir: Path, index_factory: str = "Flat",
     from marco_lightning.data.formats import iter_id_text
 
     index_dir = Path(index_dir)
-    meta = {"collection": str(collection), "factory": index_factory, "similarity": model.similarity}
+    meta = {"collection": str(collection), "collection_stat": _stat(collection), "factory": index_factory,
+            "model": model_fingerprint(model)}
     if (index_dir / "meta.json").exists() and json.loads((index_dir / "meta.json").read_text()) == meta:
         return faiss.read_index(str(index_dir / "index.faiss")), np.load(index_dir / "pids.npy")
-    dim = model.encoder.config.hidden_size
+    dim = model.dim
     index = faiss.index_factory(dim, index_factory, faiss.METRIC_INNER_PRODUCT)
     pids, chunk, vectors = [], [], []
 
@@ -73,6 +91,6 @@ def retrieve(model, collection, queries: dict[str, str], top_k: int, index_dir, 
         raise ValueError("task.mode=retrieve needs a bi-encoder (a cross-encoder can only re-rank: task.mode=rerank)")
     index, pids = build_index(model, collection, index_dir, index_factory, batch_size)
     qids = list(queries)
-    scores, rows = index.search(encode(model, [queries[q] for q in qids], batch_size, queries=True), top_k)
+    scores, rows = index.search(encode(model, [queries[q] for q in qids], batch_size), top_k)
     return {q: {str(pids[r]): float(s) for s, r in zip(srow, rrow) if r >= 0}
             for q, srow, rrow in zip(qids, scores, rows)}

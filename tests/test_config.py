@@ -41,3 +41,25 @@ def test_default_experiment_is_the_documented_one(tmp_path):
     assert cfg.model.backbone == "sentence-transformers/all-MiniLM-L6-v2"
     assert cfg.loss._target_.endswith("MarginMSELoss") and list(cfg.negatives.systems) == ["bm25"]
     assert Path(cfg.data.collection).exists(), "the committed sample is the default data"
+
+
+@pytest.mark.parametrize("overrides,similarity,scale", [
+    (["loss=mnrl"], "cos", 20.0),                               # sentence-transformers' MNRL: cos_sim, scale 20
+    (["loss=mnrl", "model.similarity=dot"], "dot", 1.0),        # the user's explicit choice; dot's scale is 1
+    (["loss=margin_mse"], "dot", 1.0),                          # Hofstaetter's MarginMSE: dot product
+    (["loss=margin_mse", "model.similarity=cos"], "cos", 20.0),  # honoured, at cosine's scale
+    ([], "cos", 20.0),                                          # the default recipe: MarginMSE on 20 x cos
+    (["loss=distill_kl"], "dot", None),
+])
+def test_each_loss_brings_its_recipes_similarity_unless_the_model_sets_one(overrides, similarity, scale):
+    from hydra.utils import instantiate
+
+    from marco_lightning.config import check_training_config
+
+    cfg = compose(["model=tiny", *overrides])
+    check_training_config(cfg)
+    loss = instantiate(cfg.loss)
+    assert cfg.model.similarity == loss.similarity == similarity
+    assert getattr(loss, "scale", None) == scale
+    model = instantiate(cfg.model)
+    assert model.similarity == similarity and model.st.similarity_fn_name == {"cos": "cosine", "dot": "dot"}[similarity]

@@ -3,7 +3,8 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, compose
+import torch
+from conftest import ROOT, SHARED_DATA, compose, needs_shared
 
 DL = SHARED_DATA / "msmarco-trec-dl"
 
@@ -16,6 +17,7 @@ def evaluate(overrides, tmp_path):
 
 @pytest.mark.parametrize("run,ndcg", [("BM25", 0.5058), ("D_BERT_KD_TASB", 0.7210),
                                       ("SPLADE_P_P_ENSEMBLE_DISTIL", 0.7308)])
+@needs_shared
 def test_score_mode_reproduces_published_dl19_values(run, ndcg, tmp_path):
     metrics = evaluate([f"task.run={DL}/runs/{run}_dl19.trec"], tmp_path)
     assert round(metrics["ndcg@10"], 4) == ndcg
@@ -37,6 +39,7 @@ def test_unknown_mode_and_missing_run_fail_clearly(tmp_path):
 
 
 @pytest.mark.slow
+@needs_shared
 def test_rerank_with_packaged_minilm_equals_sentence_transformers(tmp_path):
     from sentence_transformers import SentenceTransformer
 
@@ -63,6 +66,7 @@ def test_rerank_with_packaged_minilm_equals_sentence_transformers(tmp_path):
     assert ours["ndcg@10"] == pytest.approx(compute_metrics(qrels, ref)["ndcg@10"], abs=1e-9)
 
 
+@needs_shared
 def test_retrieve_mode_returns_the_exhaustive_numpy_top10(tmp_path):
     """faiss over a 3,000-passage real collection == brute-force numpy search with the same embeddings."""
     import torch
@@ -83,7 +87,7 @@ def test_retrieve_mode_returns_the_exhaustive_numpy_top10(tmp_path):
     lines = [line.rstrip("\n").split("\t", 1) for line in open(collection, encoding="utf-8")]
     queries = dict(line.rstrip("\n").split("\t", 1) for line in open(DL / "queries.dl19-passage.tsv"))
     P = encode(model, [t for _, t in lines], 64)
-    Q = encode(model, list(queries.values()), 64, queries=True)
+    Q = encode(model, list(queries.values()), 64)
     exact = Q @ P.T
     row_of = {pid: i for i, (pid, _) in enumerate(lines)}
     for qid, scores in zip(queries, exact):
@@ -94,3 +98,25 @@ def test_retrieve_mode_returns_the_exhaustive_numpy_top10(tmp_path):
         np.testing.assert_allclose([s for _, s in got], top, atol=1e-5)
         np.testing.assert_allclose([scores[row_of[p]] for p, _ in got], top, atol=1e-5)
     assert (tmp_path / "index" / "index.faiss").exists()
+
+
+def test_index_cache_is_keyed_by_the_model(tmp_path):
+    """Two models, one task.index.dir: the second must search its own vectors, never the first model's."""
+    from hydra.utils import instantiate
+
+    from marco_lightning.retrieval import retrieve
+
+    collection = tmp_path / "collection.tsv"
+    with open(ROOT / "data" / "sample" / "collection.tsv", encoding="utf-8") as src:
+        collection.write_text("".join(line for _, line in zip(range(300), src)), encoding="utf-8")
+    queries = {"1": "what is the daily life of thai people", "2": "cost of interior concrete flooring"}
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(instantiate(compose(["model=tiny"]).model).eval())
+    shared_dir, runs = tmp_path / "index", []
+    for model in models:
+        runs.append(retrieve(model, collection, queries, top_k=10, index_dir=shared_dir))
+    fresh = retrieve(models[1], collection, queries, top_k=10, index_dir=tmp_path / "fresh")
+    assert runs[1] == fresh and runs[0] != runs[1]
+    assert retrieve(models[1], collection, queries, top_k=10, index_dir=shared_dir) == fresh  # reused when it fits

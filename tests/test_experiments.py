@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import FAST, compose
 
-TINY = {"bi_margin_mse": "tiny", "bi_mnrl": "tiny", "ce_distill": "tiny_ce"}
+TINY = {"bi_margin_mse": "tiny", "bi_margin_mse_dot": "tiny", "bi_mnrl": "tiny", "ce_distill": "tiny_ce"}
 SHORT = [*FAST, "logger=none", "data=sample", "trainer=cpu", "data.val_top_k=10", "trainer.max_epochs=1",
          "model.backbone=sentence-transformers/all-MiniLM-L6-v2", "model.max_doc_length=64"]
 
@@ -22,9 +22,12 @@ def train(overrides, tmp_path):
 def test_recipe_trains_on_the_sample_with_its_pinned_hyperparameters(experiment, tmp_path):
     cfg, metrics = train([f"experiment={experiment}", f"model={TINY[experiment]}"], tmp_path)
     # the recipe's own values survive the test overrides (REFERENCE.md)
-    expected = {"bi_margin_mse": (2e-5, "MarginMSELoss", None), "bi_mnrl": (2e-5, "MultipleNegativesRankingLoss", 3.0),
-                "ce_distill": (7e-6, "CrossEncoderMSELoss", None)}[experiment]
-    assert (cfg.optimizer.lr, cfg.loss._target_.rsplit(".", 1)[1], cfg.negatives.ce_score_margin) == expected
+    expected = {"bi_margin_mse": (2e-5, "MarginMSELoss", None, "cos"),
+                "bi_margin_mse_dot": (2e-5, "MarginMSELoss", None, "dot"),
+                "bi_mnrl": (2e-5, "MultipleNegativesRankingLoss", 3.0, "cos"),
+                "ce_distill": (7e-6, "CrossEncoderMSELoss", None, None)}[experiment]
+    assert (cfg.optimizer.lr, cfg.loss._target_.rsplit(".", 1)[1], cfg.negatives.ce_score_margin,
+            cfg.loss.get("similarity")) == expected
     assert cfg.trainer.precision == "bf16-mixed"  # the recipes' AMP; bf16 autocast runs on CPU too
     assert set(metrics["after"]) >= {"ndcg@10", "mrr@10", "recall@100"}
     assert (tmp_path / "final_model").is_dir()
@@ -68,6 +71,8 @@ def test_grad_cache_training_matches_plain_training(tmp_path):
     (["model=tiny_ce", "loss=margin_mse"], "model=tiny_ce"),
     (["model=tiny", "loss=margin_mse", "data.teacher_scores=null"], "data.teacher_scores"),
     (["model=tiny", "loss=mnrl", "model.similarity=dot", "loss.similarity=cos"], "model.similarity=cos"),
+    (["model=tiny", "loss=margin_mse", "+loss.temperature=2"], "loss.temperature"),     # an option no loss reads
+    (["model=tiny", "loss=mnrl", "negatives.require_positive=false"], "require_positive"),
     (["model=tiny_ce", "loss=ce_mse", "mini_batch_size=4"], "mini_batch_size"),
 ])
 def test_incompatible_choices_fail_before_data_loads(overrides, message, tmp_path):
@@ -79,7 +84,8 @@ def test_incompatible_choices_fail_before_data_loads(overrides, message, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment,model", [("bi_margin_mse", "minilm"), ("bi_mnrl", "minilm"),
+@pytest.mark.parametrize("experiment,model", [("bi_margin_mse", "minilm"), ("bi_margin_mse_dot", "minilm"),
+                                              ("bi_mnrl", "minilm"),
                                               ("ce_distill", "minilm_ce")])
 def test_recipe_trains_with_the_real_minilm(experiment, model, tmp_path):
     _, metrics = train([f"experiment={experiment}", f"model={model}", "trainer.max_steps=2", "data.val_top_k=5",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_shared
 
 from marco_lightning.data.formats import (
     DataFormatError,
@@ -80,6 +81,7 @@ def test_qrels_msmarco_and_trec(tmp_path):
         list(iter_qrels(bad))
 
 
+@needs_shared
 def test_qrels_real_dl19():
     path = SCIFACT.parent / "msmarco-trec-dl" / "qrels.dl19-passage.txt"
     rows = list(iter_qrels(path))
@@ -247,12 +249,13 @@ def test_idmap():
     assert ids.name(-2) == "007" and ids.name(4983) == "4983"
 
 
+@needs_shared
 def test_beir_scifact():
     qids, pids = IdMap(), IdMap()
     corpus = list(iter_beir_corpus(SCIFACT / "corpus.jsonl", pids))
     queries = list(iter_beir_queries(SCIFACT / "queries.jsonl", qids))
     qrels = list(iter_beir_qrels(SCIFACT / "qrels" / "test.tsv", qids, pids))
-    assert (len(corpus), len(queries), len(qrels)) == (5183, 300, 339)  # SOURCE.md
+    assert (len(corpus), len(queries), len(qrels)) == (5183, 1109, 339)  # SOURCE.md: 300 test queries, then the train claims
     assert queries[0] == (1, "0-dimensional biomaterials show inductive properties.")
     assert qrels[0] == (1, 31715818, 1)
     assert corpus[0][0] == 4983 and corpus[0][1].startswith("Microstructural development of human newborn")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_shared
 
 from marco_lightning.data import store as store_mod
 from marco_lightning.data.formats import DataFormatError
@@ -139,6 +140,13 @@ def test_train_queries_and_require_positive(data, tmp_path):
     s = Store(prepare(dict(data, train_queries=str(d / "subset.tsv")), negs(["bm25"], require_positive=False),
                       tmp_path / "b"))
     assert lists(s) == {2: ([11], [1, 2]), 5: ([], [1, 2])}
+    # ... and trains on them (distillation): one negative stands in as column 0, rotating, never twice in a row
+    from marco_lightning.data.sampling import TrainDataset
+
+    train = TrainDataset(s, num_negatives=1, seed=0, with_teacher=False)
+    i = s.train.qids.tolist().index(5)
+    draws = [train.draw(epoch, i)[1].tolist() for epoch in range(2)]
+    assert sorted(draws[0]) == [1, 2] and draws[1] == draws[0][::-1]
 
 
 def test_text_tables(data, tmp_path):
@@ -254,6 +262,7 @@ def test_no_training_query_left(data, tmp_path):
     assert len(s.train) == 0 and s.manifest["num_train_queries"] == 0 and len(s.passages) == 19
 
 
+@needs_shared
 def test_real_collection_round_trip(tmp_path):
     # the 28,606 real MS MARCO passages of TREC DL (with their mojibake), against a plain split of the file
     path = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "msmarco-trec-dl" / "collection.tsv"
@@ -266,3 +275,12 @@ def test_real_collection_round_trip(tmp_path):
     ids = [int(i) for i in expected][::97]
     assert table.texts(ids) == [expected[str(i)] for i in ids]
     assert table.nbytes(ids).tolist() == [len(expected[str(i)].encode("utf-8")) for i in ids]
+
+
+def test_pairs_without_teacher_score_are_named_before_training(data, tmp_path):
+    from marco_lightning.data.sampling import TrainDataset
+
+    s = Store(prepare(data, negs(["bm25"]), tmp_path / "s"))  # q2's negative 2 has no score (SCORES above)
+    with pytest.raises(ValueError, match=r"^1 training pairs .* \(query 2, passage 2\)"):
+        TrainDataset(s, num_negatives=1, seed=0, with_teacher=True)
+    TrainDataset(s, num_negatives=1, seed=0, with_teacher=False)  # MNRL needs no teacher: fine

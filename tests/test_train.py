@@ -60,6 +60,8 @@ def test_final_model_loads_in_sentence_transformers_with_the_trained_weights(tra
     np.testing.assert_allclose(theirs, ours, atol=1e-5)
 
 
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "tools" / "read_wandb.py").exists(),
+                    reason="needs the workplace's W&B reader (../shared/tools/read_wandb.py)")
 def test_wandb_ran_offline_and_recorded_the_validation_curve(trained):
     from read_wandb import load
 
@@ -87,3 +89,34 @@ def test_cli_errors_name_the_problem_and_fail_before_data_loads(args, expect, tm
         assert text in result.stderr + result.stdout, result.stderr[-2000:]
     assert not (tmp_path / "checkpoints").exists()
 
+
+
+def test_a_non_finite_loss_stops_training_and_exports_nothing(tmp_path):
+    """optimizer.lr=1e30: the step that goes non-finite stops the run with its step named; no final_model/, and
+    no checkpoint holds non-finite weights; the W&B run is closed as failed."""
+    from marco_lightning.module import NonFiniteLossError
+    from marco_lightning.tasks.train import main
+
+    cfg = compose(FAST + ["logger=wandb", "optimizer.lr=1e30", "trainer.gradient_clip_val=null",
+                          "callbacks.checkpoint.every_n_train_steps=1", "task.validate_before=false"], tmp_path)
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+"):
+        main(cfg)
+    assert not (tmp_path / "final_model").exists() and not (tmp_path / "metrics.json").exists()
+    for ckpt in (tmp_path / "checkpoints").glob("*.ckpt"):
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), ckpt
+    import wandb
+
+    assert wandb.run is None  # finished, not left open for the next run in this process
+
+
+def test_final_model_card_says_how_it_was_made(trained):
+    """The card is this model's, not the base model's: base model, loss and similarity, data, negatives, steps,
+    seed, commit, and the before/after numbers metrics.json holds, with their protocol."""
+    cfg, out, metrics = trained
+    card = (out / "final_model" / "README.md").read_text(encoding="utf-8")
+    assert "# all-MiniLM-L6-v2\n" not in card  # not the base model's own card
+    for fact in ("marco-lightning", "MarginMSELoss", "similarity `cos`", "Data: `sample`", "systems ['bm25']",
+                 f"seed {cfg.seed}", "commit: `", "run.dev.bm25.trec", "grade >= 2",
+                 f"{metrics['before']['ndcg@10']:.4f}", f"{metrics['after']['ndcg@10']:.4f}"):
+        assert fact in card, fact

@@ -129,4 +129,7 @@ class MarcoDataModule(pl.LightningDataModule):
     def val_dataloader(self):
         rank, world = self._rank()
         sampler = ContiguousShardSampler(len(self.val_set), rank, world)
-        return self._loader(self.val_set, sampler, self.val_batch_size, self.collator.pairs)
+        # the tokenisation of the model being validated (the starting model's may cut at another max_seq_length)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        collate = module.model.collator().pairs if module is not None else self.collator.pairs
+        return self._loader(self.val_set, sampler, self.val_batch_size, collate)

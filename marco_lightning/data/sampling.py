@@ -64,6 +64,21 @@ class EpochShardSampler(Sampler):
         return self.n // self.world_size
 
 
+def check_teacher_coverage(store) -> None:
+    """Every training pair needs a teacher score for a distillation loss: say which are missing before training
+    starts, not mid-epoch inside a DataLoader worker."""
+    lists, missing = store.train, []
+    for i in range(len(lists.qids)):  # ~1 s per 100k queries: once, before the first step
+        for pids, scores in (lists.positives(i), lists.negatives(i)):
+            missing += [(int(lists.qids[i]), int(p)) for p in np.asarray(pids)[np.isnan(scores)]]
+    if missing:
+        examples = ", ".join(f"(query {q}, passage {p})" for q, p in missing[:5])
+        raise ValueError(f"{len(missing)} training pairs of the data store have no teacher score, e.g. "
+                         f"{examples}: a distillation loss needs one for every pair. Add them to "
+                         "data.teacher_scores, set negatives.ce_score_margin (drops unscored negatives), or pick "
+                         "a loss without a teacher (loss=mnrl)")
+
+
 class TrainDataset(Dataset):
     """Query i at epoch e: one positive and `num_negatives` hard negatives, rotating through the query's lists.
 
@@ -74,6 +89,9 @@ class TrainDataset(Dataset):
     def __init__(self, store, num_negatives: int, seed: int, with_teacher: bool):
         self.store, self.lists = store, store.train
         self.num_negatives, self.seed, self.with_teacher = num_negatives, seed, with_teacher
+        if with_teacher:
+            check_teacher_coverage(store)
+
 
     def __len__(self):
         return len(self.lists.qids)
@@ -83,6 +101,11 @@ class TrainDataset(Dataset):
         pos, pos_scores = self.lists.positives(i)
         neg, neg_scores = self.lists.negatives(i)
         start_pos, start_neg = np.random.default_rng((self.seed, i)).integers(0, 1 << 31, size=2)
+        if not len(pos):  # negatives.require_positive=false (distillation only): the teacher ranks two candidates
+            j = (start_pos + epoch) % len(neg)
+            pos, pos_scores = neg[j:j + 1], neg_scores[j:j + 1]
+            if len(neg) > 1:
+                neg, neg_scores = np.delete(neg, j), np.delete(neg_scores, j)
         p = (start_pos + epoch) % len(pos)
         n = (start_neg + epoch * self.num_negatives + np.arange(self.num_negatives)) % len(neg)
         pids = np.concatenate([[pos[p]], neg[n]])

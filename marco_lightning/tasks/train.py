@@ -15,11 +15,11 @@ def main(cfg: DictConfig) -> dict:
     check_training_config(cfg)  # before anything heavy: a wrong combination fails in a second
     import pytorch_lightning as pl
 
-    from marco_lightning.checkpointing import AtomicCheckpointIO, resolve_ckpt_path
+    from marco_lightning.checkpointing import AtomicCheckpointIO
     from marco_lightning.data.datamodule import MarcoDataModule, store_path
     from marco_lightning.data.download import ensure_files
-    from marco_lightning.evaluation import compute_metrics, format_table, read_qrels, read_run, write_run
-    from marco_lightning.loggers import build_loggers, print_run_summary
+    from marco_lightning.evaluation import read_qrels
+    from marco_lightning.loggers import build_loggers
     from marco_lightning.losses import negatives_per_query
     from marco_lightning.module import RetrieverModule
 
@@ -36,6 +36,7 @@ def main(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     model, loss = instantiate(cfg.model), instantiate(cfg.loss)
+    start = starting_model(cfg, model) if cfg.task.validate_before else None
     datamodule = MarcoDataModule(cfg.data, cfg.negatives, model.collator(), store_dir, batch_size=cfg.batch_size,
                                  num_negatives=cfg.num_negatives, with_teacher=loss.needs_teacher, seed=cfg.seed,
                                  num_workers=cfg.num_workers, pin_memory=cfg.trainer.accelerator in ("gpu", "cuda"),
@@ -45,6 +46,8 @@ def main(cfg: DictConfig) -> dict:
     module = RetrieverModule(model, loss, instantiate(cfg.optimizer), cfg.scheduler.warmup_steps,
                              val_qrels=val_qrels, val_rel_level=cfg.data.val_rel_level, mini_batch_size=grad_cache,
                              gradient_clip_val=cfg.trainer.gradient_clip_val if grad_cache else None)
+    start_module = None if start is None else module if start is model else RetrieverModule(
+        start, loss, instantiate(cfg.optimizer), 0, val_qrels=val_qrels, val_rel_level=cfg.data.val_rel_level)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor=cfg.monitor, mode="max",
                                               save_top_k=cfg.callbacks.checkpoint.save_top_k,
                                               save_last=cfg.callbacks.checkpoint.save_last,
@@ -71,14 +74,28 @@ def main(cfg: DictConfig) -> dict:
               f"{trainer.accumulate_grad_batches} accumulation = {batch_info['global_batch_size']} per step; "
               f"each query is scored against {batch_info['negatives_per_query']} negatives")
 
-    def evaluate(ckpt_path=None) -> dict:
-        trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
-        return compute_metrics(val_qrels, module.last_val_run, rel_level=cfg.data.val_rel_level,
-                               measures=module.val_measures)
+    try:
+        metrics = fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, val_qrels, run_dir)
+    except BaseException:
+        finish_wandb(trainer, exit_code=1)  # marked failed, its files flushed, whatever went wrong
+        raise
+    finish_wandb(trainer, exit_code=0)  # its offline file is complete when main() returns
+    return metrics
+
+
+def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, val_qrels, run_dir) -> dict:
+    from marco_lightning.checkpointing import resolve_ckpt_path
+    from marco_lightning.evaluation import compute_metrics, format_table, read_run, write_run
+    from marco_lightning.loggers import print_run_summary
+
+    def evaluate(ckpt_path=None, target=module) -> dict:
+        trainer.validate(target, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+        return compute_metrics(val_qrels, target.last_val_run, rel_level=cfg.data.val_rel_level,
+                               measures=target.val_measures)
 
     metrics = {}
-    if cfg.task.validate_before:
-        metrics["before"] = evaluate()
+    if start_module is not None:
+        metrics["before"] = evaluate(target=start_module)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path")))
     best_step = checkpoint_step(checkpoint.best_model_path)
     if best_step is not None and best_step == module.last_val_step == trainer.global_step:
@@ -89,19 +106,58 @@ def main(cfg: DictConfig) -> dict:
         metrics["after"] = evaluate("best" if checkpoint.best_model_path else None)
     if trainer.is_global_zero:
         write_run(module.last_val_run, run_dir / "val_run.trec", tag=f"marco-lightning-{run_dir.name}")
-        model.save(run_dir / "final_model")
         metrics["best_checkpoint"] = os.path.relpath(checkpoint.best_model_path, run_dir) \
             if checkpoint.best_model_path else None
         if cfg.data.get("val_teacher_run"):
             metrics["teacher"] = compute_metrics(val_qrels, read_run(cfg.data.val_teacher_run),
                                                  rel_level=cfg.data.val_rel_level, measures=module.val_measures)
+        export(cfg, module.model, metrics, trainer.global_step, run_dir / "final_model")
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         print(format_table({k: v for k, v in metrics.items() if isinstance(v, dict)}))
         print_run_summary(cfg, run_dir)
-    for logger in trainer.loggers:  # close the W&B run: its offline file is complete when main() returns
-        if isinstance(logger, pl.loggers.WandbLogger):
-            logger.experiment.finish()
     return metrics
+
+
+def export(cfg, model, metrics: dict, steps: int, path) -> None:
+    """final_model/ with a model card that says how it was made; never from non-finite weights."""
+    from marco_lightning.model_card import card_data, training_section
+
+    if not all(p.isfinite().all() for p in model.parameters()):
+        raise FloatingPointError("the trained weights are not finite: final_model/ not exported")
+    card_data(model, cfg)
+    model.save(path)
+    with open(path / "README.md", "a", encoding="utf-8") as card:
+        card.write(training_section(cfg, metrics, steps))
+    if cfg.task.get("push_to_hub"):
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(cfg.task.push_to_hub, repo_type="model", exist_ok=True)
+        url = api.upload_folder(folder_path=str(path), repo_id=cfg.task.push_to_hub, repo_type="model",
+                                    commit_message="marco-lightning: trained model with its card")
+        print(f"Pushed final_model/ to {url}")
+
+
+def finish_wandb(trainer, exit_code: int) -> None:
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish(exit_code=exit_code)
+
+
+def starting_model(cfg: DictConfig, model):
+    """The model as its users have it before training: its own similarity and max_seq_length. The model being
+    trained is that model unless the training similarity or length differs (then it is built again, from the
+    same seed, so even a random_init model starts from the same weights)."""
+    import torch
+    from hydra.utils import instantiate
+
+    if model.kind != "bi" or (model.similarity == model.own_similarity and cfg.model.get("max_doc_length") is None):
+        return model
+    with torch.random.fork_rng():  # the training run's RNG stream stays as if this model were never built
+        torch.manual_seed(cfg.seed)
+        return instantiate(cfg.model, similarity=None, max_doc_length=None)
 
 
 def checkpoint_step(path: str) -> int | None:

@@ -1,0 +1,62 @@
+"""final_model/README.md: how the model was made and what it measured, so a model pushed to the hub carries its
+evidence. The header (base model, tags, datasets) goes through sentence-transformers' model card data."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from marco_lightning.config import ROOT
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def card_data(model, cfg: DictConfig) -> None:
+    """Fill sentence-transformers' card data of `model` before it is saved (the card it writes from it)."""
+    st = getattr(model, "st", None)
+    if st is None:
+        return
+    st._model_card_text = None  # a card loaded with the base model describes the base model, not this one
+    data = st.model_card_data
+    if not cfg.model.get("random_init"):
+        data.base_model = cfg.model.backbone
+    data.model_name = f"{Path(cfg.model.backbone).name} trained with marco-lightning ({cfg.loss._target_.rsplit('.', 1)[1]})"
+    data.tags = sorted({*(data.tags or []), "marco-lightning", "ms-marco", "passage-retrieval"})
+
+
+def training_section(cfg: DictConfig, metrics: dict, steps: int) -> str:
+    """Markdown: recipe, data, negatives, steps, seed, commit, and before/after with their protocol."""
+    loss = {k: v for k, v in cfg.loss.items() if k != "_target_"}
+    neg = cfg.negatives
+    rows = [(name, metrics[name]) for name in ("before", "after", "teacher") if name in metrics]
+    measures = list(dict.fromkeys(m for _, values in rows for m in values))
+    table = ["| | " + " | ".join(measures) + " |", "|---|" + "---:|" * len(measures)]
+    table += [f"| {name} | " + " | ".join(f"{values[m]:.4f}" for m in measures) + " |" for name, values in rows]
+    return "\n".join([
+        "", "## How this model was made (marco-lightning)", "",
+        f"- Base model: `{cfg.model.backbone}`" + (" (random initialisation)" if cfg.model.get("random_init") else ""),
+        f"- Loss: `{cfg.loss._target_}` with {loss}; similarity `{cfg.model.get('similarity')}` (declared in "
+        "config_sentence_transformers.json, used by `model.similarity`)",
+        f"- Data: `{cfg.data.name}` (train qrels `{Path(str(cfg.data.train_qrels)).name}`, teacher scores "
+        f"`{Path(str(cfg.data.teacher_scores)).name if cfg.data.get('teacher_scores') else None}`)",
+        f"- Hard negatives: systems {list(neg.systems) if not isinstance(neg.systems, str) else neg.systems}, up to "
+        f"{neg.num_per_system} per system, ce_score_margin {neg.ce_score_margin}, "
+        f"{cfg.num_negatives} per query per step",
+        f"- Steps: {steps}, batch size {cfg.batch_size} per device, lr {cfg.optimizer.lr}, seed {cfg.seed}, "
+        f"precision {cfg.trainer.precision}",
+        f"- marco-lightning commit: `{git_commit()}`",
+        "", "### Validation", "",
+        f"Re-ranking the top {cfg.data.val_top_k} of `{Path(str(cfg.data.val_run)).name}` for the queries of "
+        f"`{Path(str(cfg.data.val_qrels)).name}`; nDCG with graded gains, MRR and recall count grade >= "
+        f"{cfg.data.val_rel_level} relevant; every judged query counts (ir-measures). \"before\" is the base model "
+        "as sentence-transformers loads it; \"after\" is this model (the checkpoint chosen by "
+        f"`{cfg.monitor}`).", "", *table, ""])
