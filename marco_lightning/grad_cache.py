@@ -6,6 +6,7 @@ embeddings and cache its gradient w.r.t. them, (3) re-embed each mini-batch with
 cached gradient. Same loss and gradients as one big batch; activation memory of one mini-batch.
 """
 
+import contextlib
 from collections.abc import Callable, Mapping
 
 import torch
@@ -55,13 +56,16 @@ def _embed_no_grad(embed, inputs, mini_batch_size):
 
 def cached_loss_backward(embed: Callable[[dict], torch.Tensor], query_inputs: Mapping, doc_inputs: Mapping,
                          loss: Callable, mini_batch_size: int, backward: Callable[[torch.Tensor], None],
-                         teacher: torch.Tensor | None = None) -> torch.Tensor:
+                         teacher: torch.Tensor | None = None,
+                         no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                         ) -> torch.Tensor:
     """Run forward AND backward of a bi-encoder loss over the whole batch, a mini-batch of inputs at a time.
 
     embed: inputs dict -> embeddings [n, d] (the encoder, in train mode). query_inputs: tensors with B rows.
     doc_inputs: tensors with B * (1+k) rows, query b's positive and k negatives at rows b*(1+k) ... (b+1)*(1+k)-1.
     loss: a bi-encoder loss, loss(query_emb [B, d], doc_emb [B, 1+k, d], teacher). backward: called once per
-    mini-batch on a scalar, e.g. LightningModule.manual_backward (so AMP loss scaling applies).
+    mini-batch on a scalar, e.g. LightningModule.manual_backward (so AMP loss scaling applies). no_sync: DDP's
+    `no_sync`: gradients accumulate locally and are all-reduced once, in the step's last backward.
     Returns the (detached) loss; the parameters' .grad hold its gradient when this returns.
     """
     if mini_batch_size < 1:
@@ -78,10 +82,10 @@ def cached_loss_backward(embed: Callable[[dict], torch.Tensor], query_inputs: Ma
         value = loss(query_emb, doc_emb.view(n_queries, n_docs // n_queries, -1), teacher)
         grads = torch.autograd.grad(value, [query_emb, doc_emb], materialize_grads=True)
     # (3) re-embed with a graph under the same RNG state; d(emb . cached_grad)/d theta = d loss / d theta
-    for replay, grad in ((query_replay, grads[0]), (doc_replay, grads[1])):
-        for batch, state, rows in replay:
-            with state:
-                emb = embed(batch)
+    chunks = [(item, grad) for replay, grad in ((query_replay, grads[0]), (doc_replay, grads[1])) for item in replay]
+    for i, ((batch, state, rows), grad) in enumerate(chunks):
+        with state, (no_sync() if i < len(chunks) - 1 else contextlib.nullcontext()):
+            emb = embed(batch)
             dtype = torch.promote_types(emb.dtype, torch.float32)  # keep the surrogate at least fp32 under AMP
             backward((emb.to(dtype) * grad[rows].to(dtype)).sum())
     return value.detach()

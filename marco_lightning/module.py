@@ -1,6 +1,8 @@
 """The LightningModule: one training step for every model and loss, validation by re-ranking."""
 from __future__ import annotations
 
+import contextlib
+
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
@@ -48,8 +50,10 @@ class RetrieverModule(pl.LightningModule):
 
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         optimizer.zero_grad()
+        wrapped = self.trainer.strategy.model  # DDP's wrapper under DDP: one all-reduce per step, not per mini-batch
+        no_sync = getattr(wrapped, "no_sync", None) or contextlib.nullcontext
         loss = cached_loss_backward(self.model.embed, batch["query"], batch["docs"], self.loss, self.mini_batch_size,
-                                    self.manual_backward, batch.get("teacher"))
+                                    self.manual_backward, batch.get("teacher"), no_sync=no_sync)
         self._check_finite(loss)  # before the step: the weights stay the last finite ones
         self.configure_gradient_clipping(optimizer, self.gradient_clip_val, "norm")
         optimizer.step()

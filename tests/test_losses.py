@@ -267,6 +267,30 @@ def test_grad_cache_equals_plain_backward_without_dropout():
         close_scaled(p.grad, e, torch.float32)
 
 
+def test_grad_cache_all_reduces_once_per_step():
+    """Under DDP every backward outside `no_sync` all-reduces: GradCache must run all but its last one inside."""
+    import contextlib
+
+    g = torch.Generator().manual_seed(3)
+    queries, docs = random_inputs(5, 4, True, g), random_inputs(5 * 3, 6, True, g)
+    backwards = []  # True where a backward would all-reduce
+    synced = [True]
+
+    @contextlib.contextmanager
+    def no_sync():
+        synced[0] = False
+        yield
+        synced[0] = True
+
+    def backward(x):
+        backwards.append(synced[0])
+        x.backward()
+
+    cached_loss_backward(TinyEncoder(0.0), queries, docs, L.MultipleNegativesRankingLoss(), 2, backward,
+                         no_sync=no_sync)
+    assert len(backwards) == 3 + 8 and backwards == [False] * 10 + [True]  # ceil(5/2) + ceil(15/2) mini-batches
+
+
 # ---------------------------------------------------------------- config contract and errors
 
 ALL = [L.MarginMSELoss, L.MultipleNegativesRankingLoss, L.DistillKLDivLoss, L.CrossEncoderMSELoss,

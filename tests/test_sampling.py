@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from marco_lightning.data.sampling import ContiguousShardSampler, EpochShardSampler, TrainDataset
+from marco_lightning.data.sampling import StridedShardSampler, EpochShardSampler, TrainDataset
 
 
 class Lists:
@@ -119,9 +119,15 @@ def test_example_length_is_its_longest_passage():
         assert list(ds.doc_bytes(epoch, [0, 1])) == expected
 
 
-def test_contiguous_validation_shards_cover_every_pair_once():
-    parts = [list(ContiguousShardSampler(10, r, 3)) for r in range(3)]
-    assert sum(parts, []) == list(range(10))
+def test_validation_shards_cover_every_pair_once_at_equal_cost():
+    parts = [list(StridedShardSampler(10, r, 3)) for r in range(3)]
+    assert sorted(sum(parts, [])) == list(range(10)) and all(p == sorted(p) for p in parts)
+    # rows are sorted by passage length: cost ~ length. Contiguous slices would give one rank every long passage
+    lengths = np.sort(np.random.default_rng(0).lognormal(5, 1, 4300))
+    costs = [lengths[list(StridedShardSampler(len(lengths), r, 4))].sum() for r in range(4)]
+    assert max(costs) / min(costs) < 1.02
+    contiguous = [part.sum() for part in np.array_split(lengths, 4)]
+    assert max(contiguous) / min(contiguous) > 5  # what the old contiguous split did
 
 
 class _Echo(torch.utils.data.Dataset):

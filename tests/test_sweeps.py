@@ -130,14 +130,14 @@ def job_folders(sweep_dir: Path) -> list[Path]:
 @pytest.mark.slow
 def test_multirun_grid_then_report(tmp_path, cache):
     sweep = tmp_path / "multirun"
-    result = run_cli(["-m", *SWEEP_FAST, cache, "loss=margin_mse,mnrl", "negatives=bm25,tas_b", "model.similarity=dot",
+    result = run_cli(["-m", *SWEEP_FAST, cache, "loss=margin_mse_cos,mnrl", "negatives=bm25,tas_b",
                       f"hydra.sweep.dir={sweep}"], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = job_folders(sweep)
     assert [j.name for j in jobs] == ["0", "1", "2", "3"]
     combos = [tuple(o for o in yaml.safe_load((j / ".hydra" / "overrides.yaml").read_text())
                     if o.startswith(("loss=", "negatives="))) for j in jobs]
-    assert set(combos) == {(f"loss={loss}", f"negatives={neg}") for loss in ("margin_mse", "mnrl") for neg in ("bm25", "tas_b")}
+    assert set(combos) == {(f"loss={loss}", f"negatives={neg}") for loss in ("margin_mse_cos", "mnrl") for neg in ("bm25", "tas_b")}
     metrics = [json.loads((j / "metrics.json").read_text()) for j in jobs]
     assert all(0 <= m["after"]["ndcg@10"] <= 1 for m in metrics)
 

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from marco_lightning.data.sampling import (
-    ContiguousShardSampler,
+    StridedShardSampler,
     EpochShardSampler,
     RerankPairs,
     TrainDataset,
@@ -128,7 +128,7 @@ class MarcoDataModule(pl.LightningDataModule):
 
     def val_dataloader(self):
         rank, world = self._rank()
-        sampler = ContiguousShardSampler(len(self.val_set), rank, world)
+        sampler = StridedShardSampler(len(self.val_set), rank, world)
         # the tokenisation of the model being validated (the starting model's may cut at another max_seq_length)
         module = self.trainer.lightning_module if self.trainer is not None else None
         collate = module.model.collator().pairs if module is not None else self.collator.pairs

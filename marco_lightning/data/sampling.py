@@ -154,12 +154,13 @@ class RerankPairs(Dataset):
         return int(qid), int(pid), self.store.queries.text(qid), self.store.passages.text(pid)
 
 
-class ContiguousShardSampler(Sampler):
-    """Rank r evaluates the r-th contiguous slice: no padding, so no pair is scored twice."""
+class StridedShardSampler(Sampler):
+    """Rank r evaluates rows r, r + W, r + 2W, ... of the length-sorted rows: every rank gets the same mix of short
+    and long passages (equal cost, so none waits for another) and still length-sorted batches. No padding, so no
+    pair is scored twice."""
 
     def __init__(self, num_examples: int, rank: int = 0, world_size: int = 1):
-        bounds = np.linspace(0, num_examples, world_size + 1).astype(int)
-        self.range = range(bounds[rank], bounds[rank + 1])
+        self.range = range(rank, num_examples, world_size)
 
     def __iter__(self):
         return iter(self.range)
