@@ -71,7 +71,7 @@ def run(num_passages: int = 256, num_pairs: int = 256, batch_size: int = 32, bud
     pairs = [(queries[q], docs[p]) for q, ds in run_.items() for p in ds]
 
     # ---- bi-encoder: encode the passages, index them, encode the queries, search the top 100
-    bi = BiEncoder(BACKBONE, max_query_length=QUERY_LEN, max_doc_length=DOC_LEN).eval()
+    bi = BiEncoder(BACKBONE, similarity="dot", max_query_length=QUERY_LEN, max_doc_length=DOC_LEN).eval()
     st = st_bi_encoder().eval()
 
     def search(passage_vectors, query_vectors):

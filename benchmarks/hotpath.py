@@ -92,7 +92,7 @@ def run(batch_size: int = 8, steps: int = 1, num_passages: int = 64, budget_s: f
                      "chunks": chunked_doc_tokens(window, batch_size, 4)}
     del steppers, sdpa, eager
 
-    params = list(BiEncoder(BACKBONE).parameters())
+    params = list(BiEncoder(BACKBONE, similarity="dot").parameters())
     for p in params:
         p.grad = torch.randn_like(p)
     log("hot path: AdamW step on all-MiniLM-L6-v2's parameters")
@@ -102,7 +102,7 @@ def run(batch_size: int = 8, steps: int = 1, num_passages: int = 64, budget_s: f
                                      2, min_rounds, max_rounds, budget_s * 0.1, log)
     del params
 
-    bi = BiEncoder(BACKBONE, max_query_length=QUERY_LEN, max_doc_length=DOC_LEN).eval()
+    bi = BiEncoder(BACKBONE, similarity="dot", max_query_length=QUERY_LEN, max_doc_length=DOC_LEN).eval()
     texts = list(passages(limit=num_passages).values())
     fp32, bf16 = _EncodeStepper(bi, texts, False), _EncodeStepper(bi, texts, True)
     low, high = bf16.embed(), fp32.embed()
@@ -122,11 +122,11 @@ def compile_run(batch_size: int = 32, min_rounds: int = 2, max_rounds: int = 3, 
     from benchmarks.common import BACKBONE, passages
     from marco_lightning.models import BiEncoder
 
-    bi = BiEncoder(BACKBONE, max_query_length=QUERY_LEN, max_doc_length=DOC_LEN).eval()
+    bi = BiEncoder(BACKBONE, similarity="dot", max_query_length=QUERY_LEN, max_doc_length=DOC_LEN).eval()
     texts = list(passages(limit=batch_size).values())
     features = dict(bi.tokenizer(texts, padding="max_length", truncation=True, max_length=DOC_LEN,
                                  return_tensors="pt"))
-    encoder = bi.encoder
+    encoder = bi.st[0].model  # the Hugging Face transformer inside the sentence-transformers model
 
     def per_batch(fn, n=3):
         with torch.no_grad():

@@ -44,7 +44,7 @@ def encode_ops(num_passages: int = 64, batch_size: int = 32) -> tuple[list[tuple
     from marco_lightning.models import BiEncoder
     from marco_lightning.retrieval import encode
 
-    model = BiEncoder(BACKBONE, max_query_length=QUERY_LEN, max_doc_length=DOC_LEN).eval()
+    model = BiEncoder(BACKBONE, similarity="dot", max_query_length=QUERY_LEN, max_doc_length=DOC_LEN).eval()
     texts = list(passages(limit=num_passages).values())
     encode(model, texts[:batch_size], batch_size)
     with profile(activities=[ProfilerActivity.CPU]) as prof, Stopwatch() as sw:

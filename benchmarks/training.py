@@ -113,7 +113,7 @@ def project(examples, batch_size: int, warmup: int, workers: int = 2, precision:
                     self.times[name].append(seconds)
             self.mark = time.perf_counter()
 
-    model = BiEncoder(BACKBONE, max_query_length=QUERY_LEN, max_doc_length=DOC_LEN)
+    model = BiEncoder(BACKBONE, similarity="dot", max_query_length=QUERY_LEN, max_doc_length=DOC_LEN)
     optimizer = partial(torch.optim.AdamW, lr=LR, weight_decay=WD, fused=fused)
     module = RetrieverModule(model, MarginMSELoss(), optimizer, warmup_steps=0.1,
                              val_qrels={"0": {"0": 2}})  # never validated; the metric only needs some qrels

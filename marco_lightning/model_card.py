@@ -12,9 +12,9 @@ from marco_lightning.config import ROOT
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
         return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -41,22 +41,22 @@ def training_section(cfg: DictConfig, metrics: dict, steps: int) -> str:
     measures = list(dict.fromkeys(m for _, values in rows for m in values))
     table = ["| | " + " | ".join(measures) + " |", "|---|" + "---:|" * len(measures)]
     table += [f"| {name} | " + " | ".join(f"{values[m]:.4f}" for m in measures) + " |" for name, values in rows]
+    base = f"- Base model: `{cfg.model.backbone}`" + (" (random initialisation)" if cfg.model.get("random_init") else "")
+    systems = neg.systems if isinstance(neg.systems, str) else list(neg.systems)
+    teacher = Path(str(cfg.data.teacher_scores)).name if cfg.data.get("teacher_scores") else None
+    protocol = (f"Re-ranking the top {cfg.data.val_top_k} of `{Path(str(cfg.data.val_run)).name}` for the queries of "
+                f"`{Path(str(cfg.data.val_qrels)).name}`; nDCG with graded gains, MRR and recall count grade >= "
+                f"{cfg.data.val_rel_level} relevant; every judged query counts (ir-measures). \"before\" is the base "
+                "model as sentence-transformers loads it; \"after\" is this model (the checkpoint chosen by "
+                f"`{cfg.monitor}`).")
     return "\n".join([
-        "", "## How this model was made (marco-lightning)", "",
-        f"- Base model: `{cfg.model.backbone}`" + (" (random initialisation)" if cfg.model.get("random_init") else ""),
-        f"- Loss: `{cfg.loss._target_}` with {loss}; similarity `{cfg.model.get('similarity')}` (declared in "
-        "config_sentence_transformers.json, used by `model.similarity`)",
-        f"- Data: `{cfg.data.name}` (train qrels `{Path(str(cfg.data.train_qrels)).name}`, teacher scores "
-        f"`{Path(str(cfg.data.teacher_scores)).name if cfg.data.get('teacher_scores') else None}`)",
-        f"- Hard negatives: systems {list(neg.systems) if not isinstance(neg.systems, str) else neg.systems}, up to "
-        f"{neg.num_per_system} per system, ce_score_margin {neg.ce_score_margin}, "
-        f"{cfg.num_negatives} per query per step",
-        f"- Steps: {steps}, batch size {cfg.batch_size} per device, lr {cfg.optimizer.lr}, seed {cfg.seed}, "
-        f"precision {cfg.trainer.precision}",
+        "", "## How this model was made (marco-lightning)", "", base,
+        (f"- Loss: `{cfg.loss._target_}` with {loss}; similarity `{cfg.model.get('similarity')}` (declared in "
+         "config_sentence_transformers.json, used by `model.similarity`)"),
+        f"- Data: `{cfg.data.name}` (train qrels `{Path(str(cfg.data.train_qrels)).name}`, teacher scores `{teacher}`)",
+        (f"- Hard negatives: systems {systems}, up to {neg.num_per_system} per system, ce_score_margin "
+         f"{neg.ce_score_margin}, {cfg.num_negatives} per query per step"),
+        (f"- Steps: {steps}, batch size {cfg.batch_size} per device, lr {cfg.optimizer.lr}, seed {cfg.seed}, "
+         f"precision {cfg.trainer.precision}"),
         f"- marco-lightning commit: `{git_commit()}`",
-        "", "### Validation", "",
-        f"Re-ranking the top {cfg.data.val_top_k} of `{Path(str(cfg.data.val_run)).name}` for the queries of "
-        f"`{Path(str(cfg.data.val_qrels)).name}`; nDCG with graded gains, MRR and recall count grade >= "
-        f"{cfg.data.val_rel_level} relevant; every judged query counts (ir-measures). \"before\" is the base model "
-        "as sentence-transformers loads it; \"after\" is this model (the checkpoint chosen by "
-        f"`{cfg.monitor}`).", "", *table, ""])
+        "", "### Validation", "", protocol, "", *table, ""])

@@ -9,10 +9,10 @@ from conftest import ROOT, SHARED_DATA, compose, needs_shared
 DL = SHARED_DATA / "msmarco-trec-dl"
 
 
-def evaluate(overrides, tmp_path):
+def evaluate(overrides, tmp_path, data="trec_dl19"):
     from marco_lightning.tasks.evaluate import main
 
-    return main(compose(["task=evaluate", "data=trec_dl19", *overrides], tmp_path))
+    return main(compose(["task=evaluate", f"data={data}", *overrides], tmp_path))
 
 
 @pytest.mark.parametrize("run,ndcg", [("BM25", 0.5058), ("D_BERT_KD_TASB", 0.7210),
@@ -29,13 +29,13 @@ def test_unknown_mode_and_missing_run_fail_clearly(tmp_path):
     from marco_lightning.config import ConfigError
 
     with pytest.raises(ConfigError, match="task.mode"):
-        evaluate(["task.mode=nope"], tmp_path)
+        evaluate(["task.mode=nope"], tmp_path, data="sample")
     with pytest.raises(ConfigError, match="task.run"):
-        evaluate(["task.run=/nowhere.trec"], tmp_path)
+        evaluate(["task.run=/nowhere.trec"], tmp_path, data="sample")
     top1000 = tmp_path / "top1000.tsv"  # unscored candidates: scoring them would measure docid order
     top1000.write_text("".join(f"19335\t{p}\tq\tpassage\n" for p in (1017759, 1082489, 109063)))
     with pytest.raises(ConfigError, match="ranks no candidate above another"):
-        evaluate([f"task.run={top1000}"], tmp_path)
+        evaluate([f"task.run={top1000}"], tmp_path, data="sample")
 
 
 @pytest.mark.slow

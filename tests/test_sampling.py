@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from marco_lightning.data.sampling import StridedShardSampler, EpochShardSampler, TrainDataset
+from marco_lightning.data.sampling import EpochShardSampler, StridedShardSampler, TrainDataset
 
 
 class Lists:

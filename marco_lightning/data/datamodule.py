@@ -11,9 +11,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from marco_lightning.data.sampling import (
-    StridedShardSampler,
     EpochShardSampler,
     RerankPairs,
+    StridedShardSampler,
     TrainDataset,
     worker_init,
 )

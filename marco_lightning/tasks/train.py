@@ -104,6 +104,13 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, v
                                            measures=module.val_measures)
     else:
         metrics["after"] = evaluate("best" if checkpoint.best_model_path else None)
+    key = cfg.monitor.removeprefix("val/")
+    if "before" in metrics and key in metrics["after"]:
+        metrics["improved"] = metrics["after"][key] >= metrics["before"][key]
+        if not metrics["improved"] and trainer.is_global_zero:
+            print(f"WARNING: training made the model worse on {key}: {metrics['before'][key]:.4f} before, "
+                  f"{metrics['after'][key]:.4f} after. Try a lower optimizer.lr, fewer steps, or a loss on the "
+                  "model's own similarity (README \"Results\").")
     if trainer.is_global_zero:
         write_run(module.last_val_run, run_dir / "val_run.trec", tag=f"marco-lightning-{run_dir.name}")
         metrics["best_checkpoint"] = os.path.relpath(checkpoint.best_model_path, run_dir) \
