@@ -5,17 +5,21 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export HYDRA_FULL_ERROR ?= 0
 
-.PHONY: install train test test-all bench bench-data lint clean sample-data
+.PHONY: install lock train test test-all bench bench-data lint clean sample-data
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: the CPU wheel on disk here, never an unasked-for CUDA download.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	# everything else at the exact versions of constraints.txt (pyproject.toml holds the compatible ranges)
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
+
+lock: install  # rewrite constraints.txt from what .venv holds (after changing a range in pyproject.toml)
+	{ sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable; } > constraints.new && mv constraints.new constraints.txt
 
 train: install
 	$(BIN)/python run.py $(ARGS)

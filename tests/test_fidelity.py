@@ -84,6 +84,12 @@ def test_before_and_after_are_what_sentence_transformers_measures(head, tmp_path
     assert exported.similarity_fn_name == trained_with
     assert any(isinstance(m, Normalize) for m in exported) == (trained_with == "cosine")
     assert_same(metrics["after"], st_rerank_metrics(out / "final_model"))
+    # the run's last.ckpt, evaluated with the model= config, is scored with the similarity it was trained with
+    from marco_lightning.tasks.evaluate import main as evaluate
+
+    cfg = compose(["task=evaluate", "task.mode=rerank", f"task.top_k={TOP_K}", "task.device=cpu", "model=minilm",
+                   f"model.backbone={folder}", f"task.model_path={out / 'checkpoints' / 'last.ckpt'}"], tmp_path / "e")
+    assert_same(evaluate(cfg), metrics["after"])
 
 
 @pytest.mark.parametrize("head", ["cos", "dot"])

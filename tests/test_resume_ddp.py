@@ -76,3 +76,21 @@ def test_atomic_checkpoint_keeps_the_old_file_when_writing_fails(tmp_path):
         io.save_checkpoint({"global_step": 2, "bad": lambda: None}, path)  # a lambda cannot be pickled
     assert torch.load(path, weights_only=False)["global_step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no half-written leftovers
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_grad_cache_under_ddp_gives_the_plain_ddp_weights(tmp_path):
+    """GradCache's mini-batch backwards run in DDP's no_sync, all-reduced once per step: same weights as the plain
+    DDP step (no dropout, so both draw nothing at random)."""
+    states = []
+    for extra in ([], ["mini_batch_size=3"]):
+        out = tmp_path / str(len(states))
+        result = run_cli([*SMALL, "trainer=ddp_cpu", "trainer.devices=2", "loss=mnrl", "trainer.max_steps=2",
+                          "task.validate_before=false", "+model.random_init.hidden_dropout_prob=0",
+                          "+model.random_init.attention_probs_dropout_prob=0", *extra, f"hydra.run.dir={out}"],
+                         timeout=420)
+        assert result.returncode == 0, result.stderr[-3000:]
+        states.append(final_state(out)[1])
+    for name in states[0]:
+        torch.testing.assert_close(states[1][name], states[0][name], rtol=1e-4, atol=1e-5, msg=name)

@@ -71,8 +71,14 @@ def load_model(cfg: DictConfig):
     path = cfg.task.model_path
     if path and Path(path).is_dir():
         return from_exported(path)
-    model = instantiate(cfg.model)
-    return load_checkpoint_weights(model, path) if path else model
+    if not path:
+        return instantiate(cfg.model)
+    import torch
+
+    # the similarity it was trained with (Normalize has no weights: the state dict alone cannot tell)
+    similarity = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("similarity")
+    model = instantiate(cfg.model, **({"similarity": similarity} if similarity else {}))
+    return load_checkpoint_weights(model, path)
 
 
 def read_texts(path, keep=None) -> dict[str, str]:
