@@ -27,6 +27,8 @@ def resolve_similarity(cfg: DictConfig) -> str | None:
     sim = chosen or loss_sim
     with open_dict(cfg):
         cfg.model.similarity = cfg.loss.similarity = sim
+        if sim != loss_sim and "scale" in cfg.loss and "loss.scale" not in _overridden_keys():
+            cfg.loss.scale = None  # the loss config's scale belongs to its own similarity: take this one's default
     return sim
 
 

@@ -49,6 +49,9 @@ def test_default_experiment_is_the_documented_one(tmp_path):
     (["loss=margin_mse"], "dot", 1.0),                          # Hofstaetter's MarginMSE: dot product
     (["loss=margin_mse", "model.similarity=cos"], "cos", 20.0),  # honoured, at cosine's scale
     ([], "cos", 20.0),                                          # the default recipe: MarginMSE on 20 x cos
+    (["model.similarity=dot"], "dot", 1.0),                     # its 20 belongs to cos: dot takes dot's scale
+    (["model.similarity=dot", "loss.scale=5"], "dot", 5.0),     # unless the user set one
+    (["experiment=bi_mnrl", "model=tiny", "model.similarity=dot"], "dot", 1.0),
     (["loss=distill_kl"], "dot", None),
 ])
 def test_each_loss_brings_its_recipes_similarity_unless_the_model_sets_one(overrides, similarity, scale):

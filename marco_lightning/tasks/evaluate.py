@@ -76,8 +76,9 @@ def load_model(cfg: DictConfig):
     import torch
 
     # the similarity it was trained with (Normalize has no weights: the state dict alone cannot tell)
-    similarity = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("similarity")
-    model = instantiate(cfg.model, **({"similarity": similarity} if similarity else {}))
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    trained = {"similarity": ckpt.get("similarity"), "max_doc_length": ckpt.get("max_seq_length")}
+    model = instantiate(cfg.model, **{k: v for k, v in trained.items() if v and k in cfg.model})
     return load_checkpoint_weights(model, path)
 
 

@@ -122,6 +122,8 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, v
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         print(format_table({k: v for k, v in metrics.items() if isinstance(v, dict)}))
         print_run_summary(cfg, run_dir)
+        if cfg.task.get("push_to_hub"):  # last: a failed upload loses none of the run's files
+            push_to_hub(cfg.task.push_to_hub, run_dir / "final_model")
     return metrics
 
 
@@ -135,14 +137,16 @@ def export(cfg, model, metrics: dict, steps: int, path) -> None:
     model.save(path)
     with open(path / "README.md", "a", encoding="utf-8") as card:
         card.write(training_section(cfg, metrics, steps))
-    if cfg.task.get("push_to_hub"):
-        from huggingface_hub import HfApi
 
-        api = HfApi()
-        api.create_repo(cfg.task.push_to_hub, repo_type="model", exist_ok=True)
-        url = api.upload_folder(folder_path=str(path), repo_id=cfg.task.push_to_hub, repo_type="model",
-                                    commit_message="marco-lightning: trained model with its card")
-        print(f"Pushed final_model/ to {url}")
+
+def push_to_hub(repo_id: str, path) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", exist_ok=True)
+    url = api.upload_folder(folder_path=str(path), repo_id=repo_id, repo_type="model",
+                            commit_message="marco-lightning: trained model with its card")
+    print(f"Pushed final_model/ to {url}")
 
 
 def finish_wandb(trainer, exit_code: int) -> None:
@@ -162,7 +166,7 @@ def starting_model(cfg: DictConfig, model):
 
     if model.kind != "bi" or (model.similarity == model.own_similarity and cfg.model.get("max_doc_length") is None):
         return model
-    with torch.random.fork_rng():  # the training run's RNG stream stays as if this model were never built
+    with torch.random.fork_rng(devices=[]):  # CPU only: no CUDA context before the Trainer picks devices  # the training run's RNG stream stays as if this model were never built
         torch.manual_seed(cfg.seed)
         return instantiate(cfg.model, similarity=None, max_doc_length=None)
 
