@@ -37,9 +37,13 @@ def load_backbone(name: str, auto_class, random_init: dict | None, **kwargs):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if random_init is None:
         return auto_class.from_pretrained(path, **kwargs), tokenizer
-    attn = kwargs.pop("attn_implementation", None)
-    config = AutoConfig.from_pretrained(path, **dict(random_init), **kwargs)
-    return auto_class.from_config(config, attn_implementation=attn), tokenizer
+    return fresh_model(path, auto_class, random_init, **kwargs), tokenizer
+
+
+def fresh_model(path: str, auto_class, random_init: dict, attn_implementation: str | None = None, **config_kwargs):
+    """A randomly initialised model of `path`'s architecture with config overrides (the tiny test models)."""
+    config = AutoConfig.from_pretrained(path, **dict(random_init), **config_kwargs)
+    return auto_class.from_config(config, attn_implementation=attn_implementation)
 
 
 _ENCODING_FIELDS = {"input_ids": "ids", "token_type_ids": "type_ids", "attention_mask": "attention_mask"}
@@ -118,14 +122,13 @@ def load_sentence_transformer(backbone: str, pooling: str | None = None, random_
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Dense, Pooling
 
-    st = SentenceTransformer(resolve_backbone(backbone), device="cpu",
-                             model_kwargs={"attn_implementation": attn_implementation})
+    path = resolve_backbone(backbone)
+    st = SentenceTransformer(path, device="cpu", model_kwargs={"attn_implementation": attn_implementation})
     transformer = st[0]
     if random_init is not None:
         if any(isinstance(m, Dense) for m in st):
             raise ValueError(f"model.random_init: {backbone} has a Dense head whose shape a new hidden size breaks")
-        config = AutoConfig.from_pretrained(resolve_backbone(backbone), **dict(random_init))
-        transformer.model = AutoModel.from_config(config, attn_implementation=attn_implementation)
+        transformer.model = fresh_model(path, AutoModel, random_init, attn_implementation)
     pools = [i for i, m in enumerate(st) if isinstance(m, Pooling)]
     if pools and (random_init is not None or (pooling and st[pools[0]].pooling_mode != pooling)):
         mode = pooling or st[pools[0]].pooling_mode

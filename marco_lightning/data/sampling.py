@@ -92,7 +92,6 @@ class TrainDataset(Dataset):
         if with_teacher:
             check_teacher_coverage(store)
 
-
     def __len__(self):
         return len(self.lists.qids)
 
