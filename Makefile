@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export HYDRA_FULL_ERROR ?= 0
 
-.PHONY: install lock train test test-all bench bench-data lint clean sample-data
+.PHONY: install lock train test test-all bench bench-data bench-scifact lint clean sample-data
 
 install: $(STAMP)
 
@@ -35,6 +35,9 @@ bench: install
 
 bench-data: install
 	$(BIN)/python -m benchmarks.data_pipeline
+
+bench-scifact: install  # SciFact from task=mine to test metrics, project vs sentence-transformers (about an hour)
+	$(BIN)/python -m benchmarks.run_all --only scifact
 
 lint: install
 	$(BIN)/ruff check marco_lightning tests run.py scripts

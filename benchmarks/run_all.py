@@ -19,19 +19,21 @@ from pathlib import Path
 
 from benchmarks.common import ROOT, machine, setup
 
-DEFAULT = ("training", "evaluation", "hotpath", "profiles")
+DEFAULT = ("training", "evaluation", "hotpath", "profiles", "mining")
 ORDER = ("Training throughput", "Evaluation throughput", "Hot-path effects", "torch.compile", "Profiles",
-         "Data pipeline")
+         "Mining", "SciFact: time to a trained model", "Data pipeline")
 PLACEHOLDER = {
     "Data pipeline": "## Data pipeline\n\nNot measured yet: `make bench-data` fills this section.\n",
     "torch.compile": "## torch.compile\n\nNot measured yet: `python -m benchmarks.run_all --only compile` "
                      "(compiling takes minutes on CPU).\n",
+    "SciFact: time to a trained model": "## SciFact: time to a trained model\n\nNot measured yet: "
+                                        "`make bench-scifact` (about an hour on 2 cores).\n",
 }
 
 
 def suites(quick: bool, passages: int, batch_size: int) -> dict:
     """name -> () -> markdown. Quick: tiny sizes and one round, for the smoke test."""
-    from benchmarks import evaluation, hotpath, profiles, training
+    from benchmarks import evaluation, hotpath, mining, profiles, scifact, training
 
     once = {"min_rounds": 1, "max_rounds": 1, "budget_s": 0}
     if quick:
@@ -44,6 +46,8 @@ def suites(quick: bool, passages: int, batch_size: int) -> dict:
             "profiles": lambda log: profiles.markdown(profiles.run(batch_size=2, num_passages=8, log=log)),
             "compile": lambda log: hotpath.compile_markdown(
                 hotpath.compile_run(batch_size=2, log=log, **once)),
+            "mining": lambda log: mining.markdown(mining.run(sizes=(2000,), side_passages=8, log=log, **once)),
+            "scifact": lambda log: "## SciFact: time to a trained model\n\nNot part of --quick.\n",
         }
     return {
         "training": lambda log: training.markdown(training.run(batch_size=batch_size, budget_s=420, log=log)),
@@ -52,6 +56,8 @@ def suites(quick: bool, passages: int, batch_size: int) -> dict:
         "hotpath": lambda log: hotpath.markdown(hotpath.run(batch_size=batch_size, budget_s=240, log=log)),
         "profiles": lambda log: profiles.markdown(profiles.run(batch_size=batch_size, log=log)),
         "compile": lambda log: hotpath.compile_markdown(hotpath.compile_run(log=log)),
+        "mining": lambda log: mining.markdown(mining.run(log=log)),
+        "scifact": lambda log: scifact.markdown(scifact.run(epochs=4, log=log)),  # about an hour: make bench-scifact
     }
 
 
@@ -105,7 +111,8 @@ def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(DEFAULT),
-                        help="comma-separated suites: training, evaluation, hotpath, profiles, compile")
+                        help="comma-separated suites: training, evaluation, hotpath, profiles, mining, "
+                             "compile, scifact")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke test")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--passages", type=int, default=128,

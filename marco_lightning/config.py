@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 OmegaConf.register_new_resolver("marco_root", lambda: str(ROOT), replace=True)
+OmegaConf.register_new_resolver("basename", lambda path: Path(str(path)).name, replace=True)  # data=beir names
 
 
 class ConfigError(ValueError):

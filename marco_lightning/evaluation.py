@@ -58,19 +58,22 @@ def _open(path, mode="rt"):
 
 
 def read_qrels(path) -> dict[str, dict[str, int]]:
-    """TREC `qid Q0 pid grade` or MS MARCO `qid \\t 0 \\t pid \\t 1`, plain or .gz."""
+    """TREC `qid Q0 pid grade`, MS MARCO `qid \\t 0 \\t pid \\t 1` or BEIR `query-id \\t corpus-id \\t score`."""
     qrels = defaultdict(dict)
     with _open(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             fields = line.split()
+            if lineno == 1 and fields[:2] == ["query-id", "corpus-id"]:
+                continue  # a BEIR qrels header
             try:
-                qid, _, pid, grade = fields
+                qid, pid, grade = fields if len(fields) == 3 else (fields[0], *fields[2:])  # BEIR: no Q0 column
                 grade = int(grade)
             except ValueError:
                 raise ValueError(
-                    f"{path}:{lineno}: expected 'qid Q0 pid grade' (grade an integer), got {line!r}"
+                    f"{path}:{lineno}: expected 'qid Q0 pid grade' (TREC) or 'query-id<TAB>corpus-id<TAB>score' "
+                    f"(BEIR), grade an integer, got {line!r}"
                 )
             if qrels[qid].setdefault(pid, grade) != grade:
                 raise ValueError(f"{path}:{lineno}: ({qid}, {pid}) judged twice with different grades")

@@ -44,8 +44,18 @@ def training_section(cfg: DictConfig, metrics: dict, steps: int) -> str:
     base = f"- Base model: `{cfg.model.backbone}`" + (" (random initialisation)" if cfg.model.get("random_init") else "")
     systems = neg.systems if isinstance(neg.systems, str) else list(neg.systems)
     teacher = Path(str(cfg.data.teacher_scores)).name if cfg.data.get("teacher_scores") else None
+    if cfg.data.get("kind") == "beir":
+        from marco_lightning.data.beir import BeirFolder
+
+        folder = BeirFolder.from_config(cfg.data)
+        data = (f"BEIR folder `{folder.root.name}` (split {folder.split_names['train']} minus the held-out val "
+                f"queries, negatives mined by task=mine, teacher scores `{teacher}`)")
+        val_queries = folder.describe_split("val")
+    else:
+        data = f"`{cfg.data.name}` (train qrels `{Path(str(cfg.data.train_qrels)).name}`, teacher scores `{teacher}`)"
+        val_queries = f"`{Path(str(cfg.data.val_qrels)).name}`"
     protocol = (f"Re-ranking the top {cfg.data.val_top_k} of `{Path(str(cfg.data.val_run)).name}` for the queries of "
-                f"`{Path(str(cfg.data.val_qrels)).name}`; nDCG with graded gains, MRR and recall count grade >= "
+                f"{val_queries}; nDCG with graded gains, MRR and recall count grade >= "
                 f"{cfg.data.val_rel_level} relevant; every judged query counts (ir-measures). \"before\" is the base "
                 "model as sentence-transformers loads it; \"after\" is this model (the checkpoint chosen by "
                 f"`{cfg.monitor}`).")
@@ -53,7 +63,7 @@ def training_section(cfg: DictConfig, metrics: dict, steps: int) -> str:
         "", "## How this model was made (marco-lightning)", "", base,
         (f"- Loss: `{cfg.loss._target_}` with {loss}; similarity `{cfg.model.get('similarity')}` (declared in "
          "config_sentence_transformers.json, used by `model.similarity`)"),
-        f"- Data: `{cfg.data.name}` (train qrels `{Path(str(cfg.data.train_qrels)).name}`, teacher scores `{teacher}`)",
+        f"- Data: {data}",
         (f"- Hard negatives: systems {systems}, up to {neg.num_per_system} per system, ce_score_margin "
          f"{neg.ce_score_margin}, {cfg.num_negatives} per query per step"),
         (f"- Steps: {steps}, batch size {cfg.batch_size} per device, lr {cfg.optimizer.lr}, seed {cfg.seed}, "

@@ -95,6 +95,10 @@ class Collator:
             batch["teacher"] = torch.tensor([t for _, _, t in examples], dtype=torch.float32)
         return batch
 
+    def texts(self, texts):
+        """Texts embedded alone (bi-encoder inference): cut at max_seq_length, as sentence-transformers' encode."""
+        return self._tok(texts, self.max_doc_length)
+
     def pairs(self, rows):
         """rows: (qid, pid, query, passage) -> model inputs for scoring each pair."""
         batch = {"qid": torch.tensor([r[0] for r in rows]), "pid": torch.tensor([r[1] for r in rows])}

@@ -1,37 +1,22 @@
-"""Full retrieval with a bi-encoder: encode the collection in streamed chunks into a faiss index, then search."""
+"""Full retrieval with a bi-encoder: the collection encoded chunk by chunk into a memory-mapped matrix on disk
+(resumable, reused while model and collection are unchanged), a faiss index over it, then search."""
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-CHUNK = 8192  # passages read, encoded and added to the index at a time: memory stays flat for 8.8M passages
+from marco_lightning.inference import encode  # the one inference path (also as retrieval.encode)
 
-
-@torch.no_grad()
-def encode(model, texts: list[str], batch_size: int) -> np.ndarray:
-    collator, dev = model.collator(), next(model.parameters()).device
-    length = model.max_doc_length  # sentence-transformers' max_seq_length, for queries too
-    order = np.argsort([len(t) for t in texts], kind="stable")  # batches of similar length pad less
-    out = []
-    for i in range(0, len(texts), batch_size):
-        features = collator._tok([texts[j] for j in order[i:i + batch_size]], length)
-        features = {k: v.to(dev, non_blocking=True) for k, v in features.items()}
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            out.append(model.output_embedding(features).float().cpu().numpy())
-    if not out:
-        return np.zeros((0, model.dim), np.float32)
-    embeddings = np.empty((len(texts), out[0].shape[1]), np.float32)
-    embeddings[order] = np.concatenate(out)  # back to input order
-    return embeddings
+CHUNK = 2048  # passages read, encoded, written and counted done at a time: memory stays flat for 8.8M passages
 
 
 def model_fingerprint(model) -> str:
     """Digest of what decides the vectors: every weight, the module stack, similarity and max_seq_length."""
-    import hashlib
-
     digest = hashlib.sha1(repr([type(m).__name__ for m in model.st]).encode())
     digest.update(f"{model.similarity} {model.max_doc_length}".encode())
     for name, tensor in model.state_dict().items():
@@ -45,52 +30,105 @@ def _stat(path) -> list:
     return [st.st_size, st.st_mtime_ns]  # a collection replaced in place gets a new index
 
 
-def build_index(model, collection, index_dir: Path, index_factory: str = "Flat", batch_size: int = 64):
-    """Encode `collection` (pid \\t text) into `index_dir/index.faiss` + `pids.npy`; reused when already built."""
-    import faiss
+def _progress(**kwargs):
     from tqdm import tqdm
 
-    from marco_lightning.data.formats import iter_id_text
+    return tqdm(file=sys.stderr, mininterval=2, unit_scale=True, **kwargs)
+
+
+def collection_ids(collection, cache_dir: Path) -> np.ndarray:
+    """The passage ids of `collection` in file order (strings), read once into `cache_dir/ids.npy`."""
+    from marco_lightning.data.formats import iter_collection
+
+    path = cache_dir / "ids.npy"
+    if not path.exists():
+        parts, chunk = [], []
+        for pid, _ in _progress(iterable=iter_collection(collection), desc="reading ids", unit="passage"):
+            chunk.append(pid)
+            if len(chunk) == 1 << 20:
+                parts.append(np.array(chunk))
+                chunk = []
+        parts.append(np.array(chunk, dtype=str))
+        ids = np.concatenate(parts)
+        tmp = cache_dir / "ids.tmp.npy"
+        np.save(tmp, ids)
+        tmp.rename(path)
+    return np.load(path, mmap_mode="r")
+
+
+def encode_collection(model, collection, cache_dir, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(passage ids, embeddings memmap) of `collection` in file order, kept in `cache_dir`.
+
+    Each chunk is flushed before `progress.json` counts it, so a run killed mid-way resumes at its last complete
+    chunk; a different model or collection starts afresh. Peak memory: one chunk of texts and vectors.
+    """
+    from marco_lightning.data.formats import iter_collection
+
+    cache_dir = Path(cache_dir)
+    meta = {"collection": str(Path(collection).resolve()), "collection_stat": _stat(collection),
+            "model": model_fingerprint(model), "dim": model.dim}
+    if (cache_dir / "meta.json").exists() and json.loads((cache_dir / "meta.json").read_text()) != meta:
+        for stale in ("embeddings.npy", "progress.json", "ids.npy", "index.faiss", "index.json"):
+            (cache_dir / stale).unlink(missing_ok=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / "meta.json").write_text(json.dumps(meta))
+    ids = collection_ids(collection, cache_dir)
+    emb_path, progress = cache_dir / "embeddings.npy", cache_dir / "progress.json"
+    done = json.loads(progress.read_text())["done"] if progress.exists() and emb_path.exists() else 0
+    if not done:
+        np.lib.format.open_memmap(emb_path, "w+", np.float32, (len(ids), model.dim)).flush()
+    if done < len(ids):
+        emb = np.lib.format.open_memmap(emb_path, "r+")
+        bar = _progress(total=len(ids), initial=done, desc="encoding collection", unit="passage")
+        chunk, row = [], 0
+        for _, text in iter_collection(collection):
+            row += 1
+            if row <= done:
+                continue
+            chunk.append(text)
+            if len(chunk) == CHUNK or row == len(ids):
+                emb[done:done + len(chunk)] = encode(model, chunk, batch_size)
+                emb.flush()
+                done += len(chunk)
+                progress.write_text(json.dumps({"done": done}))
+                bar.update(len(chunk))
+                chunk = []
+        bar.close()
+        del emb
+    return ids, np.load(emb_path, mmap_mode="r")
+
+
+def build_index(model, collection, index_dir: Path, index_factory: str = "Flat", batch_size: int = 64):
+    """(faiss index, passage ids) of `collection` under `model`; index and embeddings reused when unchanged."""
+    import faiss
 
     index_dir = Path(index_dir)
-    meta = {"collection": str(collection), "collection_stat": _stat(collection), "factory": index_factory,
-            "model": model_fingerprint(model)}
-    if (index_dir / "meta.json").exists() and json.loads((index_dir / "meta.json").read_text()) == meta:
-        return faiss.read_index(str(index_dir / "index.faiss")), np.load(index_dir / "pids.npy")
-    dim = model.dim
-    index = faiss.index_factory(dim, index_factory, faiss.METRIC_INNER_PRODUCT)
-    pids, chunk, vectors = [], [], []
-
-    def flush():
-        vectors.append(encode(model, [t for _, t in chunk], batch_size))
-        pids.extend(p for p, _ in chunk)
-        chunk.clear()
-
-    for pid, text in tqdm(iter_id_text(collection), desc="encoding collection", unit="passage"):
-        chunk.append((pid, text))
-        if len(chunk) == CHUNK:
-            flush()
-            if index.is_trained:  # a flat index takes vectors as they come; trained ones wait (below)
-                index.add(vectors.pop())
-    if chunk:
-        flush()
-    if not index.is_trained:  # IVF/PQ: train on what was encoded (for 8.8M passages, pass a sample instead)
-        index.train(np.concatenate(vectors))
-    for v in vectors:
-        index.add(v)
-    index_dir.mkdir(parents=True, exist_ok=True)
+    ids, emb = encode_collection(model, collection, index_dir, batch_size)
+    stamp = json.dumps({"factory": index_factory, "meta": (index_dir / "meta.json").read_text()})
+    if (index_dir / "index.json").exists() and (index_dir / "index.json").read_text() == stamp:
+        return faiss.read_index(str(index_dir / "index.faiss")), ids
+    index = faiss.index_factory(emb.shape[1], index_factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:  # IVF/PQ: train on a sample (faiss recommends ~100-1000 vectors per list)
+        sample = np.random.default_rng(0).permutation(len(emb))[:256 * 1024]
+        index.train(np.ascontiguousarray(emb[np.sort(sample)]))
+    for i in range(0, len(emb), CHUNK * 8):
+        index.add(np.ascontiguousarray(emb[i:i + CHUNK * 8]))
     faiss.write_index(index, str(index_dir / "index.faiss"))
-    np.save(index_dir / "pids.npy", np.asarray(pids, dtype=np.int64))
-    (index_dir / "meta.json").write_text(json.dumps(meta))  # written last: its presence means complete
-    return index, np.asarray(pids, dtype=np.int64)
+    (index_dir / "index.json").write_text(stamp)  # written last: its presence means complete
+    return index, ids
+
+
+def search(model, index, ids: np.ndarray, queries: dict[str, str], top_k: int,
+           batch_size: int = 64) -> dict[str, dict[str, float]]:
+    qids = list(queries)
+    scores, rows = index.search(encode(model, [queries[q] for q in qids], batch_size), top_k)
+    return {q: {str(ids[r]): float(s) for s, r in zip(srow, rrow) if r >= 0}
+            for q, srow, rrow in zip(qids, scores, rows)}
 
 
 def retrieve(model, collection, queries: dict[str, str], top_k: int, index_dir, index_factory: str = "Flat",
              batch_size: int = 64) -> dict[str, dict[str, float]]:
     if model.kind != "bi":
         raise ValueError("task.mode=retrieve needs a bi-encoder (a cross-encoder can only re-rank: task.mode=rerank)")
-    index, pids = build_index(model, collection, index_dir, index_factory, batch_size)
-    qids = list(queries)
-    scores, rows = index.search(encode(model, [queries[q] for q in qids], batch_size), top_k)
-    return {q: {str(pids[r]): float(s) for s, r in zip(srow, rrow) if r >= 0}
-            for q, srow, rrow in zip(qids, scores, rows)}
+    index, ids = build_index(model, collection, index_dir, index_factory, batch_size)
+    return search(model, index, ids, queries, top_k, batch_size)

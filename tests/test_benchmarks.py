@@ -5,7 +5,7 @@ import pytest
 from benchmarks.run_all import main, merge, sections
 
 SUITES = {"training": "Training throughput", "evaluation": "Evaluation throughput",
-          "hotpath": "Hot-path effects", "profiles": "Profiles", "compile": "torch.compile"}
+          "hotpath": "Hot-path effects", "profiles": "Profiles", "compile": "torch.compile", "mining": "Mining"}
 
 
 def test_merge_replaces_measured_sections_and_keeps_the_others():
@@ -26,3 +26,20 @@ def test_suite_runs_at_a_tiny_size(suite, tmp_path):
     written = sections(out.read_text())
     assert SUITES[suite] in written and "nan" not in written[SUITES[suite]]
     assert "kept" in written["Data pipeline"]
+
+
+def test_gpu_benchmark_script_runs_here(tmp_path):
+    """benchmarks/gpu.sh is for a GPU machine; on this CPU it must still run end to end (so it does not rot)."""
+    import json
+    import os
+    import subprocess
+
+    from benchmarks.common import ROOT
+
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--quick", "--out", str(tmp_path / "gpu.json")],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu.json").read_text())
+    assert {"project (sdpa, padded)", "sentence-transformers MarginMSELoss"} <= set(res["train"])
+    assert all(row["samples_per_s"] > 0 for row in res["train"].values())
+    assert set(res["encode"]) == {"project", "sentence-transformers"} and "| training |" in r.stdout

@@ -22,7 +22,8 @@ def bind(node):
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes(group, option, tmp_path):
-    cfg = compose([f"{group}={option}"], tmp_path)
+    beir = ["data.root=/a/beir/folder"] if option == "beir" or option.startswith("beir_") else []  # data.root: ???
+    cfg = compose([f"{group}={option}", *beir], tmp_path)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     for key in ("model", "loss", "optimizer", "trainer"):
         bind(cfg[key])

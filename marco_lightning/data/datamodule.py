@@ -20,6 +20,8 @@ from marco_lightning.data.sampling import (
 
 # The data keys that decide a store's content (validation files are read directly, not stored).
 STORE_KEYS = ("collection", "queries", "train_queries", "train_qrels", "hard_negatives", "teacher_scores")
+BEIR_STORE_KEYS = ("kind", "root", "train_split", "val_split", "test_split", "val_fraction", "hard_negatives",
+                   "teacher_scores")
 
 
 # Short names for the mining systems of msmarco-hard-negatives.jsonl.gz (and of the committed sample).
@@ -37,7 +39,8 @@ SYSTEM_ALIASES = {
 
 
 def store_inputs(data: DictConfig, negatives: DictConfig) -> tuple[dict, dict]:
-    data_in = {k: OmegaConf.to_container(data, resolve=True).get(k) for k in STORE_KEYS}
+    plain = OmegaConf.to_container(data, resolve=True)
+    data_in = {k: plain.get(k) for k in (BEIR_STORE_KEYS if plain.get("kind") == "beir" else STORE_KEYS)}
     neg = OmegaConf.to_container(negatives, resolve=True)
     if neg["systems"] != "all":
         neg["systems"] = [SYSTEM_ALIASES.get(s, s) for s in neg["systems"]]
@@ -48,10 +51,33 @@ def store_path(cache_dir: str, data: DictConfig, negatives: DictConfig) -> Path:
     """One store per (input files, negative selection): changing either never reuses a stale store."""
     data_in, neg_in = store_inputs(data, negatives)
     # size and mtime of each input too: a file replaced in place (same path) gets a new store
-    paths = [p for v in data_in.values() for p in (v if isinstance(v, list) else [v]) if p and Path(p).exists()]
+    paths = [p for k, v in data_in.items() if k != "root" for p in (v if isinstance(v, list) else [v])
+             if isinstance(p, str) and p and Path(p).exists()]
+    if data_in.get("kind") == "beir":
+        from marco_lightning.data.beir import BeirFolder
+
+        paths += [str(p) for p in BeirFolder.from_config(data_in).files()]
     stamps = [(p, Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in paths]
     digest = hashlib.sha1(json.dumps([data_in, neg_in, stamps], sort_keys=True).encode()).hexdigest()[:10]
     return Path(cache_dir) / "stores" / f"{data.name}-{digest}"
+
+
+def validation_set(data: DictConfig):
+    """(qrels, run, ids) of the validation queries, keyed as the store keys them: MS MARCO ids, or for a BEIR
+    folder its rows (`ids`, an IdRows, maps them back to the folder's ids; None for MS MARCO)."""
+    from marco_lightning.evaluation import read_qrels, read_run
+
+    ids = None
+    if data.get("kind") == "beir":
+        from marco_lightning.data.beir import BeirFolder, IdRows
+
+        folder = BeirFolder.from_config(data)
+        ids = IdRows(folder)
+        qrels, run = ids.to_rows(folder.qrels("val")), ids.to_rows(read_run(data.val_run))
+    else:
+        qrels, run = read_qrels(data.val_qrels), read_run(data.val_run)
+    # a run may hold unjudged queries (DL19 top-1000: 200, 43 judged)
+    return qrels, {qid: docs for qid, docs in run.items() if qid in qrels}, ids
 
 
 class ResumableDataLoader(DataLoader):
@@ -88,12 +114,10 @@ class MarcoDataModule(pl.LightningDataModule):
         if self.store is not None:
             return
         from marco_lightning.data.store import Store
-        from marco_lightning.evaluation import read_qrels, read_run
 
         self.store = Store(self.store_dir)
         self.train_set = TrainDataset(self.store, self.num_negatives, self.seed, self.with_teacher)
-        judged = read_qrels(self.data.val_qrels)  # a run may hold unjudged queries (DL19 top-1000: 200, 43 judged)
-        run = {qid: docs for qid, docs in read_run(self.data.val_run).items() if qid in judged}
+        _, run, _ = validation_set(self.data)
         self.val_set = RerankPairs(self.store, run, self.data.val_top_k)
 
     def _rank(self):

@@ -111,20 +111,29 @@ def _int_list(x) -> bool:
 _INT = {int}
 
 
-def iter_hard_negatives(path, on_error="raise", skipped=None) -> Iterator[tuple[int, list[int], dict[str, list[int]]]]:
-    """(qid, positive pids, {system: negative pids, best first}) from msmarco-hard-negatives.jsonl(.gz)."""
+def iter_hard_negatives(path, on_error="raise", skipped=None, id_type=int) -> Iterator[tuple]:
+    """(qid, positive pids, {system: negative pids, best first}) from msmarco-hard-negatives.jsonl(.gz).
+    id_type=str reads the files task=mine writes for BEIR folders (string ids; integers are read as strings)."""
     lines = _Lines(path, on_error, skipped)
+    ok = _int_list if id_type is int else _id_list
     for n, line in lines:
         try:
             d = json.loads(line)
             qid, pos, neg = d["qid"], d["pos"], d["neg"]
-            if type(qid) is not int or not _int_list(pos) or type(neg) is not dict or not all(
-                    _int_list(v) for v in neg.values()):
+            if not ok([qid]) or not ok(pos) or type(neg) is not dict or not all(ok(v) for v in neg.values()):
                 raise ValueError
         except (ValueError, KeyError, TypeError):
-            lines.bad(n, 'expected JSON {"qid": int, "pos": [int, ...], "neg": {"system": [int, ...], ...}}', line)
+            kind = "int" if id_type is int else "id"
+            lines.bad(n, f'expected JSON {{"qid": {kind}, "pos": [{kind}, ...], "neg": {{"system": [{kind}, ...], '
+                         '...}}', line)
             continue
+        if id_type is str:
+            qid, pos, neg = str(qid), [str(x) for x in pos], {k: [str(x) for x in v] for k, v in neg.items()}
         yield qid, pos, neg
+
+
+def _id_list(x) -> bool:
+    return type(x) is list and set(map(type, x)) <= {int, str}
 
 
 def iter_hofstaetter_triples(path, on_error="raise", skipped=None) -> Iterator[tuple[int, int, int, float, float]]:
@@ -615,8 +624,13 @@ def _iter_jsonl(path, on_error, skipped, required=("_id", "text")):
 def iter_beir_corpus(path, ids: IdMap, on_error="raise", skipped=None) -> Iterator[tuple[int, str]]:
     """(id, "title text") from a BEIR corpus.jsonl (title and text joined by a space, as BEIR encodes them)."""
     for d in _iter_jsonl(path, on_error, skipped):
-        title = d.get("title") or ""
-        yield ids(d["_id"]), f"{title} {d['text']}" if title else d["text"]
+        yield ids(d["_id"]), beir_text(d)
+
+
+def beir_text(d: dict) -> str:
+    """A BEIR document as BEIR and MTEB encode it: title and text joined by a space."""
+    title = (d.get("title") or "").strip()
+    return f"{title} {d['text']}" if title else d["text"]
 
 
 def iter_beir_queries(path, ids: IdMap, on_error="raise", skipped=None) -> Iterator[tuple[int, str]]:
@@ -624,8 +638,8 @@ def iter_beir_queries(path, ids: IdMap, on_error="raise", skipped=None) -> Itera
         yield ids(d["_id"]), d["text"]
 
 
-def iter_beir_qrels(path, qids: IdMap, pids: IdMap, on_error="raise", skipped=None) -> Iterator[tuple[int, int, int]]:
-    """(qid, pid, grade) from a BEIR qrels/<split>.tsv (`query-id \\t corpus-id \\t score`, with a header)."""
+def iter_beir_qrels_names(path, on_error="raise", skipped=None) -> Iterator[tuple[str, str, int]]:
+    """(query id, corpus id, grade) from a BEIR qrels/<split>.tsv (`query-id \\t corpus-id \\t score`, a header)."""
     lines = _Lines(path, on_error, skipped)
     for n, line in lines:
         parts = line.decode("utf-8", "replace").split("\t")
@@ -634,6 +648,38 @@ def iter_beir_qrels(path, qids: IdMap, pids: IdMap, on_error="raise", skipped=No
         try:
             if len(parts) != 3:
                 raise ValueError
-            yield qids(parts[0]), pids(parts[1]), int(parts[2])
+            yield parts[0], parts[1], int(parts[2])
         except ValueError:
             lines.bad(n, "expected `query-id <TAB> corpus-id <TAB> integer score`", line)
+
+
+def iter_beir_qrels(path, qids: IdMap, pids: IdMap, on_error="raise", skipped=None) -> Iterator[tuple[int, int, int]]:
+    for qid, pid, grade in iter_beir_qrels_names(path, on_error, skipped):
+        yield qids(qid), pids(pid), grade
+
+
+def is_jsonl(path) -> bool:
+    return _peek(path, 64).lstrip()[:1] == b"{"
+
+
+def iter_collection(path) -> Iterator[tuple[str, str]]:
+    """(id as a string, text) of a collection: MS MARCO `id \\t text` (or parquet) or a BEIR corpus.jsonl."""
+    if not _is_parquet(path) and is_jsonl(path):
+        for d in _iter_jsonl(path, "raise", None):
+            yield d["_id"], beir_text(d)
+    else:
+        for i, text in iter_id_text(path):
+            yield str(i), text
+
+
+def iter_pair_scores(path, on_error="raise", skipped=None) -> Iterator[tuple[str, str, float]]:
+    """(query id, passage id, score) from `query-id \\t corpus-id \\t score` lines (task=score writes these)."""
+    lines = _Lines(path, on_error, skipped)
+    for n, line in lines:
+        parts = line.decode("utf-8", "replace").split("\t")
+        try:
+            if len(parts) != 3 or not math.isfinite(score := float(parts[2])):
+                raise ValueError
+            yield parts[0], parts[1], score
+        except ValueError:
+            lines.bad(n, "expected `query-id <TAB> corpus-id <TAB> finite score`", line)

@@ -187,10 +187,13 @@ def _pair_keys(qids, pids, check=True) -> np.ndarray:
 class TeacherScores:
     """Teacher scores as sorted uint64 keys (qid << 32 | pid) and float32 values, looked up by searchsorted."""
 
-    def __init__(self, path, qids: np.ndarray, pairs: np.ndarray | None = None):
-        """Stream `path`, keeping the scores of `qids` (sorted int64), and of `pairs` (sorted keys) if given."""
+    def __init__(self, chunks, qids: np.ndarray, pairs: np.ndarray | None = None, name: str = ""):
+        """Stream (qids, pids, scores) chunks (or a score file's path), keeping the scores of `qids` (sorted
+        int64), and of `pairs` (sorted keys) if given."""
+        if isinstance(chunks, (str, os.PathLike)):
+            chunks, name = iter_teacher_score_chunks(chunks), Path(chunks).name
         keys, vals = [], []
-        for q, p, s in _progress(iter_teacher_score_chunks(path), f"teacher scores {Path(path).name}", "chunks"):
+        for q, p, s in _progress(chunks, f"teacher scores {name}", "chunks"):
             keep = _sorted_isin(q, qids)
             k = _pair_keys(q[keep], p[keep])
             if pairs is not None:
@@ -257,6 +260,8 @@ def _config(data: Mapping, negatives: Mapping) -> tuple[dict, dict]:
             raise FileNotFoundError(f"data.{key}: {v} does not exist")
         return str(Path(str(v)).resolve())
 
+    if data.get("kind") == "beir":
+        return _beir_config(data, negatives)
     queries = data.get("queries")
     if queries is None:
         raise ValueError("data.queries is required (a path or a list of paths)")
@@ -269,6 +274,33 @@ def _config(data: Mapping, negatives: Mapping) -> tuple[dict, dict]:
             raise FileNotFoundError(f"data.queries: {q} does not exist")
         inputs["queries"].append(str(Path(str(q)).resolve()))
 
+    return inputs, _negatives_config(negatives, inputs)
+
+
+def _beir_config(data: Mapping, negatives: Mapping) -> tuple[dict, dict]:
+    from marco_lightning.data.beir import BeirFolder
+
+    folder = BeirFolder.from_config(data)
+    hard_negatives = data.get("hard_negatives")
+    if not hard_negatives or not Path(str(hard_negatives)).is_file():
+        raise FileNotFoundError(f"data.hard_negatives={hard_negatives}: no mined negatives; run `python run.py "
+                                f"task=mine data=beir data.root={folder.root}` first")
+    teacher = data.get("teacher_scores")
+    inputs = {"format": "beir", "root": str(folder.root.resolve()), "splits": folder.settings(),
+              "hard_negatives": str(Path(str(hard_negatives)).resolve()),
+              "teacher_scores": str(Path(str(teacher)).resolve()) if teacher_scores_complete(teacher) else None}
+    return inputs, _negatives_config(negatives, inputs)
+
+
+def teacher_scores_complete(path) -> bool:
+    """task=score finished writing `path` (its .json says so); a file without one was made elsewhere: taken."""
+    if not path or not Path(str(path)).is_file():
+        return False
+    meta = Path(str(path)).with_suffix(".json")
+    return not meta.is_file() or json.loads(meta.read_text()).get("complete", False)
+
+
+def _negatives_config(negatives: Mapping, inputs: dict) -> dict:
     systems = negatives.get("systems")
     if systems != "all":
         if isinstance(systems, str) or systems is None or not len(systems):
@@ -281,9 +313,8 @@ def _config(data: Mapping, negatives: Mapping) -> tuple[dict, dict]:
         margin = float(margin)
         if inputs["teacher_scores"] is None:
             raise ValueError("negatives.ce_score_margin needs teacher scores: set data.teacher_scores")
-    neg = {"systems": systems, "num_per_system": k, "ce_score_margin": margin,
-           "require_positive": bool(negatives.get("require_positive", True))}
-    return inputs, neg
+    return {"systems": systems, "num_per_system": k, "ce_score_margin": margin,
+            "require_positive": bool(negatives.get("require_positive", True))}
 
 
 def prepare(data: Mapping, negatives: Mapping, out_dir, force: bool = False) -> Path:
@@ -339,7 +370,89 @@ def _alive(pid: int) -> bool:
     return True
 
 
+
+# --- what a store is built from --------------------------------------------------------------------------------
+
+class MarcoSource:
+    """MS MARCO files: integer ids as the files have them."""
+
+    teacher_name = "teacher scores"
+
+    def __init__(self, inputs: dict):
+        self.inputs = inputs
+
+    def train_qrels(self):
+        return iter_qrels(self.inputs["train_qrels"]) if self.inputs["train_qrels"] else iter(())
+
+    def train_qids(self) -> set[int] | None:
+        path = self.inputs["train_queries"]
+        return {qid for qid, _ in _progress(iter_id_text(path), "train queries")} if path else None
+
+    def hard_negatives(self, dropped: Counter):
+        return iter_hard_negatives(self.inputs["hard_negatives"])
+
+    def passages(self):
+        return iter_id_text(self.inputs["collection"])
+
+    def queries(self):
+        return (p for q in self.inputs["queries"] for p in iter_id_text(q))
+
+    def teacher_score_chunks(self):
+        return iter_teacher_score_chunks(self.inputs["teacher_scores"])
+
+
+class BeirSource:
+    """A BEIR folder and what task=mine and task=score wrote for it: string ids, stored as rows (IdRows)."""
+
+    teacher_name = "teacher scores"
+
+    def __init__(self, inputs: dict):
+        from marco_lightning.data.beir import BeirFolder, IdRows
+
+        self.inputs = inputs
+        self.folder = BeirFolder(inputs["root"], **inputs["splits"])
+        self.rows = IdRows(self.folder)
+
+    def train_qrels(self):
+        q, p = self.rows.query_row, self.rows.passage_row
+        return ((q[qid], p[pid], g) for qid, docs in self.folder.qrels("train").items() for pid, g in docs.items())
+
+    def train_qids(self) -> set[int]:
+        return {self.rows.query_row[q] for q in self.folder.qrels("train")}
+
+    def hard_negatives(self, dropped: Counter):
+        q, p = self.rows.query_row, self.rows.passage_row
+        for qid, pos, lists in iter_hard_negatives(self.inputs["hard_negatives"], id_type=str):
+            if qid not in q:
+                dropped["hard_negatives_query_not_in_queries"] += 1
+                continue
+            known = [x for x in pos if x in p]
+            lists = {name: [p[x] for x in pids if x in p] for name, pids in lists.items()}
+            dropped["hard_negatives_unknown_passage"] += len(pos) - len(known)
+            yield q[qid], [p[x] for x in known], lists
+
+    def passages(self):
+        return ((row, text) for row, (_, text) in enumerate(self.folder.corpus()))
+
+    def queries(self):
+        return ((row, text) for row, text in enumerate(self.folder.queries.values()))
+
+    def teacher_score_chunks(self, chunk_size: int = 1 << 20):
+        from marco_lightning.data.formats import iter_pair_scores
+
+        q, p, rows = self.rows.query_row, self.rows.passage_row, ([], [], [])
+        for qid, pid, score in iter_pair_scores(self.inputs["teacher_scores"]):
+            if qid in q and pid in p:
+                for column, value in zip(rows, (q[qid], p[pid], score)):
+                    column.append(value)
+            if len(rows[0]) == chunk_size:
+                yield np.array(rows[0], np.int64), np.array(rows[1], np.int64), np.array(rows[2], np.float64)
+                rows = ([], [], [])
+        yield np.array(rows[0], np.int64), np.array(rows[1], np.int64), np.array(rows[2], np.float64)
+
+
 def _build(inputs: dict, neg: dict, out: Path) -> dict:
+    src = BeirSource(inputs) if inputs.get("format") == "beir" else MarcoSource(inputs)
     dropped, seconds, clock = Counter(), {}, [time.time()]
 
     def step(name):  # seconds spent per step, for the manifest
@@ -347,13 +460,10 @@ def _build(inputs: dict, neg: dict, out: Path) -> dict:
 
     # 1. Positives (qrels, grade >= 1) and the optional restriction of the training queries.
     qrels_pos: dict[int, list[int]] = {}
-    if inputs["train_qrels"]:
-        for qid, pid, grade in _progress(iter_qrels(inputs["train_qrels"]), "train qrels"):
-            if grade >= 1 and pid not in qrels_pos.setdefault(qid, []):
-                qrels_pos[qid].append(pid)
-    train_qids = None
-    if inputs["train_queries"]:
-        train_qids = {qid for qid, _ in _progress(iter_id_text(inputs["train_queries"]), "train queries")}
+    for qid, pid, grade in _progress(src.train_qrels(), "train qrels"):
+        if grade >= 1 and pid not in qrels_pos.setdefault(qid, []):
+            qrels_pos[qid].append(pid)
+    train_qids = src.train_qids()
 
     step("qrels")
 
@@ -365,7 +475,7 @@ def _build(inputs: dict, neg: dict, out: Path) -> dict:
     seg_sys, seg_start, seg_len = array("q"), array("q"), array("q")
     seen_qids, n = set(), 0
     with open(out / "candidates.tmp", "wb", buffering=1 << 22) as f:
-        for qid, pos, lists in _progress(iter_hard_negatives(inputs["hard_negatives"]), "hard negatives"):
+        for qid, pos, lists in _progress(src.hard_negatives(dropped), "hard negatives"):
             for name in lists:
                 systems_seen.setdefault(name, len(systems_seen))
             if qid in seen_qids:
@@ -398,11 +508,8 @@ def _build(inputs: dict, neg: dict, out: Path) -> dict:
     step("hard_negatives")
 
     # 3. Texts.
-    num_passages = write_text_table(_progress(iter_id_text(inputs["collection"]), "collection"), out, "passages",
-                                    dropped)
-    num_queries = write_text_table(
-        (p for q in inputs["queries"] for p in _progress(iter_id_text(q), f"queries {Path(q).name}")),
-        out, "queries", dropped)
+    num_passages = write_text_table(_progress(src.passages(), "collection"), out, "passages", dropped)
+    num_queries = write_text_table(_progress(src.queries(), "queries"), out, "queries", dropped)
     passages, queries = TextTable(out, "passages"), TextTable(out, "queries")
     has_text = _membership(passages.ids)
     step("texts")
@@ -415,7 +522,7 @@ def _build(inputs: dict, neg: dict, out: Path) -> dict:
     teacher = None
     if margin is not None:  # keep only candidate pairs' scores, unless listing the candidates costs more (all 13)
         pairs = np.unique(_pair_keys(np.repeat(row_qid, np.diff(row_pos)), cand)) if n <= 50_000_000 else None
-        teacher = TeacherScores(inputs["teacher_scores"], np.unique(row_qid), pairs)
+        teacher = TeacherScores(src.teacher_score_chunks(), np.unique(row_qid), pairs, src.teacher_name)
     step("teacher_scores")
 
     # 5. Selection, query by query, exactly as sentence-transformers' MNRL recipe (see REFERENCE.md): systems in
@@ -491,7 +598,8 @@ def _build(inputs: dict, neg: dict, out: Path) -> dict:
         pos_keys = _pair_keys(np.repeat(kept, np.diff(pos_offsets)), pos_pids)
         neg_keys = _pair_keys(np.repeat(kept, np.diff(neg_offsets)), neg_pids)
         if teacher is None:
-            teacher = TeacherScores(inputs["teacher_scores"], np.unique(kept), np.unique(np.concatenate([pos_keys, neg_keys])))
+            teacher = TeacherScores(src.teacher_score_chunks(), np.unique(kept),
+                                    np.unique(np.concatenate([pos_keys, neg_keys])), src.teacher_name)
         pos_scores, neg_scores = teacher.lookup_keys(pos_keys), teacher.lookup_keys(neg_keys)
     arrays = {"qids": kept, "pos_offsets": pos_offsets, "pos_pids": pos_pids, "pos_scores": pos_scores,
               "neg_offsets": neg_offsets, "neg_pids": neg_pids, "neg_scores": neg_scores}

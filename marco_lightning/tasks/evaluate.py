@@ -28,13 +28,23 @@ def main(cfg: DictConfig) -> dict:
     task, out = cfg.task, Path(cfg.paths.output_dir)
     if task.mode not in MODES:
         raise ConfigError(f"task.mode={task.mode!r}: use one of {', '.join(MODES)}")
-    if task.mode != "retrieve" and not task.run:
+    beir = cfg.data.get("kind") == "beir"
+    run_path = beir_run(cfg) if beir else task.run
+    if task.mode != "retrieve" and not run_path:
         raise ConfigError(f"task.mode={task.mode} needs task.run=PATH (a TREC run file)")
-    check_files(cfg, ["task.qrels"] + (["task.run"] if task.mode != "retrieve" else [])
+    if task.mode != "retrieve" and not Path(run_path).is_file():
+        raise ConfigError(f"task.run: file not found: {run_path}" + (
+            f"\n  Mine it first: python run.py task=mine data=beir data.root={cfg.data.root}" if beir else ""))
+    check_files(cfg, (["task.qrels"] if not beir else [])
                 + (["task.queries", "task.collection"] if task.mode != "score" else []))
-    qrels = read_qrels(task.qrels)
+    if beir:
+        from marco_lightning.data.beir import BeirFolder
+
+        qrels = BeirFolder.from_config(cfg.data).qrels(task.split or "test")
+    else:
+        qrels = read_qrels(task.qrels)
     if task.mode == "score":
-        run = read_run(task.run)
+        run = read_run(run_path)
         lists = [docs for docs in run.values() if len(docs) > 1]
         if lists and all(unranked(docs) for docs in lists):
             raise ConfigError(f"task.run={task.run} ranks no candidate above another (a top-1000 candidate file?): "
@@ -43,7 +53,7 @@ def main(cfg: DictConfig) -> dict:
         model = load_model(cfg).to(device(task.device)).eval()
         queries = read_texts(task.queries)
         if task.mode == "rerank":
-            run = rerank(model, read_run(task.run), queries, task.collection, task.top_k, task.batch_size)
+            run = rerank(model, read_run(run_path), queries, task.collection, task.top_k, task.batch_size)
         else:
             from marco_lightning.retrieval import retrieve
 
@@ -56,6 +66,15 @@ def main(cfg: DictConfig) -> dict:
     print(format_table({task.name or task.mode: metrics}))
     print(f"Run folder: {out}  (run.trec, metrics.json)")
     return metrics
+
+
+def beir_run(cfg: DictConfig) -> str:
+    """The run a BEIR split is re-ranked or scored from: task.run when given, else the mined run of the split."""
+    from marco_lightning.config import _overridden_keys
+
+    if "task.run" in _overridden_keys():
+        return cfg.task.run
+    return str(Path(cfg.data.mined_dir) / "runs" / f"{cfg.task.split or 'test'}.{cfg.data.val_system}.trec")
 
 
 def device(name: str) -> torch.device:
@@ -83,16 +102,15 @@ def load_model(cfg: DictConfig):
 
 
 def read_texts(path, keep=None) -> dict[str, str]:
-    from marco_lightning.data.formats import iter_id_text
+    """id -> text of a collection or queries file (MS MARCO tsv, BEIR jsonl), only the ids in `keep` if given."""
+    from marco_lightning.data.formats import iter_collection
 
-    return {str(i): t for i, t in iter_id_text(path) if keep is None or str(i) in keep}
+    return {i: t for i, t in iter_collection(path) if keep is None or i in keep}
 
 
-@torch.no_grad()
 def rerank(model, run, queries, collection, top_k: int, batch_size: int) -> dict[str, dict[str, float]]:
-    from tqdm import tqdm
-
     from marco_lightning.evaluation import top_candidates
+    from marco_lightning.inference import score
 
     rows = [(qid, pid) for qid, docs in run.items() if qid in queries
             for pid in top_candidates(qid, docs, top_k, key="task.top_k")]
@@ -100,15 +118,8 @@ def rerank(model, run, queries, collection, top_k: int, batch_size: int) -> dict
     missing = sorted({pid for _, pid in rows if pid not in passages})
     if missing:
         raise ValueError(f"{len(missing)} run passages have no text in {collection} (e.g. {missing[:3]})")
-    rows.sort(key=lambda r: len(passages[r[1]]))  # similar lengths per batch: less padding (x1.3, BENCHMARKS.md)
-    collate, dev = model.collator().pairs, next(model.parameters()).device
+    scores = score(model, [queries[q] for q, _ in rows], [passages[p] for _, p in rows], batch_size, "re-ranking")
     out: dict[str, dict[str, float]] = {}
-    for i in tqdm(range(0, len(rows), batch_size), desc="re-ranking", unit="batch"):
-        chunk = rows[i:i + batch_size]
-        batch = collate([(int(q), int(p), queries[q], passages[p]) for q, p in chunk])
-        batch = {k: ({n: t.to(dev) for n, t in v.items()} if isinstance(v, dict) else v) for k, v in batch.items()}
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            scores = model.score_pairs(batch).float().tolist()
-        for (q, p), s in zip(chunk, scores):
-            out.setdefault(q, {})[p] = s
+    for (q, p), s in zip(rows, scores.tolist()):
+        out.setdefault(q, {})[p] = s
     return out

@@ -16,9 +16,8 @@ def main(cfg: DictConfig) -> dict:
     import pytorch_lightning as pl
 
     from marco_lightning.checkpointing import AtomicCheckpointIO
-    from marco_lightning.data.datamodule import MarcoDataModule, store_path
+    from marco_lightning.data.datamodule import MarcoDataModule, store_path, validation_set
     from marco_lightning.data.download import ensure_files
-    from marco_lightning.evaluation import read_qrels
     from marco_lightning.loggers import build_loggers
     from marco_lightning.losses import negatives_per_query
     from marco_lightning.module import RetrieverModule
@@ -26,10 +25,14 @@ def main(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     print(f"Run folder: {run_dir}")
     raw_keys = ("collection", "queries", "train_qrels", "hard_negatives", "teacher_scores")
-    ensure_files(cfg.data, ["val_qrels", "val_run"])  # downloads what data.downloads lists, if missing
-    check_files(cfg, ["data.val_qrels", "data.val_run"])
+    beir = cfg.data.get("kind") == "beir"
+    if beir:
+        check_beir_inputs(cfg)
+    else:
+        ensure_files(cfg.data, ["val_qrels", "val_run"])  # downloads what data.downloads lists, if missing
+        check_files(cfg, ["data.val_qrels", "data.val_run"])
     store_dir = store_path(cfg.paths.cache_dir, cfg.data, cfg.negatives)
-    if not (store_dir / "manifest.json").exists():  # the raw files are needed only to build the store
+    if not beir and not (store_dir / "manifest.json").exists():  # the raw files are needed only to build the store
         ensure_files(cfg.data, raw_keys)
         check_files(cfg, [f"data.{k}" for k in raw_keys])
         store_dir = store_path(cfg.paths.cache_dir, cfg.data, cfg.negatives)  # downloads change the digest
@@ -41,7 +44,7 @@ def main(cfg: DictConfig) -> dict:
                                  num_negatives=cfg.num_negatives, with_teacher=loss.needs_teacher, seed=cfg.seed,
                                  num_workers=cfg.num_workers, pin_memory=cfg.trainer.accelerator in ("gpu", "cuda"),
                                  group_by_length=cfg.group_by_length)
-    val_qrels = read_qrels(cfg.data.val_qrels)
+    val_qrels, _, ids = validation_set(cfg.data)
     grad_cache = cfg.get("mini_batch_size")
     module = RetrieverModule(model, loss, instantiate(cfg.optimizer), cfg.scheduler.warmup_steps,
                              val_qrels=val_qrels, val_rel_level=cfg.data.val_rel_level, mini_batch_size=grad_cache,
@@ -75,7 +78,7 @@ def main(cfg: DictConfig) -> dict:
               f"each query is scored against {batch_info['negatives_per_query']} negatives")
 
     try:
-        metrics = fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, val_qrels, run_dir)
+        metrics = fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, val_qrels, run_dir, ids)
     except BaseException:
         finish_wandb(trainer, exit_code=1)  # marked failed, its files flushed, whatever went wrong
         raise
@@ -83,15 +86,21 @@ def main(cfg: DictConfig) -> dict:
     return metrics
 
 
-def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, val_qrels, run_dir) -> dict:
+def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, val_qrels, run_dir, ids=None) -> dict:
     from marco_lightning.checkpointing import resolve_ckpt_path
     from marco_lightning.evaluation import compute_metrics, format_table, read_run, write_run
     from marco_lightning.loggers import print_run_summary
 
+    # what is reported and written carries the data's own ids (a BEIR store keys queries and passages by row)
+    named = ids.to_names if ids is not None else (lambda run: run)
+    judged = named(val_qrels)
+
+    def measure(run) -> dict:
+        return compute_metrics(judged, named(run), rel_level=cfg.data.val_rel_level, measures=module.val_measures)
+
     def evaluate(ckpt_path=None, target=module) -> dict:
         trainer.validate(target, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
-        return compute_metrics(val_qrels, target.last_val_run, rel_level=cfg.data.val_rel_level,
-                               measures=target.val_measures)
+        return measure(target.last_val_run)
 
     metrics = {}
     if start_module is not None:
@@ -100,8 +109,7 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, v
     best_step = checkpoint_step(checkpoint.best_model_path)
     if best_step is not None and best_step == module.last_val_step == trainer.global_step:
         # the best checkpoint holds the weights validated last: reuse that ranking instead of recomputing it
-        metrics["after"] = compute_metrics(val_qrels, module.last_val_run, rel_level=cfg.data.val_rel_level,
-                                           measures=module.val_measures)
+        metrics["after"] = measure(module.last_val_run)
     else:
         metrics["after"] = evaluate("best" if checkpoint.best_model_path else None)
     key = cfg.monitor.removeprefix("val/")
@@ -112,15 +120,17 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, v
                   f"{metrics['after'][key]:.4f} after. Try a lower optimizer.lr, fewer steps, or a loss on the "
                   "model's own similarity (README \"Results\").")
     if trainer.is_global_zero:
-        write_run(module.last_val_run, run_dir / "val_run.trec", tag=f"marco-lightning-{run_dir.name}")
+        write_run(named(module.last_val_run), run_dir / "val_run.trec", tag=f"marco-lightning-{run_dir.name}")
+        if ids is not None:
+            metrics["mining"] = mining_settings(cfg)
         metrics["best_checkpoint"] = os.path.relpath(checkpoint.best_model_path, run_dir) \
             if checkpoint.best_model_path else None
         if cfg.data.get("val_teacher_run"):
-            metrics["teacher"] = compute_metrics(val_qrels, read_run(cfg.data.val_teacher_run),
+            metrics["teacher"] = compute_metrics(judged, read_run(cfg.data.val_teacher_run),
                                                  rel_level=cfg.data.val_rel_level, measures=module.val_measures)
         export(cfg, module.model, metrics, trainer.global_step, run_dir / "final_model")
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        print(format_table({k: v for k, v in metrics.items() if isinstance(v, dict)}))
+        print(format_table({k: metrics[k] for k in ("before", "after", "teacher") if k in metrics}))
         print_run_summary(cfg, run_dir)
         if cfg.task.get("push_to_hub"):  # last: a failed upload loses none of the run's files
             push_to_hub(cfg.task.push_to_hub, run_dir / "final_model")
@@ -175,3 +185,29 @@ def checkpoint_step(path: str) -> int | None:
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"] if path else None
+
+
+def check_beir_inputs(cfg: DictConfig) -> None:
+    """A BEIR folder trains on what task=mine (and task=score, for distillation) wrote: say which to run."""
+    from hydra.utils import get_class
+
+    from marco_lightning.config import ConfigError
+    from marco_lightning.data.store import teacher_scores_complete
+
+    root = cfg.data.root
+    for key, task in (("hard_negatives", "mine"), ("val_run", "mine"), ("teacher_scores", "score")):
+        path = cfg.data.get(key)
+        if key == "teacher_scores" and not get_class(cfg.loss._target_).needs_teacher:
+            continue
+        if not path or not Path(path).is_file() or (key == "teacher_scores" and not teacher_scores_complete(path)):
+            raise ConfigError(f"data.{key}={path}: not found or not complete; run `python run.py task={task} "
+                              f"data=beir data.root={root}` first (it resumes; README \"Your own collection\")")
+
+
+def mining_settings(cfg: DictConfig) -> dict | None:
+    """What task=mine chose and filtered (its manifest), recorded with the metrics of the model trained on it."""
+    manifest = Path(cfg.data.mined_dir) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    m = json.loads(manifest.read_text())
+    return {k: m.get(k) for k in ("selection", "skipped", "systems")}

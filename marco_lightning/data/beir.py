@@ -1,0 +1,171 @@
+"""A BEIR folder (`corpus.jsonl`, `queries.jsonl`, `qrels/<split>.tsv`): checked once, read as splits.
+
+Ids stay the folder's strings in everything written; inside a data store a passage is its row in corpus.jsonl and
+a query its row in queries.jsonl (dense ints, so ids of any shape fit the store's int64 arrays).
+The validation split is `qrels/<val_split>.tsv` when the folder has one, else a fixed share of the training
+queries drawn by a seeded permutation of their sorted ids: the same queries on every machine, never trained on.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from marco_lightning.data.formats import DataFormatError, _iter_jsonl, beir_text, iter_beir_qrels_names
+
+SPLITS = ("train", "val", "test")
+
+
+def _find(root: Path, name: str) -> Path:
+    for candidate in (root / name, root / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"BEIR folder {root}: no {name} (data.root should hold corpus.jsonl, queries.jsonl "
+                            "and qrels/<split>.tsv)")
+
+
+def _checked_id(id_: str, path: Path, n: int) -> str:
+    if not id_ or any(c.isspace() for c in id_):
+        raise DataFormatError(f"{path}: line {n}: _id {id_!r} is empty or holds whitespace, which TREC run and qrels "
+                              "files cannot carry; rename it (e.g. spaces to '_')")
+    return id_
+
+
+class BeirFolder:
+    def __init__(self, root, train_split: str = "train", val_split: str = "dev", test_split: str = "test",
+                 val_fraction: float = 0.1):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data.root={root}: no such folder (a BEIR folder)")
+        self.corpus_path, self.queries_path = _find(self.root, "corpus.jsonl"), _find(self.root, "queries.jsonl")
+        if not (0 < val_fraction < 1):
+            raise ValueError(f"data.val_fraction={val_fraction}: use a share in (0, 1)")
+        self.split_names = {"train": train_split, "val": val_split, "test": test_split}
+        self.val_fraction = val_fraction
+        self._queries: dict[str, str] | None = None
+        self._pids: dict[str, int] | None = None
+
+    @classmethod
+    def from_config(cls, data: Mapping) -> BeirFolder:
+        if not data.get("root"):
+            raise ValueError("data.root is required: the BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
+        return cls(data["root"], data.get("train_split", "train"), data.get("val_split", "dev"),
+                   data.get("test_split", "test"), data.get("val_fraction", 0.1))
+
+    def settings(self) -> dict:
+        return {"train_split": self.split_names["train"], "val_split": self.split_names["val"],
+                "test_split": self.split_names["test"], "val_fraction": self.val_fraction}
+
+    def files(self) -> list[Path]:
+        """What the folder's data is read from (their sizes and times key the caches built from them)."""
+        return [self.corpus_path, self.queries_path, *sorted((self.root / "qrels").glob("*.tsv"))]
+
+    # --- texts ---------------------------------------------------------------------------------------------
+    def corpus(self) -> Iterator[tuple[str, str]]:
+        """(id, "title text") in file order; a duplicate id or an empty document is an error naming its line."""
+        seen: dict[str, int] = {}
+        for n, d in enumerate(_iter_jsonl(self.corpus_path, "raise", None), 1):
+            pid = _checked_id(d["_id"], self.corpus_path, n)
+            if seen.setdefault(pid, n) != n:
+                raise DataFormatError(f"{self.corpus_path}: _id {pid!r} occurs twice (documents {seen[pid]} and {n})")
+            text = beir_text(d)
+            if not text.strip():
+                raise DataFormatError(f"{self.corpus_path}: document {n} (_id {pid!r}) has neither title nor text; "
+                                      "drop it or give it a text")
+            yield pid, text
+
+    @property
+    def pid_rows(self) -> dict[str, int]:
+        """Passage id -> its row in corpus.jsonl (one pass over the corpus, kept)."""
+        if self._pids is None:
+            self._pids = {pid: i for i, (pid, _) in enumerate(self.corpus())}
+            if not self._pids:
+                raise DataFormatError(f"{self.corpus_path}: no documents")
+        return self._pids
+
+    @property
+    def queries(self) -> dict[str, str]:
+        if self._queries is None:
+            queries: dict[str, str] = {}
+            for n, d in enumerate(_iter_jsonl(self.queries_path, "raise", None), 1):
+                _checked_id(d["_id"], self.queries_path, n)
+                if d["_id"] in queries:
+                    raise DataFormatError(f"{self.queries_path}: _id {d['_id']!r} occurs twice (query {n})")
+                if not d["text"].strip():
+                    raise DataFormatError(f"{self.queries_path}: query {n} (_id {d['_id']!r}) has an empty text")
+                queries[d["_id"]] = d["text"]
+            self._queries = queries
+        return self._queries
+
+    # --- splits --------------------------------------------------------------------------------------------
+    def has_split_file(self, name: str) -> bool:
+        return (self.root / "qrels" / f"{name}.tsv").is_file()
+
+    def _read_qrels(self, name: str) -> dict[str, dict[str, int]]:
+        path = self.root / "qrels" / f"{name}.tsv"
+        if not path.is_file():
+            have = sorted(p.stem for p in (self.root / "qrels").glob("*.tsv"))
+            raise FileNotFoundError(f"{path}: no such split file; {self.root / 'qrels'} has {have or 'nothing'}")
+        qrels: dict[str, dict[str, int]] = {}
+        unknown_q, unknown_p = set(), set()
+        queries, pids = self.queries, self.pid_rows
+        for qid, pid, grade in iter_beir_qrels_names(path):
+            if qid not in queries:
+                unknown_q.add(qid)
+            elif pid not in pids:
+                unknown_p.add(pid)
+            else:
+                qrels.setdefault(qid, {})[pid] = grade
+        if unknown_q or unknown_p:
+            warnings.warn(f"{path}: dropped judgements of {len(unknown_q)} query id(s) not in {self.queries_path.name}"
+                          f" (e.g. {sorted(unknown_q)[:3]}) and {len(unknown_p)} document id(s) not in "
+                          f"{self.corpus_path.name} (e.g. {sorted(unknown_p)[:3]})", stacklevel=2)
+        if not qrels:
+            raise DataFormatError(f"{path}: no judgement names a query of {self.queries_path.name} and a document "
+                                  f"of {self.corpus_path.name}: the split has no queries")
+        return qrels
+
+    def held_out(self) -> set[str]:
+        """The training queries set aside for validation when the folder has no validation split."""
+        train = sorted(self._read_qrels(self.split_names["train"]))
+        n = max(1, math.ceil(self.val_fraction * len(train)))
+        if n >= len(train):
+            raise ValueError(f"data.val_fraction={self.val_fraction} leaves no training query of {len(train)}")
+        order = np.random.default_rng(0).permutation(len(train))[:n]
+        return {train[i] for i in order}
+
+    def qrels(self, split: str) -> dict[str, dict[str, int]]:
+        """Judgements of `train`, `val` or `test` (or of any qrels/<name>.tsv), ids as in the folder."""
+        name = self.split_names.get(split, split)
+        if split in ("train", "val") and not self.has_split_file(self.split_names["val"]):
+            held = self.held_out()
+            train = self._read_qrels(self.split_names["train"])
+            return {q: d for q, d in train.items() if (q in held) == (split == "val")}
+        return self._read_qrels(name)
+
+    def describe_split(self, split: str) -> str:
+        if split == "val" and not self.has_split_file(self.split_names["val"]):
+            return (f"val = {self.val_fraction:.0%} of qrels/{self.split_names['train']}.tsv's queries, held out "
+                    f"(no qrels/{self.split_names['val']}.tsv)")
+        return f"{split} = qrels/{self.split_names.get(split, split)}.tsv"
+
+
+class IdRows:
+    """Folder ids <-> data-store rows (a passage's row in corpus.jsonl, a query's in queries.jsonl)."""
+
+    def __init__(self, folder: BeirFolder):
+        self.passage_row, self.query_row = folder.pid_rows, {q: i for i, q in enumerate(folder.queries)}
+        self.passage_names, self.query_names = list(self.passage_row), list(self.query_row)
+
+    def to_rows(self, run: Mapping[str, Mapping]) -> dict[str, dict]:
+        """A run or qrels keyed by folder ids -> keyed by store rows (as strings, like every run)."""
+        p = self.passage_row
+        return {str(self.query_row[q]): {str(p[d]): v for d, v in docs.items() if d in p}
+                for q, docs in run.items() if q in self.query_row}
+
+    def to_names(self, run: Mapping[str, Mapping]) -> dict[str, dict]:
+        p = self.passage_names
+        return {self.query_names[int(q)]: {p[int(d)]: v for d, v in docs.items()} for q, docs in run.items()}

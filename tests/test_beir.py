@@ -1,0 +1,351 @@
+"""Any collection in BEIR format: the folder's checks, mining (vs sentence-transformers' miner), teacher scoring with
+resume, training and evaluation on a small folder built here (string ids of every shape)."""
+import gzip
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FAST, SHARED_DATA, needs_shared, run_cli
+
+from marco_lightning.data.beir import BeirFolder
+from marco_lightning.data.formats import DataFormatError
+from marco_lightning.mining import select_negatives
+
+WORDS = [f"w{i}x" for i in range(300)]
+
+
+def make_folder(root: Path, n_docs=80, n_train=24, n_test=8, seed=0) -> Path:
+    """Documents of random words; each query is a few words of its positive document. Ids: strings of every
+    shape (letters, dashes, leading zeros, plain numbers)."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "qrels").mkdir(exist_ok=True)
+    doc_ids = [f"MED-{i}" if i % 3 == 0 else f"0{i}" if i % 3 == 1 else str(1000 + i) for i in range(n_docs)]
+    docs = {d: rng.sample(WORDS, 30) for d in doc_ids}
+    with open(root / "corpus.jsonl", "w") as f:
+        f.writelines(json.dumps({"_id": d, "title": " ".join(words[:3]), "text": " ".join(words[3:]),
+                                "metadata": {}}) + "\n" for d, words in docs.items())
+    queries, splits = {}, {"train": [], "test": []}
+    for i in range(n_train + n_test):
+        qid, pos = (f"q-{i}" if i % 2 else f"claim_{i}"), doc_ids[i]
+        queries[qid] = " ".join(rng.sample(docs[pos], 4) + rng.sample(WORDS, 2))
+        splits["train" if i < n_train else "test"].append((qid, pos))
+    queries["unjudged"] = "a query no split judges"
+    with open(root / "queries.jsonl", "w") as f:
+        f.writelines(json.dumps({"_id": q, "text": text, "metadata": {}}) + "\n" for q, text in queries.items())
+    for split, rows in splits.items():
+        with open(root / "qrels" / f"{split}.tsv", "w") as f:
+            f.write("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q, d in rows))
+    return root
+
+
+# --- the folder ----------------------------------------------------------------------------------------------
+
+def test_folder_reads_splits_with_string_ids_and_a_fixed_held_out_val(tmp_path):
+    folder = BeirFolder(make_folder(tmp_path / "f"))
+    train, val, test = folder.qrels("train"), folder.qrels("val"), folder.qrels("test")
+    assert len(val) == 3 and len(train) == 21 and len(test) == 8  # ceil(10% of 24) held out
+    assert not set(train) & set(val) and "claim_0" in {**train, **val}
+    assert BeirFolder(folder.root).qrels("val") == val  # the same draw on every run
+    text = dict(folder.corpus())["MED-0"]
+    d = json.loads((folder.root / "corpus.jsonl").read_text().splitlines()[0])
+    assert text == d["title"] + " " + d["text"]  # BEIR's title + " " + text
+    (folder.root / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq-1\t01\t1\n")
+    with_dev = BeirFolder(folder.root)
+    assert with_dev.qrels("val") == {"q-1": {"01": 1}} and len(with_dev.qrels("train")) == 24
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: (r / "queries.jsonl").unlink(), "no queries.jsonl"),
+    (lambda r: _append(r / "corpus.jsonl", {"_id": "MED-0", "title": "", "text": "again"}),
+     "_id 'MED-0' occurs twice (documents 1 and 81)"),
+    (lambda r: _append(r / "corpus.jsonl", {"_id": "empty", "title": "", "text": " "}),
+     "document 81 (_id 'empty') has neither title nor text"),
+    (lambda r: _append(r / "queries.jsonl", {"_id": "blank", "text": ""}), "query 34 (_id 'blank') has an empty text"),
+    (lambda r: (r / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nnope\tMED-0\t1\n"),
+     "the split has no queries"),
+    (lambda r: (r / "corpus.jsonl").write_text('{"_id": "a", "text": 3}\n'), "corpus.jsonl:1: expected a JSON object"),
+    (lambda r: _append(r / "queries.jsonl", {"_id": "two words", "text": "x"}), "line 34: _id 'two words' is empty or"),
+])
+def test_bad_folders_fail_naming_the_file_and_line(tmp_path, damage, message):
+    root = make_folder(tmp_path / "f")
+    damage(root)
+    with pytest.raises((DataFormatError, FileNotFoundError)) as e:
+        folder = BeirFolder(root)
+        folder.pid_rows, folder.qrels("test")
+    assert message in str(e.value)
+
+
+def test_qrels_naming_unknown_ids_are_counted_and_dropped(tmp_path):
+    root = make_folder(tmp_path / "f")
+    _append_line(root / "qrels" / "test.tsv", "ghost\tMED-0\t1")
+    _append_line(root / "qrels" / "test.tsv", "claim_0\tno-such-doc\t1")
+    with pytest.warns(UserWarning, match=r"1 query id\(s\) not in queries.jsonl .*'ghost'.* 1 document id\(s\)"):
+        assert len(BeirFolder(root).qrels("test")) == 8
+
+
+def _hard_negatives(mined: Path) -> list[dict]:
+    return [json.loads(x) for x in gzip.decompress((mined / "hard-negatives.jsonl.gz").read_bytes()).splitlines()]
+
+
+def _append(path, obj):
+    _append_line(path, json.dumps(obj))
+
+
+def _append_line(path, line):
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+# --- selection, against sentence-transformers' miner ----------------------------------------------------------
+
+def test_select_negatives_rules():
+    ranked, scores = ["p", "a", "b", "c", "d", "e"], [0.9, 0.95, 0.8, 0.7, 0.5, 0.1]
+    assert select_negatives(ranked, scores, ["p"], [0.9], depth=3) == ["a", "b", "c"]  # positives never
+    skipped = Counter()
+    # relative 0.1: kept only below 0.9 - 0.09 = 0.81 (a at 0.95 is a likely false negative)
+    assert select_negatives(ranked, scores, ["p"], [0.9], 10, relative_margin=0.1, skipped=skipped) == ["b", "c", "d", "e"]
+    assert skipped == {"relative_margin": 1}
+    assert select_negatives(ranked, scores, ["p"], [0.9], 10, absolute_margin=0.15) == ["c", "d", "e"]
+    assert select_negatives(ranked, scores, ["p"], [0.9], 2, range_min=1, range_max=4) == ["b", "c"]
+    # two positives: the margin is taken from the lower one (sentence-transformers' "safe side")
+    assert select_negatives(ranked, scores, ["p", "d"], [0.9, 0.5], 10, absolute_margin=0.0) == ["e"]
+
+
+def test_select_negatives_equals_sentence_transformers_mine_hard_negatives(tmp_path):
+    """The same candidates and scores (an ST model's exact search) through ST's miner and through ours."""
+    pytest.importorskip("datasets")
+    import torch
+    from datasets import Dataset
+    from sentence_transformers.util import mine_hard_negatives
+
+    from marco_lightning.models import BiEncoder
+
+    folder = BeirFolder(make_folder(tmp_path / "f", n_docs=80, n_train=30, n_test=2))
+    torch.manual_seed(0)
+    st = BiEncoder("sentence-transformers/all-MiniLM-L6-v2", pooling="mean",
+                   random_init={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                "intermediate_size": 64}).st
+    corpus = dict(folder.corpus())
+    pairs = [(folder.queries[q], corpus[p]) for q, d in folder.qrels("train").items() for p in d]
+    texts = list(corpus.values())
+    for kwargs in ({}, {"relative_margin": 0.002}, {"absolute_margin": 0.0, "range_min": 2, "range_max": 30}):
+        ours, skipped = {}, Counter()
+        q_emb, d_emb = st.encode([q for q, _ in pairs]), st.encode(texts)
+        sim = st.similarity(q_emb, d_emb).numpy()
+        for (q, pos), row in zip(pairs, sim):
+            order = np.argsort(-row, kind="stable")
+            pos_score = float(row[texts.index(pos)])
+            ours[q] = select_negatives([texts[i] for i in order], row[order].tolist(), [pos], [pos_score], 3,
+                                       kwargs.get("range_min", 0), kwargs.get("range_max"),
+                                       kwargs.get("absolute_margin"), kwargs.get("relative_margin"), skipped)
+        assert bool(skipped) == ("absolute_margin" in kwargs or "relative_margin" in kwargs)  # the rule is exercised
+        mined = mine_hard_negatives(Dataset.from_dict({"q": [q for q, _ in pairs], "p": [p for _, p in pairs]}),
+                                    st, corpus=texts, num_negatives=3, output_format="n-tuple", batch_size=32,
+                                    verbose=False, **kwargs)
+        assert len(mined) > 5, kwargs
+        for row in mined:
+            assert [row[f"negative_{i}"] for i in (1, 2, 3)] == ours[row["q"]], kwargs
+
+
+# --- mine -> score -> train -> evaluate -------------------------------------------------------------------------
+
+def _mine(root, *extra):
+    return run_cli(["task=mine", "data=beir", f"data.root={root}", "model=tiny", "logger=none", "task.depth=5",
+                    "task.run_depth=20", *extra])
+
+
+def test_mine_writes_the_seed_layout_and_runs_with_the_folders_ids(tmp_path):
+    from marco_lightning.evaluation import read_run
+
+    root = make_folder(tmp_path / "f")
+    r = _mine(root, "task.relative_margin=0.05")
+    assert r.returncode == 0, r.stderr[-3000:]
+    mined = root / "mined"
+    lines = _hard_negatives(mined)
+    folder = BeirFolder(root)
+    train = folder.qrels("train")
+    assert [d["qid"] for d in lines] == list(train)  # training queries only: never the held-out val ones
+    for d in lines:
+        assert d["pos"] == list(train[d["qid"]]) and set(d["neg"]) == {"bm25", "all-MiniLM-L6-v2"}
+        for negs in d["neg"].values():
+            assert len(negs) <= 5 and not set(negs) & set(d["pos"]) and set(negs) <= set(folder.pid_rows)
+    for split in ("train", "val", "test"):
+        for system in ("bm25", "all-MiniLM-L6-v2"):
+            run = read_run(mined / "runs" / f"{split}.{system}.trec")
+            assert set(run) == set(folder.qrels(split)) and all(len(docs) >= 20 for docs in run.values())
+    manifest = json.loads((mined / "manifest.json").read_text())
+    assert manifest["selection"]["relative_margin"] == 0.05 and "skipped" in manifest
+    assert manifest["systems"]["bm25"]["test_ndcg@10"] > 0.8  # queries are words of their documents
+    # bm25's negatives are its own top candidates after the positives (no margin skipped them? then the same)
+    bm25_train = read_run(mined / "runs" / "train.bm25.trec")
+    d = lines[0]
+    if not manifest["skipped"]["bm25"]:
+        ranked = [p for p, _ in sorted(bm25_train[d["qid"]].items(), key=lambda kv: -kv[1])]
+        assert d["neg"]["bm25"] == [p for p in ranked if p not in d["pos"]][:5]
+
+
+def test_score_resumes_after_a_kill_and_training_and_evaluation_run(tmp_path):
+    """task=score after task=mine; a torn file resumes to the same scores; mnrl and margin_mse train on the
+    folder; evaluate retrieves the test split with the folder's ids and ir-measures."""
+    import torch
+
+    from marco_lightning.models import CrossEncoder
+
+    root = make_folder(tmp_path / "f")
+    assert _mine(root, "task.systems=[bm25]").returncode == 0
+    torch.manual_seed(0)
+    CrossEncoder("sentence-transformers/all-MiniLM-L6-v2", random_init={
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}).save(
+        tmp_path / "teacher")
+    score = ["task=score", "data=beir", f"data.root={root}", f"task.teacher={tmp_path / 'teacher'}", "logger=none"]
+    r = run_cli(score)
+    assert r.returncode == 0, r.stderr[-3000:]
+    path = root / "mined" / "teacher-scores.tsv"
+    full = path.read_text().splitlines()
+    lines = _hard_negatives(root / "mined")
+    assert len(full) == sum(len(set(d["pos"]) | set(d["neg"]["bm25"])) for d in lines)
+    # a kill mid-line: the torn line is cut and scoring resumes after the last complete one
+    path.write_text("\n".join(full[:40]) + "\n" + full[40][:7])
+    r = run_cli(score)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "scored now" in r.stdout
+    again = path.read_text().splitlines()
+    assert [x.split("\t")[:2] for x in again] == [x.split("\t")[:2] for x in full]
+    np.testing.assert_allclose([float(x.split("\t")[2]) for x in again], [float(x.split("\t")[2]) for x in full],
+                               atol=1e-5)
+    # another teacher over these scores: refused, nothing lost
+    r = run_cli([*score[:3], "task.teacher=someone/else", "logger=none"])
+    assert r.returncode != 0 and "task.force=true" in r.stderr and path.read_text().splitlines() == again
+
+    fast = [x for x in FAST if not x.startswith("data.val_top_k")]
+    for loss in ("mnrl", "margin_mse_cos"):
+        r = run_cli(["data=beir", f"data.root={root}", f"loss={loss}", *fast, "logger=none",
+                     f"hydra.run.dir={tmp_path / loss}"])
+        assert r.returncode == 0, r.stderr[-3000:]
+        metrics = json.loads((tmp_path / loss / "metrics.json").read_text())
+        assert set(metrics["after"]) >= {"ndcg@10", "recall@100"} and metrics["mining"]["selection"]["depth"] == 5
+        val_run = (tmp_path / loss / "val_run.trec").read_text().split("\n")[0].split()
+        assert val_run[0] in BeirFolder(root).qrels("val") and val_run[2] in BeirFolder(root).pid_rows
+
+    r = run_cli(["task=evaluate", "task.mode=retrieve", "data=beir", f"data.root={root}", "task.split=test",
+                 f"task.model_path={tmp_path / 'mnrl' / 'final_model'}", "logger=none",
+                 f"hydra.run.dir={tmp_path / 'eval'}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_equals_sentence_transformers(root, tmp_path / "mnrl" / "final_model", tmp_path / "eval")
+
+
+def _assert_equals_sentence_transformers(root, model_dir, eval_dir):
+    """metrics.json of task=evaluate == sentence-transformers' encode + exact search + ir-measures."""
+    from sentence_transformers import SentenceTransformer
+
+    from marco_lightning.evaluation import compute_metrics, read_run
+
+    folder = BeirFolder(root)
+    qrels = folder.qrels("test")
+    st = SentenceTransformer(str(model_dir), device="cpu")
+    pids, texts = zip(*folder.corpus())
+    sims = st.similarity(st.encode([folder.queries[q] for q in qrels]), st.encode(list(texts))).numpy()
+    ref = {q: {pids[i]: float(row[i]) for i in np.argsort(-row)[:100]} for q, row in zip(qrels, sims)}
+    ours = json.loads((eval_dir / "metrics.json").read_text())
+    want = compute_metrics(qrels, ref, rel_level=1, measures=("ndcg@10", "recall@100"))
+    assert ours["ndcg@10"] == pytest.approx(want["ndcg@10"], abs=2e-3)
+    assert ours["recall@100"] == pytest.approx(want["recall@100"], abs=2e-3)
+    assert set(read_run(eval_dir / "run.trec")) == set(qrels)
+
+
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def test_teachers_score_as_sentence_transformers_does(tmp_path):
+    """A cross-encoder teacher's score is its raw logit (as the published MS MARCO teacher scores are), a
+    bi-encoder teacher's is its similarity: what sentence-transformers' CrossEncoder.predict (no activation) and
+    SentenceTransformer.similarity give."""
+    import torch
+    from sentence_transformers import CrossEncoder as STCrossEncoder
+    from sentence_transformers import SentenceTransformer
+
+    from marco_lightning.inference import score
+    from marco_lightning.models import BiEncoder, CrossEncoder
+    from marco_lightning.tasks.score import load_teacher
+
+    folder = BeirFolder(make_folder(tmp_path / "f"))
+    corpus = dict(folder.corpus())
+    queries, docs = list(folder.queries.values())[:6] * 2, list(corpus.values())[:12]
+    torch.manual_seed(0)
+    CrossEncoder("sentence-transformers/all-MiniLM-L6-v2", random_init=TINY).save(tmp_path / "ce")
+    BiEncoder("sentence-transformers/all-MiniLM-L6-v2", pooling="mean", random_init=TINY).save(tmp_path / "bi")
+    ce, bi = load_teacher(str(tmp_path / "ce")), load_teacher(str(tmp_path / "bi"))
+    assert (ce.kind, bi.kind) == ("cross", "bi")
+    want = STCrossEncoder(str(tmp_path / "ce"), activation_fn=torch.nn.Identity()).predict(list(zip(queries, docs)))
+    np.testing.assert_allclose(score(ce, queries, docs, 4), want, atol=1e-5)
+    st = SentenceTransformer(str(tmp_path / "bi"))
+    want = st.similarity_pairwise(st.encode(queries), st.encode(docs)).numpy()
+    np.testing.assert_allclose(score(bi, queries, docs, 4), want, atol=1e-5)
+
+
+def test_a_teacher_that_cannot_be_loaded_stops_before_any_file_changes(tmp_path):
+    root = make_folder(tmp_path / "f")
+    assert _mine(root, "task.systems=[bm25]").returncode == 0
+    scores = root / "mined" / "teacher-scores.tsv"
+    scores.write_text("")
+    r = run_cli(["task=score", "data=beir", f"data.root={root}", f"task.teacher={tmp_path / 'nothing-here'}",
+                 "task.force=true", "logger=none", f"hydra.run.dir={tmp_path / 's'}"])
+    assert r.returncode != 0 and "cannot be loaded" in r.stderr and "nothing-here" in r.stderr
+    assert not (root / "mined" / "teacher-scores.json").exists()
+
+
+def test_training_before_mining_says_what_to_run(tmp_path):
+    root = make_folder(tmp_path / "f")
+    r = run_cli(["data=beir", f"data.root={root}", *FAST, "logger=none", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert r.returncode != 0 and "task=mine data=beir" in r.stderr
+    r = run_cli(["task=score", "data=beir", f"data.root={root}", "logger=none", f"hydra.run.dir={tmp_path / 's'}"])
+    assert r.returncode != 0 and "task=mine" in r.stderr
+
+
+def test_dense_encoding_resumes_after_a_kill(tmp_path, monkeypatch):
+    import torch
+    from conftest import compose
+    from hydra.utils import instantiate
+
+    from marco_lightning import retrieval
+
+    root = make_folder(tmp_path / "f")
+    torch.manual_seed(0)
+    model = instantiate(compose(["model=tiny"]).model).eval()
+    monkeypatch.setattr(retrieval, "CHUNK", 16)
+    calls = {"n": 0}
+    real = retrieval.encode
+
+    def dies_on_third_chunk(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(retrieval, "encode", dies_on_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        retrieval.encode_collection(model, root / "corpus.jsonl", tmp_path / "cache")
+    assert json.loads((tmp_path / "cache" / "progress.json").read_text()) == {"done": 32}
+    ids, emb = retrieval.encode_collection(model, root / "corpus.jsonl", tmp_path / "cache")
+    assert calls["n"] == 3 + 3  # the remaining 48 passages only
+    pids, texts = zip(*BeirFolder(root).corpus())
+    assert list(ids) == list(pids)
+    np.testing.assert_allclose(emb, real(model, list(texts), 64), atol=1e-5)
+
+
+@needs_shared
+def test_bm25_on_scifact_reaches_the_published_level(tmp_path):
+    """bm25s on SciFact test: 0.686 nDCG@10 in bm25s' own report; BEIR's Elasticsearch BM25: 0.665."""
+    from marco_lightning.evaluation import compute_metrics
+    from marco_lightning.mining import BM25
+
+    folder = BeirFolder(SHARED_DATA / "scifact")
+    qrels = folder.qrels("test")
+    ranked = BM25(folder.corpus_path, tmp_path / "bm25").search({q: folder.queries[q] for q in qrels}, 100)
+    metrics = compute_metrics(qrels, {q: dict(zip(*r)) for q, r in ranked.items()}, rel_level=1,
+                              measures=("ndcg@10",))
+    assert 0.66 <= metrics["ndcg@10"] <= 0.70
