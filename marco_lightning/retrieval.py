@@ -30,6 +30,13 @@ def _stat(path) -> list:
     return [st.st_size, st.st_mtime_ns]  # a collection replaced in place gets a new index
 
 
+def write_json(path: Path, value) -> None:
+    """Replace `path` atomically: a kill mid-write leaves the old file, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)
+
+
 def _progress(**kwargs):
     from tqdm import tqdm
 
@@ -90,7 +97,7 @@ def encode_collection(model, collection, cache_dir, batch_size: int = 64) -> tup
                 emb[done:done + len(chunk)] = encode(model, chunk, batch_size)
                 emb.flush()
                 done += len(chunk)
-                progress.write_text(json.dumps({"done": done}))
+                write_json(progress, {"done": done})
                 bar.update(len(chunk))
                 chunk = []
         bar.close()

@@ -12,7 +12,7 @@ from conftest import FAST, SHARED_DATA, needs_shared, run_cli
 
 from marco_lightning.data.beir import BeirFolder
 from marco_lightning.data.formats import DataFormatError
-from marco_lightning.mining import select_negatives
+from marco_lightning.mining import candidate_depth, select_negatives
 
 WORDS = [f"w{i}x" for i in range(300)]
 
@@ -136,8 +136,10 @@ def test_select_negatives_equals_sentence_transformers_mine_hard_negatives(tmp_p
         ours, skipped = {}, Counter()
         q_emb, d_emb = st.encode([q for q, _ in pairs]), st.encode(texts)
         sim = st.similarity(q_emb, d_emb).numpy()
+        margins = "absolute_margin" in kwargs or "relative_margin" in kwargs
+        pool = candidate_depth(3, kwargs.get("range_min", 0), kwargs.get("range_max"), margins, 1)
         for (q, pos), row in zip(pairs, sim):
-            order = np.argsort(-row, kind="stable")
+            order = np.argsort(-row, kind="stable")[:pool]  # what mine_hard_negatives retrieves, as task=mine cuts
             pos_score = float(row[texts.index(pos)])
             ours[q] = select_negatives([texts[i] for i in order], row[order].tolist(), [pos], [pos_score], 3,
                                        kwargs.get("range_min", 0), kwargs.get("range_max"),
@@ -162,30 +164,38 @@ def test_mine_writes_the_seed_layout_and_runs_with_the_folders_ids(tmp_path):
     from marco_lightning.evaluation import read_run
 
     root = make_folder(tmp_path / "f")
-    r = _mine(root, "task.relative_margin=0.05")
+    r = _mine(root)
     assert r.returncode == 0, r.stderr[-3000:]
     mined = root / "mined"
     lines = _hard_negatives(mined)
     folder = BeirFolder(root)
     train = folder.qrels("train")
     assert [d["qid"] for d in lines] == list(train)  # training queries only: never the held-out val ones
+    runs = {(split, system): read_run(mined / "runs" / f"{split}.{system}.trec")
+            for split in ("train", "val", "test") for system in ("bm25", "all-MiniLM-L6-v2")}
+    for (split, _), run in runs.items():
+        assert set(run) == set(folder.qrels(split)) and all(len(docs) >= 20 for docs in run.values())
     for d in lines:
         assert d["pos"] == list(train[d["qid"]]) and set(d["neg"]) == {"bm25", "all-MiniLM-L6-v2"}
-        for negs in d["neg"].values():
-            assert len(negs) <= 5 and not set(negs) & set(d["pos"]) and set(negs) <= set(folder.pid_rows)
-    for split in ("train", "val", "test"):
-        for system in ("bm25", "all-MiniLM-L6-v2"):
-            run = read_run(mined / "runs" / f"{split}.{system}.trec")
-            assert set(run) == set(folder.qrels(split)) and all(len(docs) >= 20 for docs in run.values())
+        for system, negs in d["neg"].items():
+            # without a margin: the system's own top 5 after the positives, in its order
+            ranked = [p for p, _ in sorted(runs["train", system][d["qid"]].items(), key=lambda kv: -kv[1])]
+            assert negs == [p for p in ranked if p not in d["pos"]][:5]
     manifest = json.loads((mined / "manifest.json").read_text())
-    assert manifest["selection"]["relative_margin"] == 0.05 and "skipped" in manifest
     assert manifest["systems"]["bm25"]["test_ndcg@10"] > 0.8  # queries are words of their documents
-    # bm25's negatives are its own top candidates after the positives (no margin skipped them? then the same)
-    bm25_train = read_run(mined / "runs" / "train.bm25.trec")
-    d = lines[0]
-    if not manifest["skipped"]["bm25"]:
-        ranked = [p for p, _ in sorted(bm25_train[d["qid"]].items(), key=lambda kv: -kv[1])]
-        assert d["neg"]["bm25"] == [p for p in ranked if p not in d["pos"]][:5]
+    assert manifest["queries_without_judgements"] == 1
+    before = (mined / "hard-negatives.jsonl.gz").stat().st_mtime_ns
+    assert _mine(root).returncode == 0  # the same settings again: runs reused, the file left untouched
+    assert (mined / "hard-negatives.jsonl.gz").stat().st_mtime_ns == before
+
+    # with a relative margin, each negative scores below min(positive) - 70% of it, on the system's own scores
+    assert _mine(root, "task.relative_margin=0.7").returncode == 0  # random words: only a big margin bites
+    manifest = json.loads((mined / "manifest.json").read_text())
+    assert manifest["selection"]["relative_margin"] == 0.7 and sum(manifest["skipped"]["bm25"].values()) > 0
+    bm25 = read_run(mined / "runs" / "train.bm25.trec")
+    for d in _hard_negatives(mined):
+        floor = min(bm25[d["qid"]][p] for p in d["pos"])
+        assert all(bm25[d["qid"]][n] <= floor - abs(floor) * 0.7 for n in d["neg"]["bm25"])
 
 
 def test_score_resumes_after_a_kill_and_training_and_evaluation_run(tmp_path):
@@ -210,6 +220,8 @@ def test_score_resumes_after_a_kill_and_training_and_evaluation_run(tmp_path):
     assert len(full) == sum(len(set(d["pos"]) | set(d["neg"]["bm25"])) for d in lines)
     # a kill mid-line: the torn line is cut and scoring resumes after the last complete one
     path.write_text("\n".join(full[:40]) + "\n" + full[40][:7])
+    meta = json.loads(path.with_suffix(".json").read_text())
+    path.with_suffix(".json").write_text(json.dumps({**meta, "complete": False}))
     r = run_cli(score)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "scored now" in r.stdout
@@ -220,6 +232,11 @@ def test_score_resumes_after_a_kill_and_training_and_evaluation_run(tmp_path):
     # another teacher over these scores: refused, nothing lost
     r = run_cli([*score[:3], "task.teacher=someone/else", "logger=none"])
     assert r.returncode != 0 and "task.force=true" in r.stderr and path.read_text().splitlines() == again
+    # ... and with task.force=true but a teacher that cannot be loaded: stopped before any file changes
+    meta = path.with_suffix(".json").read_text()
+    r = run_cli([*score[:3], f"task.teacher={tmp_path / 'nothing-here'}", "task.force=true", "logger=none"])
+    assert r.returncode != 0 and "cannot be loaded" in r.stderr
+    assert path.read_text().splitlines() == again and path.with_suffix(".json").read_text() == meta
 
     fast = [x for x in FAST if not x.startswith("data.val_top_k")]
     for loss in ("mnrl", "margin_mse_cos"):
@@ -285,17 +302,6 @@ def test_teachers_score_as_sentence_transformers_does(tmp_path):
     st = SentenceTransformer(str(tmp_path / "bi"))
     want = st.similarity_pairwise(st.encode(queries), st.encode(docs)).numpy()
     np.testing.assert_allclose(score(bi, queries, docs, 4), want, atol=1e-5)
-
-
-def test_a_teacher_that_cannot_be_loaded_stops_before_any_file_changes(tmp_path):
-    root = make_folder(tmp_path / "f")
-    assert _mine(root, "task.systems=[bm25]").returncode == 0
-    scores = root / "mined" / "teacher-scores.tsv"
-    scores.write_text("")
-    r = run_cli(["task=score", "data=beir", f"data.root={root}", f"task.teacher={tmp_path / 'nothing-here'}",
-                 "task.force=true", "logger=none", f"hydra.run.dir={tmp_path / 's'}"])
-    assert r.returncode != 0 and "cannot be loaded" in r.stderr and "nothing-here" in r.stderr
-    assert not (root / "mined" / "teacher-scores.json").exists()
 
 
 def test_training_before_mining_says_what_to_run(tmp_path):

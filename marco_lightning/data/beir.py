@@ -20,11 +20,11 @@ SPLITS = ("train", "val", "test")
 
 
 def _find(root: Path, name: str) -> Path:
-    for candidate in (root / name, root / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"BEIR folder {root}: no {name} (data.root should hold corpus.jsonl, queries.jsonl "
-                            "and qrels/<split>.tsv)")
+    if (root / name).is_file():
+        return root / name
+    gz = " (gunzip it: the files are read by name)" if (root / f"{name}.gz").is_file() else ""
+    raise FileNotFoundError(f"BEIR folder {root}: no {name}{gz} (data.root should hold corpus.jsonl, "
+                            "queries.jsonl and qrels/<split>.tsv)")
 
 
 def _checked_id(id_: str, path: Path, n: int) -> str:

@@ -37,6 +37,12 @@ def open_binary(path):
     return gzip.open(path, "rb") if gz else open(path, "rb")
 
 
+def file_stamp(path) -> list:
+    """[resolved path, size, mtime]: what tells a file from its replacement (caches built from it key on this)."""
+    path = Path(path)
+    return [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns]
+
+
 def _peek(path, n: int) -> bytes:
     with open_binary(path) as f:
         return f.read(n)

@@ -288,16 +288,23 @@ def _beir_config(data: Mapping, negatives: Mapping) -> tuple[dict, dict]:
     teacher = data.get("teacher_scores")
     inputs = {"format": "beir", "root": str(folder.root.resolve()), "splits": folder.settings(),
               "hard_negatives": str(Path(str(hard_negatives)).resolve()),
-              "teacher_scores": str(Path(str(teacher)).resolve()) if teacher_scores_complete(teacher) else None}
+              "teacher_scores": str(Path(str(teacher)).resolve())
+              if teacher_scores_complete(teacher, hard_negatives) else None}
     return inputs, _negatives_config(negatives, inputs)
 
 
-def teacher_scores_complete(path) -> bool:
-    """task=score finished writing `path` (its .json says so); a file without one was made elsewhere: taken."""
+def teacher_scores_complete(path, hard_negatives) -> bool:
+    """task=score finished writing `path` for these mined negatives (its .json says so); a score file without a
+    .json was made elsewhere: taken as it is."""
+    from marco_lightning.data.formats import file_stamp
+
     if not path or not Path(str(path)).is_file():
         return False
     meta = Path(str(path)).with_suffix(".json")
-    return not meta.is_file() or json.loads(meta.read_text()).get("complete", False)
+    if not meta.is_file():
+        return True
+    meta = json.loads(meta.read_text())
+    return meta.get("complete", False) and meta["source"]["hard_negatives"] == file_stamp(hard_negatives)
 
 
 def _negatives_config(negatives: Mapping, inputs: dict) -> dict:

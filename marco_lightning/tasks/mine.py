@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import re
 import time
@@ -45,6 +46,9 @@ def load_system(entry: str, cfg: DictConfig, cache: Path):
         if get_class(cfg.model._target_).kind != "bi":
             raise ConfigError(f"task.systems: 'model' mines with the model= bi-encoder, but {cfg.model._target_} "
                               "is a cross-encoder; list a bi-encoder path or hub id instead")
+        import torch
+
+        torch.manual_seed(cfg.seed)  # a random_init model (the tests') is the same model on every run
         model = instantiate(cfg.model)
     else:
         model = BiEncoder(entry)
@@ -89,14 +93,15 @@ def main(cfg: DictConfig) -> dict:
         system = load_system(entry, cfg, cache)
         # a system's runs are reused when made by this system (its cache key: weights, collection) at this depth
         stamp = {"system": entry, "meta": json.loads((system.cache_dir / "meta.json").read_text()), "depth": depth,
-                 "queries": hashlib.sha1(json.dumps(sorted(queries.items())).encode()).hexdigest()}
+                 "queries": hashlib.sha1(json.dumps([sorted(queries.items()), {s: sorted(qrels[s]) for s in qrels}])
+                                         .encode()).hexdigest()}  # which query is in which split, too
         stamp_path = out / "runs" / f"{name}.json"
         files = {s: out / "runs" / f"{s}.{name}.trec" for s in qrels}
         if stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp and all(p.exists() for p in files.values()):
             ranked = {q: _ranking(docs) for s in qrels for q, docs in read_run(files[s]).items()}
         else:
             stamp_path.unlink(missing_ok=True)
-            ranked = system.search(queries, depth)
+            ranked = {q: _ranking(dict(zip(*r))) for q, r in system.search(queries, depth).items()}
             for split, judged in qrels.items():
                 write_run({q: dict(zip(*ranked[q])) for q in judged if ranked.get(q, ([],))[0]}, files[split],
                           tag=f"marco-lightning-{name}")
@@ -111,9 +116,11 @@ def main(cfg: DictConfig) -> dict:
     # hard negatives of the training queries, each system's own scores deciding its margins
     clock = time.time()
     skipped, short, counts = {n: Counter() for n in names}, Counter(), Counter()
+    pool = candidate_depth(int(task.depth), lo, hi, margins, max_pos)  # mine_hard_negatives' candidates
     path = out / "hard-negatives.jsonl.gz"
     tmp = path.with_suffix(".tmp")
-    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, \
+            io.TextIOWrapper(gz, encoding="utf-8") as f:  # mtime 0: the same negatives give the same bytes
         for qid, judged in qrels["train"].items():
             pos = [p for p, grade in judged.items() if grade >= 1]
             if not pos:
@@ -121,13 +128,17 @@ def main(cfg: DictConfig) -> dict:
             neg = {}
             for name in names:
                 ids, scores = runs[name].get(qid, ([], []))  # a query no BM25 term matches has no candidates
-                pos_scores = scorers[name].pair_scores(qid, queries[qid], [rows[p] for p in pos]) if margins else []
+                ids, scores = ids[:pool], scores[:pool]
+                pos_scores = positive_scores(scorers[name], qid, queries[qid], pos, ids, scores, rows) if margins else []
                 neg[name] = select_negatives(ids, scores, pos, pos_scores, int(task.depth), lo, hi,
                                              task.absolute_margin, task.relative_margin, skipped[name])
                 counts[name] += len(neg[name])
                 short[name] += len(neg[name]) < task.depth
             f.write(json.dumps({"qid": qid, "pos": pos, "neg": neg}) + "\n")
-    tmp.rename(path)
+    if path.exists() and path.read_bytes() == tmp.read_bytes():
+        tmp.unlink()  # unchanged: keep the file (and the teacher scores made for it) as they are
+    else:
+        tmp.replace(path)
     seconds["select"] = round(time.time() - clock, 1)
 
     manifest = {
@@ -148,5 +159,17 @@ def main(cfg: DictConfig) -> dict:
 
 
 def _ranking(docs: dict[str, float]):
-    items = sorted(docs.items(), key=lambda kv: -kv[1])
+    """(ids, scores) in the order write_run writes them (score, then id, descending): a rerun that reads the runs
+    back ranks ties as the run that wrote them."""
+    items = sorted(docs.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
     return [p for p, _ in items], [s for _, s in items]
+
+
+def positive_scores(system, qid, query, positives, ids, scores, rows) -> list[float]:
+    """The system's scores of a query's positives: from its ranking where they are in it (BM25 would otherwise
+    score the whole collection for each query), else computed."""
+    found = dict(zip(ids, scores))
+    missing = [p for p in positives if p not in found]
+    if missing:
+        found.update(zip(missing, system.pair_scores(qid, query, [rows[p] for p in missing])))
+    return [found[p] for p in positives]

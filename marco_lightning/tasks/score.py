@@ -58,7 +58,9 @@ def _complete_lines(path: Path) -> list[str]:
 def main(cfg: DictConfig) -> dict:
     from tqdm import tqdm
 
+    from marco_lightning.data.formats import file_stamp
     from marco_lightning.inference import score
+    from marco_lightning.retrieval import write_json
     from marco_lightning.tasks.evaluate import device, read_texts
 
     if cfg.data.get("kind") != "beir":
@@ -69,8 +71,7 @@ def main(cfg: DictConfig) -> dict:
                           f"data.root={cfg.data.root}` first")
     out = Path(cfg.data.teacher_scores)
     meta_path = out.with_suffix(".json")
-    source = {"teacher": str(cfg.task.teacher), "hard_negatives": [str(mined.resolve()), mined.stat().st_size,
-                                                                   mined.stat().st_mtime_ns]}
+    source = {"teacher": str(cfg.task.teacher), "hard_negatives": file_stamp(mined)}
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
     replace = meta is not None and meta["source"] != source
     if replace and not cfg.task.force:
@@ -89,7 +90,7 @@ def main(cfg: DictConfig) -> dict:
         passages = read_texts(cfg.data.collection, keep={p for _, p in todo})
         if replace:
             out.unlink(missing_ok=True)
-        meta_path.write_text(json.dumps({"source": source, "pairs": len(pairs), "complete": False}))
+        write_json(meta_path, {"source": source, "pairs": len(pairs), "complete": False})
         bar = tqdm(total=len(pairs), initial=len(done), desc=f"scoring with {cfg.task.teacher}", unit="pair",
                    file=sys.stderr, mininterval=2, unit_scale=True)
         with open(out, "a", encoding="utf-8") as f:
@@ -101,7 +102,7 @@ def main(cfg: DictConfig) -> dict:
                 f.flush()
                 bar.update(len(chunk))
         bar.close()
-    meta_path.write_text(json.dumps({"source": source, "pairs": len(pairs), "complete": True}))
+    write_json(meta_path, {"source": source, "pairs": len(pairs), "complete": True})
     print(f"Teacher scores: {out} ({len(pairs)} pairs, {len(todo)} scored now). Train with them: python run.py "
           f"data=beir data.root={cfg.data.root} experiment=beir_margin_mse")
     return {"pairs": len(pairs), "scored": len(todo), "path": str(out)}

@@ -199,9 +199,13 @@ def check_beir_inputs(cfg: DictConfig) -> None:
         path = cfg.data.get(key)
         if key == "teacher_scores" and not get_class(cfg.loss._target_).needs_teacher:
             continue
-        if not path or not Path(path).is_file() or (key == "teacher_scores" and not teacher_scores_complete(path)):
-            raise ConfigError(f"data.{key}={path}: not found or not complete; run `python run.py task={task} "
-                              f"data=beir data.root={root}` first (it resumes; README \"Your own collection\")")
+        if not path or not Path(path).is_file() or (
+                key == "teacher_scores" and not teacher_scores_complete(path, cfg.data.hard_negatives)):
+            hint = (f" (data.val_system={cfg.data.val_system}: the mined system whose val run is re-ranked; it "
+                    "must be one of task=mine's task.systems)" if key == "val_run" else "")
+            raise ConfigError(f"data.{key}={path}: not found, not complete or made for other mined negatives; run "
+                              f"`python run.py task={task} data=beir data.root={root}` (it resumes; README "
+                              f"\"Your own collection\"){hint}")
 
 
 def mining_settings(cfg: DictConfig) -> dict | None:
