@@ -1,6 +1,7 @@
 """The benchmarks (`make bench`): each suite runs end to end at a tiny size, and BENCHMARKS.md keeps the
 sections other suites own."""
 import pytest
+from conftest import needs_shared
 
 from benchmarks.run_all import main, merge, sections
 
@@ -28,6 +29,7 @@ def test_suite_runs_at_a_tiny_size(suite, tmp_path):
     assert "kept" in written["Data pipeline"]
 
 
+@needs_shared  # its passages and queries, like every benchmark's (benchmarks/common.py)
 def test_gpu_benchmark_script_runs_here(tmp_path):
     """benchmarks/gpu.sh is for a GPU machine; on this CPU it must still run end to end (so it does not rot)."""
     import json
