@@ -39,7 +39,8 @@ def test_gpu_benchmark_script_runs_here(tmp_path):
     from benchmarks.common import ROOT
 
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--quick", "--out", str(tmp_path / "gpu.json")],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                       check=False, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "gpu.json").read_text())
     assert {"project (sdpa, padded)", "sentence-transformers MarginMSELoss"} <= set(res["train"])
