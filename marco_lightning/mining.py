@@ -52,15 +52,13 @@ class BM25:
         import bm25s
         import Stemmer
 
-        from marco_lightning.data.formats import iter_collection
+        from marco_lightning.data.formats import file_stamp, iter_collection
+        from marco_lightning.retrieval import _progress, collection_ids
 
         logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs each step at DEBUG
-        from marco_lightning.retrieval import _progress, _stat, collection_ids
-
         self.cache_dir = cache_dir = Path(cache_dir)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        meta = {"collection": str(Path(collection).resolve()), "collection_stat": _stat(collection),
-                "bm25s": bm25s.__version__}
+        meta = {"collection": file_stamp(collection), "bm25s": bm25s.__version__}
         self.stemmer = Stemmer.Stemmer("english")
         if (cache_dir / "meta.json").exists() and json.loads((cache_dir / "meta.json").read_text()) == meta:
             self.index = bm25s.BM25.load(str(cache_dir / "index"), mmap=True)
@@ -106,14 +104,13 @@ class Dense:
         self._queries: dict[str, np.ndarray] = {}
 
     def search(self, queries: dict[str, str], k: int) -> dict[str, Ranking]:
-        from marco_lightning.retrieval import encode
+        from marco_lightning.retrieval import encode, search
 
         qids = list(queries)
         vectors = encode(self.model, [queries[q] for q in qids], self.batch_size)
-        self._queries = dict(zip(qids, vectors))
-        scores, rows = self.index.search(vectors, min(k, len(self.ids)))
-        return {q: ([str(self.ids[r]) for r in rr if r >= 0], [float(s) for s, r in zip(ss, rr) if r >= 0])
-                for q, rr, ss in zip(qids, rows, scores)}
+        self._queries = dict(zip(qids, vectors))  # for pair_scores (margins)
+        run = search(self.index, self.ids, qids, vectors, k)
+        return {q: (list(docs), list(docs.values())) for q, docs in run.items()}
 
     def pair_scores(self, qid: str, query: str, rows: list[int]) -> list[float]:
         from marco_lightning.retrieval import encode

@@ -25,11 +25,6 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def _stat(path) -> list:
-    st = Path(path).stat()
-    return [st.st_size, st.st_mtime_ns]  # a collection replaced in place gets a new index
-
-
 def write_json(path: Path, value) -> None:
     """Replace `path` atomically: a kill mid-write leaves the old file, never a torn one."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -69,11 +64,10 @@ def encode_collection(model, collection, cache_dir, batch_size: int = 64) -> tup
     Each chunk is flushed before `progress.json` counts it, so a run killed mid-way resumes at its last complete
     chunk; a different model or collection starts afresh. Peak memory: one chunk of texts and vectors.
     """
-    from marco_lightning.data.formats import iter_collection
+    from marco_lightning.data.formats import file_stamp, iter_collection
 
     cache_dir = Path(cache_dir)
-    meta = {"collection": str(Path(collection).resolve()), "collection_stat": _stat(collection),
-            "model": model_fingerprint(model), "dim": model.dim}
+    meta = {"collection": file_stamp(collection), "model": model_fingerprint(model), "dim": model.dim}
     if (cache_dir / "meta.json").exists() and json.loads((cache_dir / "meta.json").read_text()) != meta:
         for stale in ("embeddings.npy", "progress.json", "ids.npy", "index.faiss", "index.json"):
             (cache_dir / stale).unlink(missing_ok=True)
@@ -125,10 +119,9 @@ def build_index(model, collection, index_dir: Path, index_factory: str = "Flat",
     return index, ids
 
 
-def search(model, index, ids: np.ndarray, queries: dict[str, str], top_k: int,
-           batch_size: int = 64) -> dict[str, dict[str, float]]:
-    qids = list(queries)
-    scores, rows = index.search(encode(model, [queries[q] for q in qids], batch_size), top_k)
+def search(index, ids: np.ndarray, qids: list[str], vectors: np.ndarray, top_k: int) -> dict[str, dict[str, float]]:
+    """qid -> {passage id: score}, best first (faiss marks missing hits with row -1)."""
+    scores, rows = index.search(vectors, min(top_k, len(ids)))
     return {q: {str(ids[r]): float(s) for s, r in zip(srow, rrow) if r >= 0}
             for q, srow, rrow in zip(qids, scores, rows)}
 
@@ -138,4 +131,5 @@ def retrieve(model, collection, queries: dict[str, str], top_k: int, index_dir, 
     if model.kind != "bi":
         raise ValueError("task.mode=retrieve needs a bi-encoder (a cross-encoder can only re-rank: task.mode=rerank)")
     index, ids = build_index(model, collection, index_dir, index_factory, batch_size)
-    return search(model, index, ids, queries, top_k, batch_size)
+    qids = list(queries)
+    return search(index, ids, qids, encode(model, [queries[q] for q in qids], batch_size), top_k)

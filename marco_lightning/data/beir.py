@@ -47,6 +47,7 @@ class BeirFolder:
         self.val_fraction = val_fraction
         self._queries: dict[str, str] | None = None
         self._pids: dict[str, int] | None = None
+        self._qrels: dict[str, dict] = {}  # split file name -> its checked judgements
 
     @classmethod
     def from_config(cls, data: Mapping) -> BeirFolder:
@@ -105,6 +106,11 @@ class BeirFolder:
         return (self.root / "qrels" / f"{name}.tsv").is_file()
 
     def _read_qrels(self, name: str) -> dict[str, dict[str, int]]:
+        if name not in self._qrels:
+            self._qrels[name] = self._check_qrels(name)
+        return self._qrels[name]
+
+    def _check_qrels(self, name: str) -> dict[str, dict[str, int]]:
         path = self.root / "qrels" / f"{name}.tsv"
         if not path.is_file():
             have = sorted(p.stem for p in (self.root / "qrels").glob("*.tsv"))

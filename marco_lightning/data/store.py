@@ -383,8 +383,6 @@ def _alive(pid: int) -> bool:
 class MarcoSource:
     """MS MARCO files: integer ids as the files have them."""
 
-    teacher_name = "teacher scores"
-
     def __init__(self, inputs: dict):
         self.inputs = inputs
 
@@ -410,8 +408,6 @@ class MarcoSource:
 
 class BeirSource:
     """A BEIR folder and what task=mine and task=score wrote for it: string ids, stored as rows (IdRows)."""
-
-    teacher_name = "teacher scores"
 
     def __init__(self, inputs: dict):
         from marco_lightning.data.beir import BeirFolder, IdRows
@@ -445,21 +441,22 @@ class BeirSource:
         return ((row, text) for row, text in enumerate(self.folder.queries.values()))
 
     def teacher_score_chunks(self, chunk_size: int = 1 << 20):
-        from marco_lightning.data.formats import iter_pair_scores
+        from marco_lightning.data.formats import _chunk_from_rows, iter_pair_scores
 
-        q, p, rows = self.rows.query_row, self.rows.passage_row, ([], [], [])
+        q, p, rows = self.rows.query_row, self.rows.passage_row, []
         for qid, pid, score in iter_pair_scores(self.inputs["teacher_scores"]):
             if qid in q and pid in p:
-                for column, value in zip(rows, (q[qid], p[pid], score)):
-                    column.append(value)
-            if len(rows[0]) == chunk_size:
-                yield np.array(rows[0], np.int64), np.array(rows[1], np.int64), np.array(rows[2], np.float64)
-                rows = ([], [], [])
-        yield np.array(rows[0], np.int64), np.array(rows[1], np.int64), np.array(rows[2], np.float64)
+                rows.append((q[qid], p[pid], score))
+            if len(rows) == chunk_size:
+                yield _chunk_from_rows(rows)
+                rows = []
+        if rows:
+            yield _chunk_from_rows(rows)
 
 
 def _build(inputs: dict, neg: dict, out: Path) -> dict:
     src = BeirSource(inputs) if inputs.get("format") == "beir" else MarcoSource(inputs)
+    teacher_name = Path(inputs["teacher_scores"]).name if inputs["teacher_scores"] else ""
     dropped, seconds, clock = Counter(), {}, [time.time()]
 
     def step(name):  # seconds spent per step, for the manifest
@@ -529,7 +526,7 @@ def _build(inputs: dict, neg: dict, out: Path) -> dict:
     teacher = None
     if margin is not None:  # keep only candidate pairs' scores, unless listing the candidates costs more (all 13)
         pairs = np.unique(_pair_keys(np.repeat(row_qid, np.diff(row_pos)), cand)) if n <= 50_000_000 else None
-        teacher = TeacherScores(src.teacher_score_chunks(), np.unique(row_qid), pairs, src.teacher_name)
+        teacher = TeacherScores(src.teacher_score_chunks(), np.unique(row_qid), pairs, teacher_name)
     step("teacher_scores")
 
     # 5. Selection, query by query, exactly as sentence-transformers' MNRL recipe (see REFERENCE.md): systems in
@@ -606,7 +603,7 @@ def _build(inputs: dict, neg: dict, out: Path) -> dict:
         neg_keys = _pair_keys(np.repeat(kept, np.diff(neg_offsets)), neg_pids)
         if teacher is None:
             teacher = TeacherScores(src.teacher_score_chunks(), np.unique(kept),
-                                    np.unique(np.concatenate([pos_keys, neg_keys])), src.teacher_name)
+                                    np.unique(np.concatenate([pos_keys, neg_keys])), teacher_name)
         pos_scores, neg_scores = teacher.lookup_keys(pos_keys), teacher.lookup_keys(neg_keys)
     arrays = {"qids": kept, "pos_offsets": pos_offsets, "pos_pids": pos_pids, "pos_scores": pos_scores,
               "neg_offsets": neg_offsets, "neg_pids": neg_pids, "neg_scores": neg_scores}
