@@ -18,8 +18,12 @@ class NonFiniteLossError(FloatingPointError):
 class RetrieverModule(pl.LightningModule):
     def __init__(self, model, loss, optimizer, warmup_steps: float, val_qrels: dict | None = None,
                  val_rel_level: int = 2, val_measures=("ndcg@10", "mrr@10", "recall@100"),
-                 mini_batch_size: int | None = None, gradient_clip_val: float | None = None):
+                 mini_batch_size: int | None = None, gradient_clip_val: float | None = None,
+                 config: dict | None = None):
         super().__init__()
+        # the resolved run config travels in every checkpoint (checkpoint["hyper_parameters"]["config"]), so a .ckpt
+        # alone says how it was made; the modules themselves are rebuilt from it, not pickled
+        self.save_hyperparameters({"config": config} if config else {})
         self.model, self.loss, self.optimizer_factory, self.warmup_steps = model, loss, optimizer, warmup_steps
         # GradCache needs a backward per mini-batch, which only manual optimisation allows.
         self.mini_batch_size, self.gradient_clip_val = mini_batch_size, gradient_clip_val
