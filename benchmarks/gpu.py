@@ -40,17 +40,17 @@ def project_step(dev, bf16: bool, compile_: bool = False, attn: str = "sdpa"):
 
     torch.manual_seed(0)
     model = BiEncoder(BACKBONE, similarity="dot", attn_implementation=attn).to(dev).train()
-    loss_fn, optimizer = MarginMSELoss(), torch.optim.AdamW(model.parameters(), lr=2e-5, fused=dev.type == "cuda")
+    loss_fn, optimizer = MarginMSELoss(similarity="dot"), torch.optim.AdamW(model.parameters(), lr=2e-5, fused=dev.type == "cuda")
     collate = model.collator().train
-    forward = torch.compile(model.loss_inputs) if compile_ else model.loss_inputs
+    forward = torch.compile(model.candidate_scores) if compile_ else model.candidate_scores
 
     def step(examples):
         batch = collate(examples)
         batch = {k: ({n: t.to(dev) for n, t in v.items()} if isinstance(v, dict) else
                      v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            q, d = forward(batch)
-        loss = loss_fn(q.float(), d.float(), batch["teacher"])
+            scores = forward(batch)
+        loss = loss_fn(scores.float(), batch["teacher"])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -184,7 +184,7 @@ Training steps (the bare loop (c): batch {b} queries x 2 passages, fp32, AdamW, 
 What each row changes: the attention kernel (SDPA's fused kernel vs the explicit softmax(QK^T)V); padding to
 the batch's longest vs to the maximum (queries gain most: they are far below 32 tokens, while a batch of
 {2 * b} random passages nearly always holds one that fills 128); chunking, a proposal for
-`BiEncoder.loss_inputs`: sort the batch's passages by length, embed them in 4 chunks each padded to its own
+`BiEncoder.embed_group`: sort the batch's passages by length, embed them in 4 chunks each padded to its own
 longest, restore the order, so the batch and the loss are unchanged (MNRL's in-batch negatives too) and only
 padding goes (passage tokens per example {tok['dynamic']:.0f} -> {tok['chunks']:.0f}); where the Collator
 tokenises (on 2 cores, workers compete with the 2 torch threads); bf16 autocast, which is what Lightning's

@@ -29,8 +29,9 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 def cli(args: list[str], log) -> float:
     start = time.time()
-    r = subprocess.run([sys.executable, "run.py", *args, "logger=none", "callbacks.progress_bar=tqdm"], cwd=ROOT,
-                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    tqdm = "callbacks.progress_bar._target_=pytorch_lightning.callbacks.TQDMProgressBar"
+    r = subprocess.run([sys.executable, "run.py", *args, "logger=none", tqdm], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if r.returncode:
         raise RuntimeError(f"python run.py {' '.join(args)} failed:\n{r.stderr[-4000:]}")
     log(f"  python run.py {' '.join(args)}: {time.time() - start:.0f} s")

@@ -19,9 +19,14 @@ class ConfigError(ValueError):
 def resolve_similarity(cfg: DictConfig) -> str | None:
     """The similarity a bi-encoder trains, validates and is exported with, written into both config nodes so the
     saved config.yaml says what ran: model.similarity when the user set it, else the loss's own (its recipe's)."""
-    if get_class(cfg.model._target_).kind != "bi" or "similarity" not in cfg.loss:
+    takes_similarity = "similarity" in inspect.signature(get_class(cfg.loss._target_)).parameters
+    if get_class(cfg.model._target_).kind != "bi" or not takes_similarity:
         return None
-    chosen, loss_sim = cfg.model.get("similarity"), cfg.loss.similarity
+    chosen, loss_sim = cfg.model.get("similarity"), cfg.loss.get("similarity")
+    if not (chosen or loss_sim):
+        raise ConfigError(f"loss={_choice(cfg, 'loss')} names no similarity (a cross-encoder loss config) and the "
+                          f"bi-encoder model={_choice(cfg, 'model')} keeps its own: set model.similarity=cos or dot "
+                          "to train it with this loss, or pick a bi-encoder loss (margin_mse_cos, margin_mse, mnrl)")
     if chosen and chosen != loss_sim and "loss.similarity" in _overridden_keys():
         raise ConfigError(f"model.similarity={chosen} but loss.similarity={loss_sim}: the model is scored and "
                           f"exported with the similarity it trains with; set only one (model.similarity={loss_sim})")
@@ -57,10 +62,14 @@ def check_training_config(cfg: DictConfig) -> None:
     """Incompatible choices fail here, naming both config choices, before anything heavy happens."""
     model_cls, loss_cls = get_class(cfg.model._target_), get_class(cfg.loss._target_)
     model_choice, loss_choice = _choice(cfg, "model"), _choice(cfg, "loss")
-    if loss_cls.model_kind != model_cls.kind:
+    if loss_cls.model_kind not in (None, model_cls.kind):
         raise ConfigError(f"loss={loss_choice} ({loss_cls.__name__}) trains a {loss_cls.model_kind}-encoder but "
                           f"model={model_choice} is a {model_cls.kind}-encoder: pick a "
                           f"{model_cls.kind}-encoder loss or a {loss_cls.model_kind}-encoder model")
+    if model_cls.kind == "cross" and cfg.loss.get("similarity"):
+        raise ConfigError(f"loss={loss_choice} sets loss.similarity={cfg.loss.similarity} (and its scale) for a "
+                          f"bi-encoder, but model={model_choice} is a cross-encoder scoring with its own head: pick "
+                          f"a cross-encoder loss (loss=ce_margin_mse, ce_kl, ce_mse, ce_bce)")
     if loss_cls.needs_teacher and not cfg.data.get("teacher_scores"):
         raise ConfigError(f"loss={loss_choice} distils teacher scores, but data={_choice(cfg, 'data')} sets no "
                           "data.teacher_scores: point data.teacher_scores at a score file or choose a supervised loss")

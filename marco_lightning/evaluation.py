@@ -1,4 +1,5 @@
-"""Ranking evaluation: TREC files, ir-measures scoring, and a torchmetrics Metric that gives the same numbers.
+"""Ranking evaluation: TREC files and `compute_metrics`, the one function from (qrels, run) to metrics (ir-measures),
+used by validation, task=evaluate, task=report and mining alike.
 
 Conventions (the ones behind published MS MARCO / TREC DL numbers):
 - Every query in the qrels counts; a query with no candidates scores 0 (trec_eval -c, MS MARCO's official
@@ -17,15 +18,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import ir_measures
-import numpy as np
-import torch
-from torchmetrics import Metric
-from torchmetrics.functional.retrieval import (
-    retrieval_normalized_dcg,
-    retrieval_recall,
-    retrieval_reciprocal_rank,
-)
-from torchmetrics.utilities import dim_zero_cat
 
 DEFAULT_MEASURES = ("ndcg@10", "mrr@10", "recall@100")
 _IR_MEASURES = {
@@ -58,25 +50,12 @@ def _open(path, mode="rt"):
 
 
 def read_qrels(path) -> dict[str, dict[str, int]]:
-    """TREC `qid Q0 pid grade`, MS MARCO `qid \\t 0 \\t pid \\t 1` or BEIR `query-id \\t corpus-id \\t score`."""
+    """{qid: {pid: grade}} of a TREC, MS MARCO or BEIR qrels file (data.formats.iter_qrels reads all three)."""
+    from marco_lightning.data.formats import iter_qrels
+
     qrels = defaultdict(dict)
-    with _open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            fields = line.split()
-            if lineno == 1 and fields[:2] == ["query-id", "corpus-id"]:
-                continue  # a BEIR qrels header
-            try:
-                qid, pid, grade = fields if len(fields) == 3 else (fields[0], *fields[2:])  # BEIR: no Q0 column
-                grade = int(grade)
-            except ValueError:
-                raise ValueError(
-                    f"{path}:{lineno}: expected 'qid Q0 pid grade' (TREC) or 'query-id<TAB>corpus-id<TAB>score' "
-                    f"(BEIR), grade an integer, got {line!r}"
-                )
-            if qrels[qid].setdefault(pid, grade) != grade:
-                raise ValueError(f"{path}:{lineno}: ({qid}, {pid}) judged twice with different grades")
+    for qid, pid, grade in iter_qrels(path, id_type=str):
+        qrels[qid][pid] = grade
     return dict(qrels)
 
 
@@ -181,133 +160,6 @@ def compute_metrics(
         if metric.query_id in qrels:
             totals[ours[metric.measure]] += metric.value
     return {name: total / len(qrels) for name, total in totals.items()}  # missing queries add 0
-
-
-# ------------------------------------------------------------------------------------- torchmetrics Metric
-
-
-def _docid_string_key(pids: np.ndarray) -> np.ndarray:
-    """Integer key that orders non-negative ids as their decimal strings would ('9' > '10', '12' < '120')."""
-    if len(pids) and (pids.min() < 0 or pids.max() >= 10**17):
-        raise ValueError("passage ids must lie in [0, 1e17) to be tie-broken like trec_eval")
-    digits = 1 + sum((pids >= 10**d).astype(np.int64) for d in range(1, 17))
-    return pids * 10 ** (17 - digits) * 20 + digits  # left-aligned digits, then length: a prefix sorts first
-
-
-class RerankingMetrics(Metric):
-    """The numbers of `compute_metrics`, from (score, qid, pid) rows gathered across DDP ranks.
-
-    `qrels` should hold exactly the queries being validated: every qrels query counts, with or without rows.
-    Duplicate (qid, pid) rows (DistributedSampler padding) are dropped, keeping the first.
-    """
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(
-        self, qrels: dict[str, dict[str, int]], rel_level: int = 2, measures=DEFAULT_MEASURES, **kwargs
-    ):
-        super().__init__(**kwargs)
-        if not qrels or rel_level < 1:
-            raise ValueError(
-                f"need non-empty qrels and rel_level >= 1, got {len(qrels)} queries, rel_level={rel_level}"
-            )
-        self.rel_level, self.measures = rel_level, {name: parse_measure(name) for name in measures}
-        try:
-            judged = [(int(q), int(p), g) for q, docs in qrels.items() for p, g in docs.items()]
-        except ValueError as e:
-            raise ValueError(f"RerankingMetrics needs integer query and passage ids in the qrels: {e}")
-        self.query_ids = np.array(sorted({int(q) for q in qrels}), dtype=np.int64)
-        self.judged = np.array(judged, dtype=np.int64).reshape(-1, 3)  # qid, pid, grade
-        for state in ("preds", "qids", "pids"):
-            self.add_state(state, default=[], dist_reduce_fx="cat")
-
-    def update(self, preds: torch.Tensor, qids: torch.Tensor, pids: torch.Tensor) -> None:
-        if not (preds.ndim == qids.ndim == pids.ndim == 1 and len(preds) == len(qids) == len(pids)):
-            raise ValueError(
-                f"preds, qids, pids must be 1-D of equal length, got {preds.shape}, {qids.shape}, {pids.shape}"
-            )
-        if not preds.is_floating_point() or qids.is_floating_point() or pids.is_floating_point():
-            raise ValueError("preds must be float scores; qids and pids integer ids")
-        self.preds.append(preds.detach().double())  # double: the exact scores a run file would hold
-        self.qids.append(qids.detach().long())
-        self.pids.append(pids.detach().long())
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        if len(self.preds):  # a list of batches, or one tensor after a DDP sync
-            scores, qids, pids = (dim_zero_cat(s).cpu().numpy() for s in (self.preds, self.qids, self.pids))
-        else:  # no rows: every query scores 0
-            scores, qids, pids = np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64)
-        if np.isnan(scores).any():
-            raise ValueError("RerankingMetrics got NaN scores")
-        # One id per (qid, pid) pair over judged docs and rows: gives each row its grade, finds duplicate rows
-        # and the judged docs that no row covers.
-        nj = len(self.judged)
-        all_q, all_p = np.concatenate([self.judged[:, 0], qids]), np.concatenate([self.judged[:, 1], pids])
-        _, qi = np.unique(all_q, return_inverse=True)  # dense ids, so that a pair fits in one int64 key
-        pvals, pi = np.unique(all_p, return_inverse=True)
-        _, pair_id = np.unique(qi * len(pvals) + pi, return_inverse=True)
-        judged_id, row_id = pair_id[:nj], pair_id[nj:]
-        grade = np.zeros(nj + len(qids), np.int64)
-        grade[judged_id] = self.judged[:, 2]
-        covered = np.zeros(nj + len(qids), bool)
-        covered[row_id] = True
-        unranked = self.judged[~covered[judged_id] & (self.judged[:, 2] > 0)]
-        unranked = unranked[np.argsort(unranked[:, 0], kind="stable")]
-
-        _, keep = np.unique(row_id, return_index=True)  # first of each duplicated row
-        scores, qids, pids, row_id = scores[keep], qids[keep], pids[keep], row_id[keep]
-        order = np.lexsort((-_docid_string_key(pids), -scores, qids))  # by qid, then trec_eval's order
-        qids, grades = qids[order], grade[row_id[order]]
-
-        lo, hi = np.searchsorted(qids, self.query_ids, "left"), np.searchsorted(qids, self.query_ids, "right")
-        ulo, uhi = (np.searchsorted(unranked[:, 0], self.query_ids, side) for side in ("left", "right"))
-        totals = dict.fromkeys(self.measures, 0.0)
-        for i in range(len(self.query_ids)):
-            values = self._query(
-                torch.from_numpy(grades[lo[i] : hi[i]]), torch.from_numpy(unranked[ulo[i] : uhi[i], 2])
-            )
-            for name, value in values.items():
-                totals[name] += value
-        n = len(self.query_ids)
-        return {
-            name: torch.tensor(total / n, dtype=torch.float32, device=self.device)
-            for name, total in totals.items()
-        }
-
-    def _query(self, ranked: torch.Tensor, unranked: torch.Tensor) -> dict[str, float]:
-        """Measures of one query: `ranked` are the grades of its candidates in rank order, `unranked` the
-        positive grades of judged docs among no candidate (they still count for ideal DCG and recall)."""
-        n = len(ranked)
-        if n == 0:
-            return dict.fromkeys(self.measures, 0.0)
-        # Candidates get scores n..1; then zero-score fillers so that unranked docs, at -inf, sit below every
-        # cutoff (torchmetrics ignores docs scored <= 0 for RR and recall, but not for nDCG).
-        max_k = max((k or 0) for _, k in self.measures.values())
-        pad = max(0, max_k - n) + len(unranked)
-        preds = torch.cat(
-            [
-                torch.arange(n, 0, -1, dtype=torch.float64),
-                torch.zeros(pad, dtype=torch.float64),
-                torch.full((len(unranked),), -torch.inf, dtype=torch.float64),
-            ]
-        )
-        gains = torch.cat([ranked.clamp(min=0), torch.zeros(pad, dtype=torch.long), unranked])
-        relevant = (gains >= self.rel_level).long()
-        out = {}
-        for name, (kind, k) in self.measures.items():
-            if kind == "ndcg":
-                out[name] = retrieval_normalized_dcg(preds, gains, top_k=k or n + len(unranked))
-            elif kind == "mrr":
-                out[name] = retrieval_reciprocal_rank(preds, relevant, top_k=k)
-            elif kind == "recall":
-                out[name] = retrieval_recall(preds, relevant, top_k=k)
-            else:  # trec_eval's AP divides by all relevant docs; torchmetrics' by the retrieved ones
-                hits = relevant[: min(n, k or n)].double()
-                precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
-                out[name] = (precision * hits).sum() / max(relevant.sum().item(), 1)
-        return {name: float(v) for name, v in out.items()}
 
 
 # ---------------------------------------------------------------------------------------------- tables

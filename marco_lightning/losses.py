@@ -1,11 +1,15 @@
-"""Training losses, one nn.Module each, built by Hydra from `_target_`.
+"""Training losses, one nn.Module each, built by Hydra from `_target_`. Formulas: ../shared/REFERENCE.md.
 
-Two call shapes, so the LightningModule never branches on the loss:
-  bi-encoder    (model_kind = "bi"):    loss(query_emb [B, d], doc_emb [B, 1+k, d], teacher [B, 1+k] | None)
-  cross-encoder (model_kind = "cross"): loss(scores [B, 1+k], teacher [B, 1+k] | None)
-Column 0 of the documents / scores is the positive, the rest are that query's hard negatives.
-`needs_teacher` says whether the batches must carry teacher scores. Formulas: ../shared/REFERENCE.md.
+Two call shapes, so neither the LightningModule nor a loss branches on the model kind:
+  score losses (`inputs = "scores"`, any model):  loss(scores [B, 1+k], teacher [B, 1+k] | None)
+      a cross-encoder's scores are its logits, a bi-encoder's its similarity (models.pair_similarity);
+  MultipleNegativesRankingLoss (`inputs = "embeddings"`, bi-encoders): loss(query_emb [B, d], doc_emb [B, 1+k, d])
+      in-batch negatives need the vectors themselves (and their gathering across devices).
+Column 0 is the positive, the rest are that query's hard negatives. `needs_teacher` says whether the batches must
+carry teacher scores; `similarity` (bi-encoders only) is the one the model trains with (config.resolve_similarity).
 """
+
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -18,9 +22,8 @@ SIMILARITIES = ("cos", "dot")
 DEFAULT_SCALE = {"cos": 20.0, "dot": 1.0}
 
 
-def _scale(name: str, similarity: str, scale: float | None) -> float:
-    _check_similarity(name, similarity)
-    scale = DEFAULT_SCALE[similarity] if scale is None else scale
+def _scale(name: str, scale: float | None, default: float) -> float:
+    scale = default if scale is None else scale
     if not scale > 0:
         raise ValueError(f"{name}: scale={scale}; it must be > 0 (config key loss.scale)")
     return float(scale)
@@ -49,16 +52,78 @@ def _check_bi(loss: nn.Module, query_emb, doc_emb) -> None:
                          f"got {tuple(query_emb.shape)} and {tuple(doc_emb.shape)}")
 
 
-def _pair_scores(query_emb, doc_emb, similarity: str):
-    """[B, d] x [B, n, d] -> [B, n]: each query against its own candidates."""
-    if similarity == "cos":
-        query_emb, doc_emb = F.normalize(query_emb, dim=-1), F.normalize(doc_emb, dim=-1)
-    return torch.einsum("bd,bnd->bn", query_emb, doc_emb)
+class ScoreLoss(nn.Module):
+    """A loss over each query's candidate scores [B, 1+k]; subclasses write `compute(scores, teacher)` only.
+
+    `scale` multiplies the scores first (null: the subclass's `default_scale` for the similarity, else 1);
+    `similarity` is null for a cross-encoder, "cos" or "dot" for the bi-encoder the loss trains."""
+
+    model_kind, inputs, needs_teacher, min_candidates = None, "scores", True, 1
+    default_scale: ClassVar[dict[str, float]] = {}
+
+    def __init__(self, similarity: str | None = None, scale: float | None = None):
+        super().__init__()
+        name = type(self).__name__
+        if similarity is not None:
+            _check_similarity(name, similarity)
+        self.similarity, self.scale = similarity, _scale(name, scale, self.default_scale.get(similarity, 1.0))
+
+    def forward(self, scores, teacher=None):
+        name = type(self).__name__
+        if scores.ndim != 2:
+            raise ValueError(f"{name}: expected scores [B, 1+k], got {tuple(scores.shape)}")
+        if scores.shape[1] < self.min_candidates:
+            raise ValueError(f"{name} needs at least one hard negative per query (data.num_negatives >= 1)")
+        if self.needs_teacher:
+            _check_teacher(self, teacher, scores.shape)
+            teacher = teacher.detach()
+        return self.compute(self.scale * scores if self.scale != 1 else scores, teacher)
+
+    def compute(self, scores, teacher):
+        raise NotImplementedError
 
 
-def _margin_mse(scores, teacher):
-    teacher = teacher.detach()
-    return F.mse_loss(scores[:, :1] - scores[:, 1:], teacher[:, :1] - teacher[:, 1:])
+class MarginMSELoss(ScoreLoss):
+    """Hofstaetter et al. 2020: match the student's margins s(q,p) - s(q,n) to the teacher's. The paper's s is the dot
+    product; s = scale * cos trains a cosine model (msmarco-MiniLM-L6-cos-v5) without leaving its geometry."""
+
+    default_scale, min_candidates = DEFAULT_SCALE, 2
+
+    def compute(self, scores, teacher):
+        return F.mse_loss(scores[:, :1] - scores[:, 1:], teacher[:, :1] - teacher[:, 1:])
+
+
+class DistillKLDivLoss(ScoreLoss):
+    """Listwise distillation: KL(softmax(T / tau) || softmax(s / tau)) * tau^2 over each query's 1+k candidates."""
+
+    def __init__(self, temperature: float = 1.0, similarity: str | None = None, scale: float | None = None):
+        super().__init__(similarity, scale)
+        if not temperature > 0:
+            raise ValueError(f"DistillKLDivLoss: temperature={temperature} must be > 0")
+        self.temperature = temperature
+
+    def compute(self, scores, teacher):
+        tau = self.temperature
+        student, target = F.log_softmax(scores / tau, dim=1), F.softmax(teacher / tau, dim=1)
+        return F.kl_div(student, target, reduction="batchmean") * tau**2  # batchmean: mean over queries
+
+
+class MSELoss(ScoreLoss):
+    """Pointwise distillation: mean (s - T)^2 over every (query, candidate) pair."""
+
+    def compute(self, scores, teacher):
+        return F.mse_loss(scores, teacher)
+
+
+class BinaryCrossEntropyLoss(ScoreLoss):
+    """Supervised pointwise loss: BCE with logits, label 1 for the positive (column 0), 0 for the negatives."""
+
+    needs_teacher = False
+
+    def compute(self, scores, teacher):
+        labels = torch.zeros_like(scores)
+        labels[:, 0] = 1
+        return F.binary_cross_entropy_with_logits(scores, labels)
 
 
 def _world():
@@ -88,24 +153,6 @@ def _gather_with_grad(x):
     return torch.cat([_ContiguousGrad.apply(part) for part in dist_fn.all_gather(x.contiguous())], dim=0)
 
 
-class MarginMSELoss(nn.Module):
-    """Hofstaetter et al. 2020: match the student's margin s(q,p) - s(q,n) to the teacher's. The paper's s is the dot
-    product; s = scale * cos trains a cosine model (msmarco-MiniLM-L6-cos-v5) without leaving its geometry."""
-
-    model_kind, needs_teacher = "bi", True
-
-    def __init__(self, similarity: str = "dot", scale: float | None = None):
-        super().__init__()
-        self.similarity, self.scale = similarity, _scale(type(self).__name__, similarity, scale)
-
-    def forward(self, query_emb, doc_emb, teacher=None):
-        _check_bi(self, query_emb, doc_emb)
-        _check_teacher(self, teacher, doc_emb.shape[:2])
-        if doc_emb.shape[1] < 2:
-            raise ValueError("MarginMSELoss needs at least one hard negative per query (data.num_negatives >= 1)")
-        return _margin_mse(self.scale * _pair_scores(query_emb, doc_emb, self.similarity), teacher)
-
-
 class MultipleNegativesRankingLoss(nn.Module):
     """InfoNCE with in-batch negatives: each query against every query's positive and hard negatives.
 
@@ -113,12 +160,13 @@ class MultipleNegativesRankingLoss(nn.Module):
     negatives grows with the number of devices; queries stay local and labels are offset by rank * B.
     """
 
-    model_kind, needs_teacher = "bi", False
+    model_kind, inputs, needs_teacher = "bi", "embeddings", False
 
     def __init__(self, scale: float | None = None, similarity: str = "cos", num_hard_negatives: int | None = None,
                  symmetric: bool = False, gather_across_devices: bool = True):
         super().__init__()
-        scale = _scale(type(self).__name__, similarity, scale)  # 1/temperature
+        _check_similarity(type(self).__name__, similarity)
+        scale = _scale(type(self).__name__, scale, DEFAULT_SCALE[similarity])  # 1/temperature
         if num_hard_negatives is not None and num_hard_negatives < 0:
             raise ValueError(f"MultipleNegativesRankingLoss: num_hard_negatives={num_hard_negatives} must be >= 0")
         self.scale, self.similarity, self.num_hard_negatives = scale, similarity, num_hard_negatives
@@ -145,88 +193,6 @@ class MultipleNegativesRankingLoss(nn.Module):
         if self.symmetric:  # each local positive against all queries (sentence-transformers' "doc_to_query")
             loss = (loss + F.cross_entropy(self.scale * docs[:, 0] @ all_queries.T, labels)) / 2
         return loss
-
-
-class DistillKLDivLoss(nn.Module):
-    """Listwise distillation: KL(softmax(T / tau) || softmax(s / tau)) * tau^2 over each query's 1+k candidates."""
-
-    model_kind, needs_teacher = "bi", True
-
-    def __init__(self, temperature: float = 1.0, similarity: str = "dot"):
-        super().__init__()
-        _check_similarity(type(self).__name__, similarity)
-        if not temperature > 0:
-            raise ValueError(f"DistillKLDivLoss: temperature={temperature} must be > 0")
-        self.temperature, self.similarity = temperature, similarity
-
-    def forward(self, query_emb, doc_emb, teacher=None):
-        _check_bi(self, query_emb, doc_emb)
-        _check_teacher(self, teacher, doc_emb.shape[:2])
-        return _listwise_kl(_pair_scores(query_emb, doc_emb, self.similarity), teacher, self.temperature)
-
-
-def _listwise_kl(scores, teacher, tau):
-    student = F.log_softmax(scores / tau, dim=1)
-    target = F.softmax(teacher.detach() / tau, dim=1)
-    return F.kl_div(student, target, reduction="batchmean") * tau**2  # batchmean: mean over queries
-
-
-def _check_cross(loss: nn.Module, scores) -> None:
-    if scores.ndim != 2:
-        raise ValueError(f"{type(loss).__name__}: expected scores [B, 1+k], got {tuple(scores.shape)}")
-
-
-class CrossEncoderMSELoss(nn.Module):
-    """Pointwise distillation: mean (s - T)^2 over every (query, candidate) pair."""
-
-    model_kind, needs_teacher = "cross", True
-
-    def forward(self, scores, teacher=None):
-        _check_cross(self, scores)
-        _check_teacher(self, teacher, scores.shape)
-        return F.mse_loss(scores, teacher.detach())
-
-
-class CrossEncoderMarginMSELoss(nn.Module):
-    """Match the margins s_p - s_n to the teacher's T_p - T_n."""
-
-    model_kind, needs_teacher = "cross", True
-
-    def forward(self, scores, teacher=None):
-        _check_cross(self, scores)
-        _check_teacher(self, teacher, scores.shape)
-        if scores.shape[1] < 2:
-            raise ValueError("CrossEncoderMarginMSELoss needs at least one negative per query (data.num_negatives >= 1)")
-        return _margin_mse(scores, teacher)
-
-
-class CrossEncoderKLDivLoss(nn.Module):
-    """Listwise distillation over each query's candidates: KL(softmax(T/tau) || softmax(s/tau)) * tau^2."""
-
-    model_kind, needs_teacher = "cross", True
-
-    def __init__(self, temperature: float = 1.0):
-        super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"CrossEncoderKLDivLoss: temperature={temperature} must be > 0")
-        self.temperature = temperature
-
-    def forward(self, scores, teacher=None):
-        _check_cross(self, scores)
-        _check_teacher(self, teacher, scores.shape)
-        return _listwise_kl(scores, teacher, self.temperature)
-
-
-class CrossEncoderBCELoss(nn.Module):
-    """Supervised pointwise loss: BCE with logits, label 1 for the positive (column 0), 0 for the negatives."""
-
-    model_kind, needs_teacher = "cross", False
-
-    def forward(self, scores, teacher=None):
-        _check_cross(self, scores)
-        labels = torch.zeros_like(scores)
-        labels[:, 0] = 1
-        return F.binary_cross_entropy_with_logits(scores, labels)
 
 
 def negatives_per_query(loss: nn.Module, batch_size: int, group_size: int, world_size: int) -> int:

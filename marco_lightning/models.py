@@ -143,6 +143,13 @@ def load_sentence_transformer(backbone: str, pooling: str | None = None, random_
     return st
 
 
+def pair_similarity(query_emb, doc_emb, similarity: str) -> torch.Tensor:
+    """[B, d] x [B, n, d] -> [B, n]: each query against its own candidates, by "cos" or "dot"."""
+    if similarity == "cos":
+        query_emb, doc_emb = F.normalize(query_emb, dim=-1), F.normalize(doc_emb, dim=-1)
+    return torch.einsum("bd,bnd->bn", query_emb, doc_emb)
+
+
 class BiEncoder(nn.Module):
     """A sentence-transformers model trained as a bi-encoder: queries and passages are embedded apart by all of its
     modules and compared by its similarity, so every score here is the score `SentenceTransformer` gives.
@@ -197,9 +204,14 @@ class BiEncoder(nn.Module):
         emb = self.embed(features)
         return F.normalize(emb, dim=-1) if self.similarity == "cos" else emb
 
-    def loss_inputs(self, batch):
+    def embed_group(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch -> query_emb [B, d], doc_emb [B, 1+k, d] (the inputs of an embedding loss)."""
         q = self.embed(batch["query"])
         return q, self.embed(batch["docs"]).view(q.shape[0], batch["group_size"], -1)
+
+    def candidate_scores(self, batch) -> torch.Tensor:
+        """A training batch -> [B, 1+k] scores of each query's candidates (the inputs of a score loss)."""
+        return pair_similarity(*self.embed_group(batch), self.similarity)
 
     def score_pairs(self, batch) -> torch.Tensor:
         q, d = self.output_embedding(batch["query"]), self.output_embedding(batch["doc"])
@@ -229,8 +241,8 @@ class CrossEncoder(nn.Module):
     def score_pairs(self, batch) -> torch.Tensor:
         return self.encoder(**batch["pairs"]).logits.squeeze(-1)
 
-    def loss_inputs(self, batch):
-        return (self.score_pairs(batch).view(-1, batch["group_size"]),)
+    def candidate_scores(self, batch) -> torch.Tensor:
+        return self.score_pairs(batch).view(-1, batch["group_size"])
 
     def save(self, path: str | Path) -> None:
         """Write a folder that `sentence_transformers.CrossEncoder(path)` loads, predicting raw logits."""

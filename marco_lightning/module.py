@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 from transformers import get_linear_schedule_with_warmup
 
-from marco_lightning.evaluation import RerankingMetrics
+from marco_lightning.evaluation import DEFAULT_MEASURES, compute_metrics
+from marco_lightning.models import pair_similarity
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -17,19 +18,22 @@ class NonFiniteLossError(FloatingPointError):
 
 class RetrieverModule(pl.LightningModule):
     def __init__(self, model, loss, optimizer, warmup_steps: float, val_qrels: dict | None = None,
-                 val_rel_level: int = 2, val_measures=("ndcg@10", "mrr@10", "recall@100"),
+                 val_rel_level: int = 2, val_measures=DEFAULT_MEASURES, val_ids=None,
                  mini_batch_size: int | None = None, gradient_clip_val: float | None = None,
                  config: dict | None = None):
         super().__init__()
         # the resolved run config travels in every checkpoint (checkpoint["hyper_parameters"]["config"]), so a .ckpt
         # alone says how it was made; the modules themselves are rebuilt from it, not pickled
-        self.save_hyperparameters({"config": config} if config else {})
+        self.save_hyperparameters({"config": config} if config else {}, logger=False)  # loggers log cfg already
         self.model, self.loss, self.optimizer_factory, self.warmup_steps = model, loss, optimizer, warmup_steps
         # GradCache needs a backward per mini-batch, which only manual optimisation allows.
         self.mini_batch_size, self.gradient_clip_val = mini_batch_size, gradient_clip_val
         self.automatic_optimization = mini_batch_size is None
+        # Validation is scored by the one metric function of task=evaluate and the report, on the data's own ids
+        # (val_ids maps a BEIR store's rows back to the folder's ids, which decide trec_eval's tie order).
+        self.val_named = val_ids.to_names if val_ids is not None else (lambda run: run)
+        self.val_judged, self.val_rel_level = self.val_named(val_qrels or {}), val_rel_level
         self.val_measures = tuple(val_measures)
-        self.val_metrics = RerankingMetrics(val_qrels or {}, rel_level=val_rel_level, measures=self.val_measures)
         self.val_rows: list[torch.Tensor] = []
         self.last_val_run: dict[str, dict[str, float]] = {}
         self.last_val_step = -1  # global step of the weights last_val_run was computed with
@@ -42,11 +46,14 @@ class RetrieverModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         if not self.automatic_optimization:
             return self._grad_cache_step(batch)
-        # The model turns its batch into the loss's inputs, so no branch on the loss or the model kind here.
-        inputs = self.model.loss_inputs(batch)
-        loss = self.loss(*inputs, batch.get("teacher"))
+        # The model turns its batch into what the loss takes (scores, or the vectors for in-batch negatives), so
+        # nothing here depends on the model kind or the loss.
+        if self.loss.inputs == "embeddings":
+            loss = self.loss(*self.model.embed_group(batch), batch.get("teacher"))
+        else:
+            loss = self.loss(self.model.candidate_scores(batch), batch.get("teacher"))
         self._check_finite(loss)
-        self.log("train/loss", loss, prog_bar=True, batch_size=inputs[0].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=_num_queries(batch))
         return loss
 
     def _grad_cache_step(self, batch):
@@ -56,13 +63,15 @@ class RetrieverModule(pl.LightningModule):
         optimizer.zero_grad()
         wrapped = self.trainer.strategy.model  # DDP's wrapper under DDP: one all-reduce per step, not per mini-batch
         no_sync = getattr(wrapped, "no_sync", None) or contextlib.nullcontext
-        loss = cached_loss_backward(self.model.embed, batch["query"], batch["docs"], self.loss, self.mini_batch_size,
+        loss_fn = self.loss if self.loss.inputs == "embeddings" else (  # a score loss on the cached vectors
+            lambda q, d, teacher: self.loss(pair_similarity(q, d, self.model.similarity), teacher))
+        loss = cached_loss_backward(self.model.embed, batch["query"], batch["docs"], loss_fn, self.mini_batch_size,
                                     self.manual_backward, batch.get("teacher"), no_sync=no_sync)
         self._check_finite(loss)  # before the step: the weights stay the last finite ones
         self.configure_gradient_clipping(optimizer, self.gradient_clip_val, "norm")
         optimizer.step()
         scheduler.step()
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["query"]["input_ids"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=_num_queries(batch))
         return loss
 
     def _check_finite(self, loss):
@@ -101,27 +110,17 @@ class RetrieverModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         scores = self.model.score_pairs(batch).float()
-        self.val_metrics.update(scores, batch["qid"], batch["pid"])
         self.val_rows.append(torch.stack([batch["qid"].double(), batch["pid"].double(), scores.double()], 1).cpu())
 
     def on_validation_epoch_end(self):
-        values = self.val_metrics.compute()
-        self.val_metrics.reset()
-        self.log_dict({f"val/{k}": v for k, v in values.items()}, prog_bar=True, sync_dist=False)
-        self.last_val_run, self.last_val_step = self._gather_run(), self.global_step
-
-    def _gather_run(self) -> dict[str, dict[str, float]]:
-        """The re-ranked run of this validation on every rank (written as a TREC run file by the tasks)."""
-        rows = torch.cat(self.val_rows) if self.val_rows else torch.zeros(0, 3, dtype=torch.float64)
+        self.last_val_run, self.last_val_step = gather_run(self.val_rows), self.global_step
         self.val_rows = []
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, rows)
-            rows = torch.cat(parts)
-        run: dict[str, dict[str, float]] = {}
-        for qid, pid, score in rows.tolist():
-            run.setdefault(str(int(qid)), {})[str(int(pid))] = score
-        return run
+        # every rank holds the whole run, so each logs (and checkpoints on) the same values: no sync needed
+        self.log_dict({f"val/{k}": v for k, v in self.measure(self.last_val_run).items()}, prog_bar=True)
+
+    def measure(self, run: dict[str, dict[str, float]]) -> dict[str, float]:
+        """The validation measures of a run in the store's ids (validation's own, or any other of these queries)."""
+        return compute_metrics(self.val_judged, self.val_named(run), self.val_rel_level, self.val_measures)
 
     # RNG states travel with the checkpoint, so dropout after a resume draws what an unbroken run would have.
     def on_save_checkpoint(self, checkpoint):
@@ -151,6 +150,24 @@ class RetrieverModule(pl.LightningModule):
         warmup = self.warmup_steps * total if self.warmup_steps < 1 else self.warmup_steps
         scheduler = get_linear_schedule_with_warmup(optimizer, int(min(warmup, total)), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def gather_run(rows: list[torch.Tensor]) -> dict[str, dict[str, float]]:
+    """(qid, pid, score) rows of this rank -> the run of all ranks, on every rank. A pair seen twice (the padding
+    DistributedSampler adds) keeps one score."""
+    rows = torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, rows)
+        rows = torch.cat(parts)
+    run: dict[str, dict[str, float]] = {}
+    for qid, pid, score in rows.tolist():
+        run.setdefault(str(int(qid)), {})[str(int(pid))] = score
+    return run
+
+
+def _num_queries(batch) -> int:
+    return len(batch["query"]["input_ids"]) if "query" in batch else len(batch["pairs"]["input_ids"]) // batch["group_size"]
 
 
 def _collect_rng_states() -> dict:

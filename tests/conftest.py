@@ -42,8 +42,8 @@ def compose(overrides=(), tmp_path=None):
 
 # Small and fast: tiny random model, CPU, one short epoch, no W&B network.
 FAST = ["model=tiny", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_epochs=1", "batch_size=8",
-        "trainer.check_val_every_n_epoch=1",
-        "num_workers=0", "scheduler.warmup_steps=0.1", "callbacks.progress_bar=tqdm", "data.val_top_k=20"]
+        "trainer.check_val_every_n_epoch=1", "num_workers=0", "scheduler.warmup_steps=0.1", "data.val_top_k=20",
+        "callbacks.progress_bar._target_=pytorch_lightning.callbacks.TQDMProgressBar"]
 
 
 def run_cli(args, cwd=ROOT, timeout=600, env=None):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from benchmarks.synthetic_msmarco import SYSTEMS, generate, score_pickle_bytes
-from marco_lightning.data.formats import iter_hard_negatives, iter_id_text, iter_qrels, iter_teacher_scores
+from marco_lightning.data.formats import iter_qrels
+from marco_lightning.data.msmarco import iter_hard_negatives, iter_id_text, iter_teacher_scores
 
 
 def deframed(b: bytes) -> bytes:

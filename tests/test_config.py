@@ -53,7 +53,7 @@ def test_default_experiment_is_the_documented_one(tmp_path):
     (["model.similarity=dot"], "dot", 1.0),                     # its 20 belongs to cos: dot takes dot's scale
     (["model.similarity=dot", "loss.scale=5"], "dot", 5.0),     # unless the user set one
     (["experiment=bi_mnrl", "model=tiny", "model.similarity=dot"], "dot", 1.0),
-    (["loss=distill_kl"], "dot", None),
+    (["loss=distill_kl"], "dot", 1.0),                          # listwise KL: unscaled, its temperature sets the sharpness
 ])
 def test_each_loss_brings_its_recipes_similarity_unless_the_model_sets_one(overrides, similarity, scale):
     from hydra.utils import instantiate

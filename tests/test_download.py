@@ -1,7 +1,10 @@
 """data.downloads: files fetched from a local HTTP server (127.0.0.1, a thread of the test; nothing leaves the
-machine): download, resume of a partial .part, atomic rename, archive extraction, clear errors."""
+machine) through pooch: download, atomic rename, checksums, archive extraction, clear errors; huggingface.co
+URLs go to hf_hub_download (faked)."""
 import gzip
+import hashlib
 import io
+import shutil
 import socket
 import tarfile
 import threading
@@ -13,13 +16,14 @@ from urllib.parse import urlparse
 import pytest
 from conftest import compose
 
+from marco_lightning.data import download
 from marco_lightning.data.download import DownloadError, ensure_files, missing_downloads
 
 PAYLOAD = b"".join(b"%d\t0\t%d\t1\n" % (i, 7 * i) for i in range(20_000))  # ~250 kB of qrels
 
 
 class Handler(SimpleHTTPRequestHandler):
-    """Serves a folder; honours `Range: bytes=N-` unless the server says not to; can cut a response short."""
+    """Serves a folder, records (path, Range header) of each request; can cut a response short."""
 
     def log_message(self, *args):
         pass
@@ -31,25 +35,12 @@ class Handler(SimpleHTTPRequestHandler):
         except OSError:
             self.send_error(404)
             return None
-        start = 0
-        rng = self.headers.get("Range")
-        if rng and self.server.ranges:
-            start = int(rng.split("=")[1].split("-")[0])
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.end_headers()
-                return None
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(data) - start))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        body = data[start:]
         if self.server.cut_after is not None:  # announce everything, send part of it, hang up
-            body = body[:self.server.cut_after]
-        return io.BytesIO(body)
+            data = data[:self.server.cut_after]
+        return io.BytesIO(data)
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +54,7 @@ def server(tmp_path):
     folder = tmp_path / "served"
     folder.mkdir()
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(folder)))
-    httpd.requests, httpd.ranges, httpd.cut_after, httpd.folder = [], True, None, folder
+    httpd.requests, httpd.cut_after, httpd.folder = [], None, folder
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -88,41 +79,84 @@ def test_downloads_a_missing_file_atomically(server, tmp_path):
     assert ensure_files(cfg) == [] and server.requests == []  # present: nothing fetched
 
 
-@pytest.mark.parametrize("ranges", [True, False], ids=["server-resumes", "server-ignores-range"])
-def test_resumes_a_partial_download(server, tmp_path, ranges):
-    server.ranges = ranges
-    (server.folder / "qrels.train.tsv").write_bytes(PAYLOAD)
-    root = tmp_path / "data"
-    root.mkdir()
-    (root / "qrels.train.tsv.part").write_bytes(PAYLOAD[:100_000])
-    ensure_files(data_cfg(root, {"qrels.train.tsv": f"{server.url}/qrels.train.tsv"}, train_qrels="qrels.train.tsv"))
-    assert server.requests == [("/qrels.train.tsv", "bytes=100000-")]
-    assert (root / "qrels.train.tsv").read_bytes() == PAYLOAD
-    assert not (root / "qrels.train.tsv.part").exists()
-
-
-def test_a_broken_download_leaves_no_file_and_resumes_next_time(server, tmp_path):
+def test_a_broken_download_leaves_no_file_and_starts_over_next_time(server, tmp_path):
     (server.folder / "qrels.train.tsv").write_bytes(PAYLOAD)
     root = tmp_path / "data"
     cfg = data_cfg(root, {"qrels.train.tsv": f"{server.url}/qrels.train.tsv"}, train_qrels="qrels.train.tsv")
-    server.cut_after = 60_000
-    with pytest.raises(DownloadError, match="qrels.train.tsv.*resume"):
+    server.cut_after = 60_000  # announces 250 kB, sends 60 kB, hangs up
+    with pytest.raises(DownloadError, match=r"qrels.train.tsv.*Run again to start over"):
         ensure_files(cfg)
-    assert not (root / "qrels.train.tsv").exists()  # the real name only ever holds a whole file
-    assert (root / "qrels.train.tsv.part").read_bytes() == PAYLOAD[:60_000]
+    assert list(root.iterdir()) == []  # the real name only ever holds a whole file; no temp file is left
     server.cut_after = None
     ensure_files(cfg)
-    assert server.requests[-1] == ("/qrels.train.tsv", "bytes=60000-")
+    assert server.requests[-1] == ("/qrels.train.tsv", None)  # from the start: no Range
     assert (root / "qrels.train.tsv").read_bytes() == PAYLOAD
 
 
-def test_a_complete_part_file_is_just_renamed(server, tmp_path):
+def test_a_matching_sha256_is_accepted_a_wrong_one_leaves_no_file(server, tmp_path):
     (server.folder / "qrels.train.tsv").write_bytes(PAYLOAD)
     root = tmp_path / "data"
-    root.mkdir()
-    (root / "qrels.train.tsv.part").write_bytes(PAYLOAD)  # the server answers 416 with the total size
-    ensure_files(data_cfg(root, {"qrels.train.tsv": f"{server.url}/qrels.train.tsv"}, train_qrels="qrels.train.tsv"))
+    url = f"{server.url}/qrels.train.tsv"
+    wrong = data_cfg(root, {"qrels.train.tsv": {"url": url, "sha256": "0" * 64}}, train_qrels="qrels.train.tsv")
+    with pytest.raises(DownloadError, match=r"checksum mismatch for http://127.0.0.1:\d+/qrels.train.tsv -> .*"
+                                            r"qrels.train.tsv.*data.downloads"):
+        ensure_files(wrong)
+    assert list(root.iterdir()) == []
+    right = data_cfg(root, {"qrels.train.tsv": {"url": url, "sha256": hashlib.sha256(PAYLOAD).hexdigest()}},
+                     train_qrels="qrels.train.tsv")
+    assert missing_downloads(right) == {url: ["qrels.train.tsv"]}
+    assert ensure_files(right) == [root / "qrels.train.tsv"]
     assert (root / "qrels.train.tsv").read_bytes() == PAYLOAD
+
+
+def test_huggingface_urls_go_to_hf_hub_download(tmp_path, monkeypatch):
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "scores.pkl.gz").write_bytes(gzip.compress(b"scores"))
+    calls = []
+
+    def fake_hf_hub_download(repo_id, filename, *, local_dir, **kw):  # what the hub client does with local_dir
+        calls.append({"repo_id": repo_id, "filename": filename, **kw})
+        out = Path(local_dir) / filename
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(hub / Path(filename).name, out)
+        (Path(local_dir) / ".cache").mkdir(exist_ok=True)
+        return str(out)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_hf_hub_download)
+    root = tmp_path / "data"
+    cfg = data_cfg(root, {
+        "ce.pkl.gz": "https://huggingface.co/datasets/sentence-transformers/msmarco-hard-negatives/resolve/main/"
+                     "scores.pkl.gz",
+        "ce.pkl": {"url": "https://huggingface.co/org/model/resolve/refs%2Fpr%2F3/sub/scores.pkl.gz",
+                   "sha256": hashlib.sha256(gzip.compress(b"scores")).hexdigest()}},
+        teacher_scores="ce.pkl.gz", other="ce.pkl")
+    assert ensure_files(cfg) == [root / "ce.pkl.gz", root / "ce.pkl"]
+    assert calls == [{"repo_id": "sentence-transformers/msmarco-hard-negatives", "filename": "scores.pkl.gz",
+                      "repo_type": "dataset", "revision": "main"},
+                     {"repo_id": "org/model", "filename": "sub/scores.pkl.gz", "repo_type": "model",
+                      "revision": "refs/pr/3"}]
+    assert (root / "ce.pkl.gz").read_bytes() == gzip.compress(b"scores")
+    assert (root / "ce.pkl").read_bytes() == b"scores"  # decompressed, as from any other host
+    assert sorted(p.name for p in root.iterdir()) == ["ce.pkl", "ce.pkl.gz"]  # hf's staging folder is gone
+    (root / "ce.pkl.gz").unlink()
+    cfg["downloads"]["ce.pkl.gz"] = {"url": cfg["downloads"]["ce.pkl.gz"], "sha256": "0" * 64}
+    with pytest.raises(DownloadError, match=r"checksum mismatch for https://huggingface.co/datasets/.*ce.pkl.gz"):
+        ensure_files(cfg)
+    assert not (root / "ce.pkl.gz").exists()
+    assert not any(p.is_file() for p in (root / download.HF_STAGING).rglob("*"))
+
+
+def test_a_failing_hub_download_is_named(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("no connection to the hub")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", offline)
+    root = tmp_path / "data"
+    url = "https://huggingface.co/datasets/o/n/resolve/main/x.jsonl.gz"
+    with pytest.raises(DownloadError) as e:
+        ensure_files(data_cfg(root, {"x.jsonl.gz": url}, hard_negatives="x.jsonl.gz"))
+    assert url in str(e.value) and str(root / "x.jsonl.gz") in str(e.value) and "no connection" in str(e.value)
 
 
 def test_extracts_members_of_one_tar_gz_and_decompresses_gz(server, tmp_path):

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from marco_lightning.evaluation import (
-    RerankingMetrics,
     compute_metrics,
     format_table,
     read_qrels,
@@ -138,21 +137,9 @@ HAND = {
 HAND_REL1 = {"mrr@10": (1 / 2 + 1 + 0) / 3}  # rel_level=1: q1 first relevant is 11 at rank 2, q2 21 at rank 1
 
 
-def _as_rows(run):
-    rows = [(int(q), int(p), s) for q, docs in run.items() for p, s in docs.items()]
-    qids, pids, scores = zip(*rows)
-    return torch.tensor(scores, dtype=torch.float64), torch.tensor(qids), torch.tensor(pids)
-
-
 def test_hand_computed_compute_metrics():
     assert compute_metrics(HAND_QRELS, HAND_RUN, 2, tuple(HAND)) == pytest.approx(HAND, abs=1e-12)
     assert compute_metrics(HAND_QRELS, HAND_RUN, 1, tuple(HAND_REL1)) == pytest.approx(HAND_REL1, abs=1e-12)
-
-
-def test_hand_computed_reranking_metrics():
-    metric = RerankingMetrics(HAND_QRELS, rel_level=2, measures=tuple(HAND))
-    metric.update(*_as_rows(HAND_RUN))
-    assert {k: v.item() for k, v in metric.compute().items()} == pytest.approx(HAND, abs=1e-6)
 
 
 def test_ties_broken_by_docid_descending_as_strings():
@@ -160,36 +147,28 @@ def test_ties_broken_by_docid_descending_as_strings():
     # Numeric order (10 first) or ascending strings (ir-measures' MS MARCO provider) would give 1.
     qrels, run = {"1": {"10": 1, "9": 0}}, {"1": {"10": 1.0, "9": 1.0}}
     assert compute_metrics(qrels, run, 1, ("mrr@10",)) == {"mrr@10": 0.5}
-    metric = RerankingMetrics(qrels, rel_level=1, measures=("mrr@10",))
-    metric.update(*_as_rows(run))
-    assert metric.compute()["mrr@10"].item() == 0.5
 
 
-def test_no_rows_scores_zero():
-    with pytest.warns(UserWarning, match="called before the ``update``"):
-        values = RerankingMetrics(HAND_QRELS).compute()
-    assert {k: v.item() for k, v in values.items()} == {
-        "ndcg@10": 0.0,
-        "mrr@10": 0.0,
-        "recall@100": 0.0,
-    }
+def test_a_query_without_candidates_scores_zero():
+    assert compute_metrics(HAND_QRELS, {}, 2, ("ndcg@10", "mrr@10", "recall@100")) == {
+        "ndcg@10": 0.0, "mrr@10": 0.0, "recall@100": 0.0}
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown measure 'recall'"):
         compute_metrics(HAND_QRELS, HAND_RUN, measures=("recall",))  # recall needs @K
     with pytest.raises(ValueError, match="unknown measure 'P@10'"):
-        RerankingMetrics(HAND_QRELS, measures=("P@10",))
-    with pytest.raises(ValueError, match="integer query and passage ids"):
-        RerankingMetrics({"q1": {"doc-a": 1}})
-    metric = RerankingMetrics(HAND_QRELS)
-    with pytest.raises(ValueError, match="1-D of equal length"):
-        metric.update(torch.zeros(3), torch.zeros(2, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+        compute_metrics(HAND_QRELS, HAND_RUN, measures=("P@10",))
+    with pytest.raises(ValueError, match="non-empty qrels"):
+        compute_metrics({}, HAND_RUN)
 
 
-# -------------------------------------------------- (c) RerankingMetrics == compute_metrics on real candidates
+# ------------------------------------- (c) validation's rows -> run -> metrics == ir-measures on the same run
 
 MEASURES = ("ndcg@10", "mrr@10", "recall@100", "map", "ndcg", "mrr", "recall@5", "map@10")
+IR_MEASURES = {"ndcg@10": ir_measures.nDCG @ 10, "ndcg": ir_measures.nDCG, "map@10": ir_measures.AP(rel=2) @ 10,
+               "map": ir_measures.AP(rel=2), "mrr@10": ir_measures.RR(rel=2) @ 10, "mrr": ir_measures.RR(rel=2),
+               "recall@100": ir_measures.R(rel=2) @ 100, "recall@5": ir_measures.R(rel=2) @ 5}
 
 
 @pytest.fixture(scope="module")
@@ -203,32 +182,29 @@ def bm25_dl19():
 
 
 @needs_data
-@pytest.mark.parametrize("variant", ["plain", "ties", "duplicates", "missing", "rel1"])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_reranking_metrics_equals_compute_metrics(bm25_dl19, variant, seed):
+@pytest.mark.parametrize("variant", ["plain", "duplicates", "missing"])
+def test_validation_rows_measure_as_ir_measures_on_the_written_run(bm25_dl19, variant, tmp_path):
+    """What validation logs: rows in any batch order (with DistributedSampler's duplicate rows, or queries without
+    candidates) -> gather_run -> compute_metrics; the reference: ir-measures on the TREC file written from it."""
+    from marco_lightning.module import gather_run
+
     qrels, qids, pids = bm25_dl19
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(0)
     scores = torch.randn(len(qids), generator=g)
-    if variant == "ties":  # bf16-like coarse scores: many ties
-        scores = (scores * 2).round() / 2
     if variant == "missing":  # drop 40% of candidates and every candidate of 3 queries
         keep = (torch.rand(len(qids), generator=g) > 0.4) & ~torch.isin(qids, qids.unique()[:3])
         scores, qids, pids = scores[keep], qids[keep], pids[keep]
-    run = {}
-    for q, p, s in zip(qids.tolist(), pids.tolist(), scores.tolist()):
-        run.setdefault(str(q), {})[str(p)] = s
-    rel_level = 1 if variant == "rel1" else 2
-    expected = compute_metrics(qrels, run, rel_level, MEASURES)
-
-    if variant == "duplicates":  # DistributedSampler pads by repeating rows, scored the same
+    if variant == "duplicates":
         extra = torch.randint(len(qids), (500,), generator=g)
         scores, qids, pids = (torch.cat([t, t[extra]]) for t in (scores, qids, pids))
-    metric = RerankingMetrics(qrels, rel_level=rel_level, measures=MEASURES)
-    order = torch.randperm(len(qids), generator=g)  # batches arrive in any order
-    for batch in order.split(1000):
-        metric.update(scores[batch], qids[batch], pids[batch])
-    got = {k: v.item() for k, v in metric.compute().items()}
-    assert got == pytest.approx(expected, abs=1e-6)
+    rows = torch.stack([qids.double(), pids.double(), scores.double()], 1)[torch.randperm(len(qids), generator=g)]
+    run = gather_run(list(rows.split(1000)))
+    write_run(run, tmp_path / "run.trec")
+    # ir-measures, like trec_eval -c, scores a judged query the run lacks as 0
+    reference = ir_measures.calc_aggregate(list(IR_MEASURES.values()), qrels,
+                                           ir_measures.read_trec_run(str(tmp_path / "run.trec")))
+    reference = {name: reference[m] for name, m in IR_MEASURES.items()}
+    assert compute_metrics(qrels, run, 2, MEASURES) == pytest.approx(reference, abs=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------- tables

@@ -1,4 +1,4 @@
-"""RerankingMetrics across 2 CPU processes (gloo): torchmetrics' state sync must give every rank the full value."""
+"""Validation across 2 CPU processes (gloo): every rank must measure the whole run, as one process would."""
 
 import json
 from pathlib import Path
@@ -9,7 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
-from marco_lightning.evaluation import RerankingMetrics, compute_metrics, read_qrels, read_run
+from marco_lightning.evaluation import compute_metrics, read_qrels, read_run
+from marco_lightning.module import gather_run
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "msmarco-trec-dl"
 MEASURES = ("ndcg@10", "mrr@10", "recall@100", "map")
@@ -28,10 +29,8 @@ def _worker(rank, world_size, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     qrels, scores, qids, pids = _rows()
     mine = torch.tensor(list(DistributedSampler(range(len(qids)), world_size, rank, shuffle=False)))
-    metric = RerankingMetrics(qrels, measures=MEASURES)
-    for batch in mine.split(500):
-        metric.update(scores[batch], qids[batch], pids[batch])
-    values = {k: v.item() for k, v in metric.compute().items()}
+    rows = [torch.stack([qids[b].double(), pids[b].double(), scores[b].double()], 1) for b in mine.split(500)]
+    values = compute_metrics(qrels, gather_run(rows), 2, MEASURES)  # what RetrieverModule logs on each rank
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"rows": len(mine), **values}))
     dist.destroy_process_group()
 

@@ -10,16 +10,12 @@ import numpy as np
 import pytest
 from conftest import needs_shared
 
-from marco_lightning.data.formats import (
-    DataFormatError,
-    IdMap,
-    iter_beir_corpus,
-    iter_beir_qrels,
-    iter_beir_queries,
+from marco_lightning.data.beir import beir_text, iter_jsonl
+from marco_lightning.data.formats import DataFormatError, iter_collection, iter_qrels
+from marco_lightning.data.msmarco import (
     iter_hard_negatives,
     iter_hofstaetter_triples,
     iter_id_text,
-    iter_qrels,
     iter_teacher_score_chunks,
     iter_teacher_scores,
 )
@@ -243,30 +239,22 @@ def test_parquet_copies(tmp_path):
         list(iter_id_text(bad))
 
 
-def test_idmap():
-    ids = IdMap()
-    assert [ids("4983"), ids("0"), ids("MED-10"), ids("007"), ids("MED-10"), ids("abc")] == [4983, 0, -1, -2, -1, -3]
-    assert ids.name(-2) == "007" and ids.name(4983) == "4983"
-
-
 @needs_shared
 def test_beir_scifact():
-    qids, pids = IdMap(), IdMap()
-    corpus = list(iter_beir_corpus(SCIFACT / "corpus.jsonl", pids))
-    queries = list(iter_beir_queries(SCIFACT / "queries.jsonl", qids))
-    qrels = list(iter_beir_qrels(SCIFACT / "qrels" / "test.tsv", qids, pids))
+    corpus = [(d["_id"], beir_text(d)) for d in iter_jsonl(SCIFACT / "corpus.jsonl", "raise", None)]
+    queries = [(d["_id"], d["text"]) for d in iter_jsonl(SCIFACT / "queries.jsonl", "raise", None)]
+    qrels = list(iter_qrels(SCIFACT / "qrels" / "test.tsv", id_type=str))
     assert (len(corpus), len(queries), len(qrels)) == (5183, 1109, 339)  # SOURCE.md: 300 test queries, then the train claims
-    assert queries[0] == (1, "0-dimensional biomaterials show inductive properties.")
-    assert qrels[0] == (1, 31715818, 1)
-    assert corpus[0][0] == 4983 and corpus[0][1].startswith("Microstructural development of human newborn")
-    assert not pids.mapped and {p for _, p, _ in qrels} <= {p for p, _ in corpus}
+    assert queries[0] == ("1", "0-dimensional biomaterials show inductive properties.")
+    assert qrels[0] == ("1", "31715818", 1)
+    assert corpus[0][0] == "4983" and corpus[0][1].startswith("Microstructural development of human newborn")
+    assert {p for _, p, _ in qrels} <= {p for p, _ in corpus}
+    assert list(iter_collection(SCIFACT / "corpus.jsonl"))[:3] == corpus[:3]  # one collection reader for both kinds
 
 
 def test_beir_string_ids(tmp_path):
     corpus = write(tmp_path / "corpus.jsonl", '{"_id": "MED-1", "title": "T", "text": "x"}\n'
-                                              '{"_id": "12", "title": "", "text": "y"}\n')
-    qrels = write(tmp_path / "test.tsv", "query-id\tcorpus-id\tscore\nPLAIN-1\tMED-1\t2\nPLAIN-1\t12\t1\n")
-    qids, pids = IdMap(), IdMap()
-    assert list(iter_beir_corpus(corpus, pids)) == [(-1, "T x"), (12, "y")]
-    assert list(iter_beir_qrels(qrels, qids, pids)) == [(-1, -1, 2), (-1, 12, 1)]
-    assert qids.name(-1) == "PLAIN-1" and pids.name(-1) == "MED-1"
+                                              '{"_id": "012", "title": "", "text": "y"}\n')
+    qrels = write(tmp_path / "test.tsv", "query-id\tcorpus-id\tscore\nPLAIN-1\tMED-1\t2\nPLAIN-1\t012\t1\n")
+    assert list(iter_collection(corpus)) == [("MED-1", "T x"), ("012", "y")]  # ids stay strings, "012" too
+    assert list(iter_qrels(qrels, id_type=str)) == [("PLAIN-1", "MED-1", 2), ("PLAIN-1", "012", 1)]

@@ -17,6 +17,7 @@ from torch import nn
 
 from marco_lightning import losses as L
 from marco_lightning.grad_cache import cached_loss_backward
+from marco_lightning.models import pair_similarity
 
 ATOL = 1e-6
 B, K, D = 6, 3, 8  # queries, hard negatives per query, embedding size
@@ -76,7 +77,7 @@ def assert_parity(ours, reference, *inputs):
 
 def test_margin_mse_matches_st(batch):
     q, d, t = batch
-    assert_parity(lambda q, d: L.MarginMSELoss()(q, d, t),
+    assert_parity(lambda q, d: L.MarginMSELoss(similarity="dot")(pair_similarity(q, d, "dot"), t),
                   lambda q, d: st_bi_loss(st_bi.MarginMSELoss, q, d, t), q, d)
 
 
@@ -110,9 +111,17 @@ def test_symmetric_mnrl_matches_st(batch):
 def test_distill_kl_matches_st(batch, temperature, similarity, st_sim):
     q, d, t = batch
     ours = L.DistillKLDivLoss(temperature=temperature, similarity=similarity)
-    assert_parity(lambda q, d: ours(q, d, t),
+    assert_parity(lambda q, d: ours(pair_similarity(q, d, similarity), t),
                   lambda q, d: st_bi_loss(lambda m: st_bi.DistillKLDivLoss(m, similarity_fct=st_sim,
                                                                           temperature=temperature), q, d, t), q, d)
+
+
+def test_margin_mse_scale_hand_computed():
+    """A cosine student's margins are scaled by 20 (the recipe's), so they live on the teacher logits' scale."""
+    s, t = torch.tensor([[0.9, 0.5, -0.2]]), torch.tensor([[8.0, 2.0, -1.0]])
+    expected = ((20 * 0.4 - 6.0) ** 2 + (20 * 1.1 - 9.0) ** 2) / 2
+    close(L.MarginMSELoss(similarity="cos")(s, t), torch.tensor(expected))
+    close(L.MarginMSELoss(similarity="cos", scale=1.0)(s, t), torch.tensor(((0.4 - 6) ** 2 + (1.1 - 9) ** 2) / 2))
 
 
 # ---------------------------------------------------------------- cross-encoder losses
@@ -143,14 +152,14 @@ def test_cross_encoder_mse_matches_st(batch):
     def reference(s):  # pointwise: one row per (query, candidate) pair
         return st_ce.MSELoss(ScoreLookup(s))([list(anchors), list(docs)], t.reshape(-1))
 
-    assert_parity(lambda s: L.CrossEncoderMSELoss()(s, t), reference, s)
+    assert_parity(lambda s: L.MSELoss()(s, t), reference, s)
 
 
 def test_cross_encoder_margin_mse_matches_st(batch):
     _, _, t = batch
     s = torch.randn(B, 1 + K, generator=torch.Generator().manual_seed(1))
     columns = [[str(b) for b in range(B)]] + [[str(j)] * B for j in range(1 + K)]
-    assert_parity(lambda s: L.CrossEncoderMarginMSELoss()(s, t),
+    assert_parity(lambda s: L.MarginMSELoss()(s, t),
                   lambda s: st_ce.MarginMSELoss(ScoreLookup(s))(columns, t), s)
 
 
@@ -163,8 +172,8 @@ def test_cross_encoder_kl_hand_computed():
 
     kls = [sum(p * math.log(p / r) for p, r in zip(softmax(ti), softmax(si))) for si, ti in zip(s.tolist(), t.tolist())]
     expected = tau**2 * sum(kls) / len(kls)  # KL(teacher || student) * tau^2, mean over queries
-    close(L.CrossEncoderKLDivLoss(temperature=tau)(s, t), torch.tensor(expected))
-    assert L.CrossEncoderKLDivLoss()(t, t).abs() < 1e-7  # student == teacher: no divergence
+    close(L.DistillKLDivLoss(temperature=tau)(s, t), torch.tensor(expected))
+    assert L.DistillKLDivLoss()(t, t).abs() < 1e-7  # student == teacher: no divergence
 
 
 def test_cross_encoder_bce_hand_computed():
@@ -174,7 +183,7 @@ def test_cross_encoder_bce_hand_computed():
 
     # label 1 for column 0: -log sigmoid(s); label 0: -log(1 - sigmoid(s)) = -log sigmoid(-s)
     terms = [-log_sigmoid(row[0]) - sum(log_sigmoid(-x) for x in row[1:]) for row in s.tolist()]
-    close(L.CrossEncoderBCELoss()(s), torch.tensor(sum(terms) / s.numel()))
+    close(L.BinaryCrossEntropyLoss()(s), torch.tensor(sum(terms) / s.numel()))
 
 
 # ---------------------------------------------------------------- GradCache vs CachedMultipleNegativesRankingLoss
@@ -256,7 +265,11 @@ def test_grad_cache_equals_plain_backward_without_dropout():
     g = torch.Generator().manual_seed(3)
     queries, docs = random_inputs(5, 4, True, g), random_inputs(5 * 3, 6, True, g)
     teacher = torch.randn(5, 3, generator=g)
-    encoder, loss = TinyEncoder(0.0), L.MarginMSELoss()
+    encoder, margin_mse = TinyEncoder(0.0), L.MarginMSELoss(similarity="dot")
+
+    def loss(q, d, teacher):  # a score loss on a bi-encoder's vectors, as RetrieverModule hands it to GradCache
+        return margin_mse(pair_similarity(q, d, "dot"), teacher)
+
     expected = loss(encoder(queries), encoder(docs).view(5, 3, -1), teacher)
     expected.backward()
     expected_grads = [p.grad.clone() for p in encoder.parameters()]
@@ -293,26 +306,24 @@ def test_grad_cache_all_reduces_once_per_step():
 
 # ---------------------------------------------------------------- config contract and errors
 
-ALL = [L.MarginMSELoss, L.MultipleNegativesRankingLoss, L.DistillKLDivLoss, L.CrossEncoderMSELoss,
-       L.CrossEncoderMarginMSELoss, L.CrossEncoderKLDivLoss, L.CrossEncoderBCELoss]
+ALL = [L.MarginMSELoss, L.MultipleNegativesRankingLoss, L.DistillKLDivLoss, L.MSELoss, L.BinaryCrossEntropyLoss]
 
 
 def test_class_attributes_readable_without_instantiating():
-    kinds = {cls.__name__: (cls.model_kind, cls.needs_teacher) for cls in ALL}
-    assert kinds == {
-        "MarginMSELoss": ("bi", True), "MultipleNegativesRankingLoss": ("bi", False),
-        "DistillKLDivLoss": ("bi", True), "CrossEncoderMSELoss": ("cross", True),
-        "CrossEncoderMarginMSELoss": ("cross", True), "CrossEncoderKLDivLoss": ("cross", True),
-        "CrossEncoderBCELoss": ("cross", False),
+    kinds = {cls.__name__: (cls.model_kind, cls.inputs, cls.needs_teacher) for cls in ALL}
+    assert kinds == {  # score losses train either model kind; in-batch negatives need a bi-encoder's vectors
+        "MarginMSELoss": (None, "scores", True), "MultipleNegativesRankingLoss": ("bi", "embeddings", False),
+        "DistillKLDivLoss": (None, "scores", True), "MSELoss": (None, "scores", True),
+        "BinaryCrossEntropyLoss": (None, "scores", False),
     }
 
 
 def test_clear_errors(batch):
     q, d, t = batch
     with pytest.raises(ValueError, match="teacher scores"):
-        L.MarginMSELoss()(q, d, None)
+        L.MarginMSELoss()(pair_similarity(q, d, "dot"), None)
     with pytest.raises(ValueError, match="teacher scores have shape"):
-        L.CrossEncoderMSELoss()(t, t[:, :2])
+        L.MSELoss()(t, t[:, :2])
     with pytest.raises(ValueError, match="num_hard_negatives"):
         L.MultipleNegativesRankingLoss(num_hard_negatives=K + 1)(q, d)
     with pytest.raises(ValueError, match="similarity"):

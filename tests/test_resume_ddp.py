@@ -35,7 +35,7 @@ def test_ddp_two_cpu_processes_train_and_report_the_global_batch(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_resume_after_a_kill_mid_epoch_ends_like_an_unbroken_run(tmp_path):
-    args = [*SMALL, "trainer.max_epochs=3", "batch_size=4", "callbacks.checkpoint.every_n_train_steps=1",
+    args = [*SMALL, "trainer.max_epochs=3", "batch_size=4", "callbacks.resume_checkpoint.every_n_train_steps=1",
             "trainer.check_val_every_n_epoch=3"]
     unbroken = tmp_path / "unbroken"
     assert run_cli([*args, f"hydra.run.dir={unbroken}"], timeout=600).returncode == 0

@@ -267,7 +267,7 @@ def test_real_collection_round_trip(tmp_path):
     # the 28,606 real MS MARCO passages of TREC DL (with their mojibake), against a plain split of the file
     path = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "msmarco-trec-dl" / "collection.tsv"
     expected = dict(line.rstrip("\n").split("\t", 1) for line in path.open(encoding="utf-8"))
-    from marco_lightning.data.formats import iter_id_text
+    from marco_lightning.data.msmarco import iter_id_text
     from marco_lightning.data.store import TextTable, write_text_table
 
     assert write_text_table(iter_id_text(path), tmp_path, "passages") == len(expected) == 28606

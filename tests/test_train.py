@@ -42,6 +42,23 @@ def test_after_metrics_match_ir_measures_on_the_written_run(trained):
     assert metrics["after"]["recall@100"] == pytest.approx(ref[R(rel=2) @ 100], abs=1e-9)
 
 
+def test_logged_validation_equals_ir_measures_on_the_written_run(trained):
+    """One evaluation path: the last val/* the run logged are ir-measures' numbers on val_run.trec."""
+    import csv
+
+    import ir_measures
+    from ir_measures import RR, R, nDCG
+
+    cfg, out, _ = trained
+    rows = [r for r in csv.DictReader((out / "metrics.csv").open()) if r.get("val/ndcg@10")]
+    qrels = list(ir_measures.read_trec_qrels(cfg.data.val_qrels))
+    ref = ir_measures.calc_aggregate([nDCG @ 10, RR(rel=2) @ 10, R(rel=2) @ 100], qrels,
+                                     ir_measures.read_trec_run(str(out / "val_run.trec")))
+    assert float(rows[-1]["val/ndcg@10"]) == pytest.approx(ref[nDCG @ 10], abs=1e-6)
+    assert float(rows[-1]["val/mrr@10"]) == pytest.approx(ref[RR(rel=2) @ 10], abs=1e-6)
+    assert float(rows[-1]["val/recall@100"]) == pytest.approx(ref[R(rel=2) @ 100], abs=1e-6)
+
+
 def test_final_model_loads_in_sentence_transformers_with_the_trained_weights(trained):
     from hydra.utils import instantiate
     from sentence_transformers import SentenceTransformer
@@ -98,7 +115,7 @@ def test_a_non_finite_loss_stops_training_and_exports_nothing(tmp_path):
     from marco_lightning.tasks.train import main
 
     cfg = compose(FAST + ["logger=wandb", "optimizer.lr=1e30", "trainer.gradient_clip_val=null",
-                          "callbacks.checkpoint.every_n_train_steps=1", "task.validate_before=false"], tmp_path)
+                          "callbacks.resume_checkpoint.every_n_train_steps=1", "task.validate_before=false"], tmp_path)
     with pytest.raises(NonFiniteLossError, match=r"at step \d+"):
         main(cfg)
     assert not (tmp_path / "final_model").exists() and not (tmp_path / "metrics.json").exists()

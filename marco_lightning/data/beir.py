@@ -7,6 +7,7 @@ queries drawn by a seeded permutation of their sorted ids: the same queries on e
 """
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections.abc import Iterator, Mapping
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from marco_lightning.data.formats import DataFormatError, _iter_jsonl, beir_text, iter_beir_qrels_names
+from marco_lightning.data.formats import DataFormatError, Lines, iter_qrels
 
 SPLITS = ("train", "val", "test")
 
@@ -68,7 +69,7 @@ class BeirFolder:
     def corpus(self) -> Iterator[tuple[str, str]]:
         """(id, "title text") in file order; a duplicate id or an empty document is an error naming its line."""
         seen: dict[str, int] = {}
-        for n, d in enumerate(_iter_jsonl(self.corpus_path, "raise", None), 1):
+        for n, d in enumerate(iter_jsonl(self.corpus_path, "raise", None), 1):
             pid = _checked_id(d["_id"], self.corpus_path, n)
             if seen.setdefault(pid, n) != n:
                 raise DataFormatError(f"{self.corpus_path}: _id {pid!r} occurs twice (documents {seen[pid]} and {n})")
@@ -91,7 +92,7 @@ class BeirFolder:
     def queries(self) -> dict[str, str]:
         if self._queries is None:
             queries: dict[str, str] = {}
-            for n, d in enumerate(_iter_jsonl(self.queries_path, "raise", None), 1):
+            for n, d in enumerate(iter_jsonl(self.queries_path, "raise", None), 1):
                 _checked_id(d["_id"], self.queries_path, n)
                 if d["_id"] in queries:
                     raise DataFormatError(f"{self.queries_path}: _id {d['_id']!r} occurs twice (query {n})")
@@ -118,7 +119,7 @@ class BeirFolder:
         qrels: dict[str, dict[str, int]] = {}
         unknown_q, unknown_p = set(), set()
         queries, pids = self.queries, self.pid_rows
-        for qid, pid, grade in iter_beir_qrels_names(path):
+        for qid, pid, grade in iter_qrels(path, id_type=str):
             if qid not in queries:
                 unknown_q.add(qid)
             elif pid not in pids:
@@ -157,6 +158,40 @@ class BeirFolder:
             return (f"val = {self.val_fraction:.0%} of qrels/{self.split_names['train']}.tsv's queries, held out "
                     f"(no qrels/{self.split_names['val']}.tsv)")
         return f"{split} = qrels/{self.split_names.get(split, split)}.tsv"
+
+
+# --- the files: jsonl records, and the (query, passage, score) files task=score writes ---------------------
+
+def iter_jsonl(path, on_error, skipped, required=("_id", "text")):
+    lines = Lines(path, on_error, skipped)
+    for n, line in lines:
+        try:
+            d = json.loads(line)
+            if not all(type(d.get(k)) is str for k in required):
+                raise ValueError
+        except ValueError:
+            lines.bad(n, f"expected a JSON object with string fields {list(required)}", line)
+            continue
+        yield d
+
+
+def beir_text(d: dict) -> str:
+    """A BEIR document as BEIR and MTEB encode it: title and text joined by a space."""
+    title = (d.get("title") or "").strip()
+    return f"{title} {d['text']}" if title else d["text"]
+
+
+def iter_pair_scores(path, on_error="raise", skipped=None) -> Iterator[tuple[str, str, float]]:
+    """(query id, passage id, score) from `query-id \\t corpus-id \\t score` lines (task=score writes these)."""
+    lines = Lines(path, on_error, skipped)
+    for n, line in lines:
+        parts = line.decode("utf-8", "replace").split("\t")
+        try:
+            if len(parts) != 3 or not math.isfinite(score := float(parts[2])):
+                raise ValueError
+            yield parts[0], parts[1], score
+        except ValueError:
+            lines.bad(n, "expected `query-id <TAB> corpus-id <TAB> finite score`", line)
 
 
 class IdRows:

@@ -1,34 +1,36 @@
 """Fetch the official data files into `data.root` when they are missing.
 
-A data config may carry `downloads: {file name: url}` (conf/data/msmarco.yaml does). `ensure_files(cfg.data)`
-downloads each listed file that one of the config's paths points at (`${data.root}/<file name>`) and that is not
-there yet; a path overridden to elsewhere is never downloaded. How a URL becomes the file:
+A data config may carry `downloads: {file name: url}` (conf/data/msmarco.yaml does); an entry may also be
+`{url: ..., sha256: ...}`, the sha256 of what the URL serves (the archive, for a member of one), checked before
+the file is used. `ensure_files(cfg.data)` downloads each listed file that one of the config's paths points at
+(`${data.root}/<file name>`) and that is not there yet; a path overridden to elsewhere is never downloaded.
+How a URL becomes the file:
 - `.tar.gz`/`.tgz` and the file name is not an archive: the member of that name (any folder inside) is extracted;
   several files from one archive share one download, and the archive is deleted afterwards;
 - `.gz` and the file name does not end in `.gz`: decompressed;
 - otherwise: the file itself.
-Downloads stream into `<name>.part` and are renamed when complete and of the announced size, so a file under
-its real name is always whole; a `.part` left by an interrupted download is resumed with an HTTP Range request
-when the server allows it (otherwise it starts over).
+The transfer is left to kept libraries: `huggingface_hub.hf_hub_download` for huggingface.co `/resolve/` URLs
+(it resumes an interrupted download), `pooch` for all others (it logs the sha256 of what it fetched, to copy
+into the config). pooch does not resume: an interrupted download starts over next run, the price of not
+keeping an HTTP client here. Both write a temporary file and rename it, as the extraction does, so a file
+under its real name is always whole.
 """
 from __future__ import annotations
 
 import gzip
-import http.client
 import os
 import shutil
 import sys
 import tarfile
-import urllib.error
-import urllib.request
 import zlib
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 CHUNK = 1 << 20
 TIMEOUT_S = 60
+HF_STAGING = ".hf-download"  # hf_hub_download's local_dir in data.root: its partial files resume from there
 
 
 class DownloadError(RuntimeError):
@@ -54,6 +56,15 @@ def _paths(value) -> list[str]:
     return []
 
 
+def _source(name: str, entry) -> tuple[str, str | None]:
+    """(url, sha256 or None) of a `downloads` entry: a URL, or {url: ..., sha256: ...}."""
+    if isinstance(entry, Mapping):
+        if not entry.get("url"):
+            raise ValueError(f"data.downloads.{name} needs a url (or is a plain URL string)")
+        return str(entry["url"]), entry.get("sha256")
+    return str(entry), None
+
+
 def missing_downloads(data_cfg, keys: Iterable[str] | None = None) -> dict[str, list[str]]:
     """{url: [file names]} of the `downloads` the config's paths (of `keys`, default all) need and lack."""
     data = _plain(data_cfg)
@@ -66,10 +77,10 @@ def missing_downloads(data_cfg, keys: Iterable[str] | None = None) -> dict[str, 
     keys = [k for k in data if k not in ("root", "name", "downloads")] if keys is None else list(keys)
     wanted = {os.path.normpath(Path(p).absolute()) for k in keys for p in _paths(data.get(k))}
     todo: dict[str, list[str]] = {}
-    for name, url in downloads.items():
+    for name, entry in downloads.items():
         target = root / name
         if os.path.normpath(target) in wanted and not target.exists():
-            todo.setdefault(str(url), []).append(name)
+            todo.setdefault(_source(name, entry)[0], []).append(name)
     return todo
 
 
@@ -78,18 +89,26 @@ def ensure_files(data_cfg, keys: Iterable[str] | None = None) -> list[Path]:
     todo = missing_downloads(data_cfg, keys)
     if not todo:
         return []
-    root = Path(_plain(data_cfg)["root"]).absolute()
+    data = _plain(data_cfg)
+    root = Path(data["root"]).absolute()
     # Only one process downloads: Lightning's DDP launcher starts the other ranks after rank 0 got here, so
-    # they find the files; ranks started together (SLURM) would race on the same .part files.
+    # they find the files; ranks started together (SLURM) would race on the same files.
     rank = next((int(os.environ[v]) for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID") if os.environ.get(v)), 0)
     if rank:
         names = [n for ns in todo.values() for n in ns]
         raise DownloadError(f"rank {rank}: {names} missing in data.root={root}; download them once first "
                             "(python run.py task=prepare data=... on one process)")
+    hashes: dict[str, set] = {}
+    for name, entry in data["downloads"].items():
+        url, sha256 = _source(name, entry)
+        if sha256:
+            hashes.setdefault(url, set()).add(sha256.lower())
+    if clash := {u: h for u, h in hashes.items() if len(h) > 1}:
+        raise ValueError(f"data.downloads: different sha256 for one URL: {clash}")
     root.mkdir(parents=True, exist_ok=True)
     written = []
     for url, names in todo.items():
-        written += fetch(url, root, names)
+        written += fetch(url, root, names, next(iter(hashes.get(url, [None]))))
     return written
 
 
@@ -102,18 +121,18 @@ def _kind(url: str, name: str) -> str:
     return "file"
 
 
-def fetch(url: str, root: Path, names: list[str]) -> list[Path]:
+def fetch(url: str, root: Path, names: list[str], sha256: str | None = None) -> list[Path]:
     """Make root/<name> for each name from one URL (see the module docstring)."""
     kinds = {_kind(url, n) for n in names}
     if len(kinds) > 1 or (kinds != {"tar"} and len(names) > 1):
         raise ValueError(f"data.downloads: {names} share the URL {url} but it is not a tar archive")
     kind = kinds.pop()
     if kind == "file":
-        download(url, root / names[0])
+        download(url, root / names[0], sha256)
         return [root / names[0]]
     archive = root / PurePosixPath(urlparse(url).path).name
     had_archive = archive.exists()
-    download(url, archive)
+    download(url, archive, sha256, names)
     if kind == "tar":
         extract(archive, root, names, url)
     else:
@@ -127,74 +146,64 @@ def fetch(url: str, root: Path, names: list[str]) -> list[Path]:
     return [root / n for n in names]
 
 
-def download(url: str, dest: Path) -> Path:
-    """Stream url to dest via dest.part, resuming a partial .part with a Range request; verify the size."""
-    if dest.exists():
-        return dest
-    part = dest.with_name(dest.name + ".part")
-    offset = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": "marco-lightning"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    print(f"Downloading {url} -> {dest}" + (f" (resuming at {offset:,} bytes)" if offset else ""), file=sys.stderr)
-    try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
-    except urllib.error.HTTPError as e:
-        total = _content_range(e.headers.get("Content-Range"))[1] if e.code == 416 else None
-        if e.code == 416 and total == offset:  # the .part was complete already
-            os.replace(part, dest)
-            return dest
-        if e.code == 416:  # a .part that does not fit the file on the server: start over
-            part.unlink()
-            return download(url, dest)
-        raise DownloadError(f"cannot download {url} -> {dest}: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise DownloadError(f"cannot download {url} -> {dest}: {reason}. Check the network, or put the file there "
-                            f"by hand (data.root={dest.parent})") from None
-    with response:
-        if response.status == 206:
-            start, total = _content_range(response.headers.get("Content-Range"))
-            if start != offset:
-                raise DownloadError(f"{url}: asked for bytes from {offset}, the server sent from {start}")
-            mode = "ab"
-        else:  # 200: the server ignored the Range header (or there was none): from the start
-            offset, mode = 0, "wb"
-            length = response.headers.get("Content-Length")
-            total = int(length) if length is not None else None
-        if total is not None:
-            free = shutil.disk_usage(dest.parent).free
-            if total - offset > free:
-                raise DownloadError(f"{url} needs {(total - offset) / 1e9:.1f} GB in {dest.parent}, "
-                                    f"{free / 1e9:.1f} GB are free")
+def _hf_file(url: str) -> dict | None:
+    """hf_hub_download's arguments for https://huggingface.co/[datasets/|spaces/]<repo>/resolve/<rev>/<path>."""
+    u = urlparse(url)
+    if u.hostname != "huggingface.co" or "/resolve/" not in u.path:
+        return None
+    repo, _, rest = u.path.strip("/").partition("/resolve/")
+    revision, _, filename = rest.partition("/")
+    kind, _, name = repo.partition("/")
+    repo_type = {"datasets": "dataset", "spaces": "space"}.get(kind)
+    return {"repo_id": name if repo_type else repo, "repo_type": repo_type or "model",
+            "revision": unquote(revision), "filename": unquote(filename)}
+
+
+def download(url: str, dest: Path, sha256: str | None = None, names: Iterable[str] = ()) -> Path:
+    """url to dest (atomically), checked against sha256 if given; `names`: the files it carries, for errors."""
+    import pooch
+
+    if dest.exists() and (not sha256 or pooch.file_hash(str(dest)) == sha256.lower()):
+        return dest  # an archive put there by hand (otherwise both routes below replace it)
+    what = f"{url} -> {dest}" + (f" (for {', '.join(names)})" if names else "")
+    hf = _hf_file(url)
+    if hf is None:
+        import requests
+
+        downloader = pooch.HTTPDownloader(progressbar=True, chunk_size=CHUNK, timeout=TIMEOUT_S)
         try:
-            with open(part, mode) as f:
-                _copy(response, f, dest.name, total, offset)
-        except (OSError, http.client.HTTPException) as e:  # a dropped connection: the next run resumes the .part
-            raise DownloadError(f"downloading {url} -> {dest} broke off at {part.stat().st_size:,} bytes ({e}); "
-                                f"run again to resume from {part}") from None
-    size = part.stat().st_size
-    if total is not None and size != total:
-        raise DownloadError(f"downloading {url} -> {dest}: got {size:,} of {total:,} bytes; run again to resume "
-                            f"from {part}")
-    os.replace(part, dest)
+            pooch.retrieve(url, known_hash=sha256, fname=dest.name, path=dest.parent, downloader=downloader)
+        except requests.HTTPError as e:
+            raise DownloadError(f"cannot download {what}: HTTP {e.response.status_code} {e.response.reason}") from None
+        except (requests.RequestException, OSError) as e:  # no network, a dropped connection, a full disk
+            raise DownloadError(f"cannot download {what}: {e}. Run again to start over (a partial download is "
+                                f"not kept), or put the file there by hand (data.root={dest.parent})") from None
+        except ValueError as e:  # pooch: the sha256 does not match (it deleted the download)
+            raise DownloadError(f"checksum mismatch for {what}: {e} Check data.downloads (url, sha256).") from None
+        return dest
+    from huggingface_hub import hf_hub_download
+
+    print(f"Downloading {what}", file=sys.stderr)
+    staging = dest.parent / HF_STAGING
+    try:
+        got = Path(hf_hub_download(**hf, local_dir=staging))
+    except Exception as e:  # noqa: BLE001 - its HTTP client (and so its errors) changes between hub versions
+        raise DownloadError(f"cannot download {what}: {type(e).__name__}: {e}. Run again to resume, or put the "
+                            f"file there by hand (data.root={dest.parent})") from None
+    if sha256 and (actual := pooch.file_hash(str(got))) != sha256.lower():
+        got.unlink()
+        raise DownloadError(f"checksum mismatch for {what}: sha256 {actual}, expected {sha256}; the download was "
+                            "deleted. Check data.downloads (url, sha256).")
+    os.replace(got, dest)
+    shutil.rmtree(staging, ignore_errors=True)  # only hf's bookkeeping is left there
     return dest
 
 
-def _content_range(value: str | None) -> tuple[int | None, int | None]:
-    """(first byte, total size) of `bytes 100-199/1000` or `bytes */1000`."""
-    if not value or not value.startswith("bytes "):
-        return None, None
-    span, _, total = value[6:].partition("/")
-    start = None if span == "*" else int(span.split("-")[0])
-    return start, None if total in ("", "*") else int(total)
-
-
-def _copy(src, dst, desc: str, total: int | None = None, initial: int = 0) -> None:
+def _copy(src, dst, desc: str, total: int | None = None) -> None:
     from tqdm import tqdm
 
-    with tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                   file=sys.stderr, mininterval=1) as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
+              mininterval=1) as bar:
         while chunk := src.read(CHUNK):
             dst.write(chunk)
             bar.update(len(chunk))

@@ -21,16 +21,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from marco_lightning.data.formats import (
-    iter_hard_negatives,
-    iter_id_text,
-    iter_qrels,
-    iter_teacher_score_chunks,
-)
+from marco_lightning.data.formats import iter_qrels
+from marco_lightning.data.msmarco import iter_hard_negatives, iter_id_text, iter_teacher_score_chunks
+from marco_lightning.data.negatives import SKIP_REASONS, skip_reasons, take_negatives
 
 FORMAT_VERSION = 1
-SKIP_REASONS = ("negative_is_positive", "negative_without_text", "negative_without_teacher_score",
-                "negative_without_positive_score", "negative_above_margin")  # in order of precedence
 TRAIN_ARRAYS = ("qids", "pos_offsets", "pos_pids", "pos_scores", "neg_offsets", "neg_pids", "neg_scores")
 
 
@@ -441,17 +436,18 @@ class BeirSource:
         return ((row, text) for row, text in enumerate(self.folder.queries.values()))
 
     def teacher_score_chunks(self, chunk_size: int = 1 << 20):
-        from marco_lightning.data.formats import _chunk_from_rows, iter_pair_scores
+        from marco_lightning.data.beir import iter_pair_scores
+        from marco_lightning.data.msmarco import chunk_from_rows
 
         q, p, rows = self.rows.query_row, self.rows.passage_row, []
         for qid, pid, score in iter_pair_scores(self.inputs["teacher_scores"]):
             if qid in q and pid in p:
                 rows.append((q[qid], p[pid], score))
             if len(rows) == chunk_size:
-                yield _chunk_from_rows(rows)
+                yield chunk_from_rows(rows)
                 rows = []
         if rows:
-            yield _chunk_from_rows(rows)
+            yield chunk_from_rows(rows)
 
 
 def _build(inputs: dict, neg: dict, out: Path) -> dict:
@@ -529,10 +525,9 @@ def _build(inputs: dict, neg: dict, out: Path) -> dict:
         teacher = TeacherScores(src.teacher_score_chunks(), np.unique(row_qid), pairs, teacher_name)
     step("teacher_scores")
 
-    # 5. Selection, query by query, exactly as sentence-transformers' MNRL recipe (see REFERENCE.md): systems in
+    # 5. Selection, query by query, exactly as sentence-transformers' MNRL recipe (data/negatives.py): systems in
     #    order, each list best-first, skipping positives and margin failures, up to k new pids per system.
-    #    Why a candidate is skipped is worked out for all of a query's candidates at once (numpy); only the
-    #    walk over the usable ones is Python. Skips are counted for the candidates the walk visited.
+    #    Skips are counted for the candidates the walk visited.
     per_system, skips = Counter(), np.zeros(len(SKIP_REASONS) + 1, np.int64)
     kept_qids, pos_lists, neg_lists = [], [], []
     for r in _progress(range(len(row_qid)), "selecting negatives", "queries"):
@@ -547,37 +542,12 @@ def _build(inputs: dict, neg: dict, out: Path) -> dict:
         if not len(positives) and neg["require_positive"]:
             dropped["query_without_positive"] += 1
             continue
-        skip = np.zeros(len(block), np.int8)  # 0: usable, else 1 + index in SKIP_REASONS; first reason wins
-        if margin is not None:
-            scores = teacher.lookup(qid, block)
-            pos_scores = scores[:npos][text[:npos]]
-            if np.isnan(pos_scores).all():
-                skip[:] = 4  # negative_without_positive_score: no threshold to compare with
-            else:
-                skip[scores > np.nanmin(pos_scores) - margin] = 5
-            skip[np.isnan(scores)] = 3
-        skip[~text] = 2
-        for p in positives.tolist():
-            skip[block == p] = 1
-        usable = np.flatnonzero(skip == 0)
+        skip = skip_reasons(block, npos, text, teacher.lookup(qid, block) if margin is not None else None, margin)
         segs = sorted(range(row_seg[r], row_seg[r + 1]), key=lambda s: rank[seg_sys[s]])
         bounds = [(seg_start[s] - row_pos[r], seg_start[s] - row_pos[r] + seg_len[s]) for s in segs]
-        cuts = np.searchsorted(usable, bounds).tolist()
-        usable, block_list = usable.tolist(), block.tolist()
-        visited, taken, negs = np.zeros(len(block), bool), set(), []
-        for s, (lo, hi), (a, b) in zip(segs, bounds, cuts):
-            stop, added = hi, 0
-            for j in usable[a:b]:
-                pid = block_list[j]
-                if pid not in taken:  # one an earlier system took does not count toward this one's quota
-                    taken.add(pid)
-                    negs.append(pid)
-                    added += 1
-                    if added == k:
-                        stop = j + 1
-                        break
+        negs, counts, visited = take_negatives(block, skip, bounds, k)
+        for s, added in zip(segs, counts):
             per_system[systems[rank[seg_sys[s]]]] += added
-            visited[lo:stop] = True
         skips += np.bincount(skip[visited], minlength=len(skips))
         if not negs:
             dropped["query_without_negative"] += 1

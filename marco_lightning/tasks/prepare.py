@@ -9,13 +9,12 @@ from marco_lightning.config import check_files
 
 
 def main(cfg: DictConfig):
-    from marco_lightning.data.datamodule import store_inputs, store_path
+    from marco_lightning.data.datamodule import STORE_KEYS, store_inputs, store_path
     from marco_lightning.data.download import ensure_files
     from marco_lightning.data.store import prepare
 
-    keys = ("collection", "queries", "train_qrels", "hard_negatives", "teacher_scores")
-    ensure_files(cfg.data, keys)  # the official files, when data.downloads lists them and they are missing
-    check_files(cfg, [f"data.{k}" for k in keys])
+    ensure_files(cfg.data, STORE_KEYS)  # the official files, when data.downloads lists them and they are missing
+    check_files(cfg, [f"data.{k}" for k in STORE_KEYS])
     out = prepare(*store_inputs(cfg.data, cfg.negatives), store_path(cfg.paths.cache_dir, cfg.data, cfg.negatives),
                   force=cfg.task.force)
     print(f"Store: {out}")

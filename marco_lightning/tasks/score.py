@@ -19,7 +19,7 @@ CHUNK = 4096  # pairs scored (length-sorted inside) and written at a time
 
 def training_pairs(hard_negatives) -> list[tuple[str, str]]:
     """(query, passage) of each training query's positives, then its negatives of every system, each pair once."""
-    from marco_lightning.data.formats import iter_hard_negatives
+    from marco_lightning.data.msmarco import iter_hard_negatives
 
     pairs = []
     for qid, pos, neg in iter_hard_negatives(hard_negatives, id_type=str):

@@ -8,7 +8,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from marco_lightning.config import check_files, check_training_config
+from marco_lightning.config import ConfigError, check_files, check_training_config
 
 
 def main(cfg: DictConfig) -> dict:
@@ -16,15 +16,21 @@ def main(cfg: DictConfig) -> dict:
     import pytorch_lightning as pl
 
     from marco_lightning.checkpointing import AtomicCheckpointIO
-    from marco_lightning.data.datamodule import MarcoDataModule, store_path, validation_set
+    from marco_lightning.data.datamodule import STORE_KEYS, MarcoDataModule, store_path, validation_set
     from marco_lightning.data.download import ensure_files
-    from marco_lightning.loggers import build_loggers
+    from marco_lightning.loggers import build_callbacks, build_loggers
     from marco_lightning.losses import negatives_per_query
     from marco_lightning.module import RetrieverModule
 
+    callbacks = build_callbacks(cfg)  # one per callbacks.* node (conf/callbacks/default.yaml), before any data loads
+    # final_model/ and metrics["after"] come from the checkpoint that follows ${monitor}
+    checkpoint = next((c for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint)
+                       and c.monitor == cfg.monitor), None)
+    if checkpoint is None:
+        raise ConfigError(f"no callbacks.* ModelCheckpoint monitors {cfg.monitor}: final_model/ is its best "
+                          "checkpoint (conf/callbacks/default.yaml, callbacks.checkpoint)")
     run_dir = Path(cfg.paths.output_dir)
     print(f"Run folder: {run_dir}")
-    raw_keys = ("collection", "queries", "train_qrels", "hard_negatives", "teacher_scores")
     beir = cfg.data.get("kind") == "beir"
     if beir:
         check_beir_inputs(cfg)
@@ -33,8 +39,8 @@ def main(cfg: DictConfig) -> dict:
         check_files(cfg, ["data.val_qrels", "data.val_run"])
     store_dir = store_path(cfg.paths.cache_dir, cfg.data, cfg.negatives)
     if not beir and not (store_dir / "manifest.json").exists():  # the raw files are needed only to build the store
-        ensure_files(cfg.data, raw_keys)
-        check_files(cfg, [f"data.{k}" for k in raw_keys])
+        ensure_files(cfg.data, STORE_KEYS)
+        check_files(cfg, [f"data.{k}" for k in STORE_KEYS])
         store_dir = store_path(cfg.paths.cache_dir, cfg.data, cfg.negatives)  # downloads change the digest
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -46,26 +52,17 @@ def main(cfg: DictConfig) -> dict:
                                  group_by_length=cfg.group_by_length)
     val_qrels, _, ids = validation_set(cfg.data)
     grad_cache = cfg.get("mini_batch_size")
+    config = OmegaConf.to_container(cfg, resolve=True)  # in every checkpoint: a .ckpt alone says how it was made
     module = RetrieverModule(model, loss, instantiate(cfg.optimizer), cfg.scheduler.warmup_steps,
-                             val_qrels=val_qrels, val_rel_level=cfg.data.val_rel_level, mini_batch_size=grad_cache,
+                             val_qrels=val_qrels, val_rel_level=cfg.data.val_rel_level, val_ids=ids,
+                             mini_batch_size=grad_cache, config=config,
                              gradient_clip_val=cfg.trainer.gradient_clip_val if grad_cache else None)
     start_module = None if start is None else module if start is model else RetrieverModule(
-        start, loss, instantiate(cfg.optimizer), 0, val_qrels=val_qrels, val_rel_level=cfg.data.val_rel_level)
-    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor=cfg.monitor, mode="max",
-                                              save_top_k=cfg.callbacks.checkpoint.save_top_k,
-                                              save_last=cfg.callbacks.checkpoint.save_last,
-                                              filename="epoch{epoch}-step{step}", auto_insert_metric_name=False)
-    # a mid-epoch "last.ckpt" every N steps, for resuming a killed run (validation checkpoints come on top)
-    resume_checkpoint = (pl.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
-                                                      every_n_train_steps=cfg.callbacks.checkpoint.every_n_train_steps)
-                         if cfg.callbacks.checkpoint.every_n_train_steps else None)
-    bar = (pl.callbacks.RichProgressBar() if cfg.callbacks.progress_bar == "rich"
-           else pl.callbacks.TQDMProgressBar())
+        start, loss, instantiate(cfg.optimizer), 0, val_qrels=val_qrels, val_rel_level=cfg.data.val_rel_level,
+        val_ids=ids, config=config)
     trainer: pl.Trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
                                       gradient_clip_val=None if grad_cache else cfg.trainer.gradient_clip_val,
-                                      plugins=[AtomicCheckpointIO()],
-                                      callbacks=[c for c in (checkpoint, resume_checkpoint, bar,
-                                                             pl.callbacks.LearningRateMonitor("step")) if c])
+                                      plugins=[AtomicCheckpointIO()], callbacks=callbacks)
     batch_info = {"global_batch_size": cfg.batch_size * trainer.world_size * trainer.accumulate_grad_batches,
                   "negatives_per_query": negatives_per_query(loss, cfg.batch_size, 1 + cfg.num_negatives,
                                                              trainer.world_size)}
@@ -78,7 +75,7 @@ def main(cfg: DictConfig) -> dict:
               f"each query is scored against {batch_info['negatives_per_query']} negatives")
 
     try:
-        metrics = fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, val_qrels, run_dir, ids)
+        metrics = fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, run_dir, ids)
     except BaseException:
         finish_wandb(trainer, exit_code=1)  # marked failed, its files flushed, whatever went wrong
         raise
@@ -86,17 +83,14 @@ def main(cfg: DictConfig) -> dict:
     return metrics
 
 
-def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, val_qrels, run_dir, ids=None) -> dict:
+def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, run_dir, ids=None) -> dict:
     from marco_lightning.checkpointing import resolve_ckpt_path
     from marco_lightning.evaluation import compute_metrics, format_table, read_run, write_run
     from marco_lightning.loggers import print_run_summary
 
-    # what is reported and written carries the data's own ids (a BEIR store keys queries and passages by row)
-    named = ids.to_names if ids is not None else (lambda run: run)
-    judged = named(val_qrels)
-
-    def measure(run) -> dict:
-        return compute_metrics(judged, named(run), rel_level=cfg.data.val_rel_level, measures=module.val_measures)
+    # what is reported and written carries the data's own ids (a BEIR store keys queries and passages by row), and
+    # is measured by the very function validation logs with
+    named, judged, measure = module.val_named, module.val_judged, module.measure
 
     def evaluate(ckpt_path=None, target=module) -> dict:
         trainer.validate(target, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
