@@ -180,6 +180,11 @@ def machine() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    try:  # bf16 units decide whether bf16 autocast speeds a CPU up or is emulated (slower than fp32)
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+        bf16 = ", ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "none (bf16 is emulated)"
+    except (OSError, StopIteration):
+        bf16 = "unknown"
     versions = {}
     for dist in ("torch", "transformers", "sentence-transformers", "pytorch-lightning", "lightning",
                  "tokenizers", "faiss-cpu", "numpy"):
@@ -187,7 +192,7 @@ def machine() -> dict:
             versions[dist] = version(dist)
         except PackageNotFoundError:
             versions[dist] = "not installed"
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu, "cpu_bf16": bf16, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "versions": versions,
             "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
             "load_average": os.getloadavg()}

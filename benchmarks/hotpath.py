@@ -28,9 +28,8 @@ class _AdamWStepper:
 
 
 class _EncodeStepper:
-    """Encoding passages in length order, fp32 or under bf16 autocast: step() times one pass. Its own loop,
-    because `retrieval.encode` wraps the forward in `torch.autocast(enabled=<on CUDA>)`, which on CPU switches
-    off any autocast a caller sets."""
+    """Encoding passages in length order, fp32 or under bf16 autocast: step() times one pass over batches
+    tokenised in advance (the model's work alone; `inference.encode(..., precision="bf16")` is the shipped path)."""
 
     def __init__(self, model, texts, bf16: bool, batch_size: int = 32):
         from benchmarks.evaluation import length_order
@@ -56,11 +55,11 @@ class _EncodeStepper:
 TRAIN_VARIANTS = {
     "sdpa": "SDPA attention, dynamic padding, tokenised in advance (as (c))",
     "eager": 'eager attention (`attn_implementation="eager"`)',
-    "max_length": "padding to max length (32 / 128)",
-    "chunks": "passages embedded in 4 length-sorted chunks (proposal)",
+    "max_length": "padding to max length (32 / 256)",
+    "chunks": "passages embedded in 4 length-sorted chunks (as `model.length_chunks=4` does)",
     "collate_workers": "the project's Collator in 2 DataLoader workers (the project's default)",
     "collate_main": "the project's Collator in the main process (`num_workers=0`)",
-    "bf16": "bf16 autocast, as `trainer.precision=bf16-mixed` (AMX on this CPU)",
+    "bf16": "bf16 autocast, as `trainer.precision=bf16-mixed` (fast only with CPU bf16 units: machine table)",
 }
 
 
@@ -175,7 +174,7 @@ Each comparison's variants alternate step by step (order rotated each step), on 
 medians (min-max) over {len(train['sdpa'])} rounds of {res['steps']} steps per variant, ratios taken round by
 round.
 
-Training steps (the bare loop (c): batch {b} queries x 2 passages, fp32, AdamW, clip 1.0):
+Training steps (the bare loop (c): batch {b} queries x 2 passages of up to 256 tokens, fp32, AdamW, clip 1.0):
 
 | variant | queries/s | speed vs the first row |
 |---|---|---|
@@ -183,8 +182,8 @@ Training steps (the bare loop (c): batch {b} queries x 2 passages, fp32, AdamW, 
 
 What each row changes: the attention kernel (SDPA's fused kernel vs the explicit softmax(QK^T)V); padding to
 the batch's longest vs to the maximum (queries gain most: they are far below 32 tokens, while a batch of
-{2 * b} random passages nearly always holds one that fills 128); chunking, a proposal for
-`BiEncoder.embed_group`: sort the batch's passages by length, embed them in 4 chunks each padded to its own
+{2 * b} random passages often holds a long one); chunking, what `BiEncoder.embed_group` does with
+`model.length_chunks=4`: sort the batch's passages by length, embed them in 4 chunks each padded to its own
 longest, restore the order, so the batch and the loss are unchanged (MNRL's in-batch negatives too) and only
 padding goes (passage tokens per example {tok['dynamic']:.0f} -> {tok['chunks']:.0f}); where the Collator
 tokenises (on 2 cores, workers compete with the 2 torch threads); bf16 autocast, which is what Lightning's
@@ -200,8 +199,8 @@ gradients every step):
 With the for-loop implementation the optimizer step is about {100 * share:.0f}% of a bare training step of
 batch {b}.
 
-bf16 autocast for inference (`retrieval.encode` and `rerank` enable autocast only on CUDA, and so switch
-it off on CPU; this CPU has AMX): encoding {res['num_passages']} passages in length order; embeddings agree
+bf16 autocast for inference (`task.precision=bf16`; "auto" uses it on CUDA only; on a CPU it pays only with bf16
+units, see the machine table): encoding {res['num_passages']} passages in length order; embeddings agree
 with fp32 to cosine >= {res['bf16_cosine_min']:.5f}.
 
 | variant | passages/s |

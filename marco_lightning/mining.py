@@ -96,18 +96,18 @@ class BM25:
 class Dense:
     """A bi-encoder's exact inner-product search (faiss Flat) over its memory-mapped collection embeddings."""
 
-    def __init__(self, model, collection, cache_dir: Path, batch_size: int = 64):
+    def __init__(self, model, collection, cache_dir: Path, batch_size: int = 64, precision: str = "auto"):
         from marco_lightning.retrieval import build_index
 
-        self.model, self.batch_size, self.cache_dir = model.eval(), batch_size, Path(cache_dir)
-        self.index, self.ids = build_index(model, collection, cache_dir, "Flat", batch_size)
+        self.model, self.batch_size, self.cache_dir, self.precision = model.eval(), batch_size, Path(cache_dir), precision
+        self.index, self.ids = build_index(model, collection, cache_dir, "Flat", batch_size, precision)
         self._queries: dict[str, np.ndarray] = {}
 
     def search(self, queries: dict[str, str], k: int) -> dict[str, Ranking]:
         from marco_lightning.retrieval import encode, search
 
         qids = list(queries)
-        vectors = encode(self.model, [queries[q] for q in qids], self.batch_size)
+        vectors = encode(self.model, [queries[q] for q in qids], self.batch_size, self.precision)
         self._queries = dict(zip(qids, vectors))  # for pair_scores (margins)
         run = search(self.index, self.ids, qids, vectors, k)
         return {q: (list(docs), list(docs.values())) for q, docs in run.items()}
@@ -116,5 +116,5 @@ class Dense:
         from marco_lightning.retrieval import encode
 
         if qid not in self._queries:  # runs reused from an earlier task=mine: this query was not encoded now
-            self._queries[qid] = encode(self.model, [query], 1)[0]
+            self._queries[qid] = encode(self.model, [query], 1, self.precision)[0]
         return [float(self._queries[qid] @ self.index.reconstruct(int(r))) for r in rows]

@@ -143,11 +143,35 @@ def load_sentence_transformer(backbone: str, pooling: str | None = None, random_
     return st
 
 
+def by_length_chunks(forward, features: dict, chunks: int) -> torch.Tensor:
+    """forward(features) with the rows sorted by length and run in `chunks` groups, each cut to its own longest: the
+    same outputs in the same row order, without most of the padding (right-padded features; BENCHMARKS.md)."""
+    mask = features["attention_mask"]
+    if chunks <= 1 or len(mask) < 2 * chunks:
+        return forward(features)
+    lengths = mask.sum(1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    widths = lengths[order].tolist()  # one device sync for all chunks
+    outputs, start = [], 0
+    for rows in order.chunk(chunks):
+        outputs.append(forward({k: v[rows, :widths[start]] for k, v in features.items()}))
+        start += len(rows)
+    return torch.cat(outputs)[torch.argsort(order)]
+
+
 def pair_similarity(query_emb, doc_emb, similarity: str) -> torch.Tensor:
     """[B, d] x [B, n, d] -> [B, n]: each query against its own candidates, by "cos" or "dot"."""
     if similarity == "cos":
         query_emb, doc_emb = F.normalize(query_emb, dim=-1), F.normalize(doc_emb, dim=-1)
     return torch.einsum("bd,bnd->bn", query_emb, doc_emb)
+
+
+def _chunks(length_chunks: int, tokenizer) -> int:
+    """model.length_chunks: training batches' passages (pairs) are embedded (scored) in this many length-sorted
+    chunks; 1 keeps one padded batch. Cutting a chunk to its longest needs right padding."""
+    if not isinstance(length_chunks, int) or length_chunks < 1:
+        raise ValueError(f"model.length_chunks={length_chunks!r}: use a positive integer (1: no chunking)")
+    return length_chunks if getattr(tokenizer, "padding_side", "right") == "right" else 1
 
 
 class BiEncoder(nn.Module):
@@ -162,7 +186,7 @@ class BiEncoder(nn.Module):
 
     def __init__(self, backbone: str, similarity: str | None = None, pooling: str | None = None,
                  max_query_length: int = 32, max_doc_length: int | None = None, random_init: dict | None = None,
-                 attn_implementation: str = "sdpa"):
+                 attn_implementation: str = "sdpa", length_chunks: int = 4):
         super().__init__()
         from sentence_transformers.sentence_transformer.modules import Normalize
 
@@ -183,6 +207,7 @@ class BiEncoder(nn.Module):
         # Evaluation tokenises queries like sentence-transformers' encode (up to max_seq_length); training batches
         # truncate queries at max_query_length (the recipes' 32, which MS MARCO queries fit).
         self.max_query_length, self.max_doc_length = max_query_length, self.st.max_seq_length
+        self.length_chunks = _chunks(length_chunks, self.tokenizer)
 
     @property
     def tokenizer(self):
@@ -207,7 +232,8 @@ class BiEncoder(nn.Module):
     def embed_group(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """A training batch -> query_emb [B, d], doc_emb [B, 1+k, d] (the inputs of an embedding loss)."""
         q = self.embed(batch["query"])
-        return q, self.embed(batch["docs"]).view(q.shape[0], batch["group_size"], -1)
+        docs = by_length_chunks(self.embed, batch["docs"], self.length_chunks)
+        return q, docs.view(q.shape[0], batch["group_size"], -1)
 
     def candidate_scores(self, batch) -> torch.Tensor:
         """A training batch -> [B, 1+k] scores of each query's candidates (the inputs of a score loss)."""
@@ -229,11 +255,12 @@ class CrossEncoder(nn.Module):
     kind = "cross"
 
     def __init__(self, backbone: str, max_query_length: int = 32, max_doc_length: int = 480,
-                 random_init: dict | None = None, attn_implementation: str = "sdpa"):
+                 random_init: dict | None = None, attn_implementation: str = "sdpa", length_chunks: int = 4):
         super().__init__()
         self.encoder, self.tokenizer = load_backbone(backbone, AutoModelForSequenceClassification, random_init,
                                                      num_labels=1, attn_implementation=attn_implementation)
         self.max_query_length, self.max_doc_length = max_query_length, max_doc_length
+        self.length_chunks = _chunks(length_chunks, self.tokenizer)
 
     def collator(self) -> Collator:
         return Collator(self.tokenizer, self.kind, self.max_query_length, self.max_doc_length)
@@ -242,7 +269,8 @@ class CrossEncoder(nn.Module):
         return self.encoder(**batch["pairs"]).logits.squeeze(-1)
 
     def candidate_scores(self, batch) -> torch.Tensor:
-        return self.score_pairs(batch).view(-1, batch["group_size"])
+        logits = by_length_chunks(lambda f: self.encoder(**f).logits, batch["pairs"], self.length_chunks)
+        return logits.view(-1, batch["group_size"])
 
     def save(self, path: str | Path) -> None:
         """Write a folder that `sentence_transformers.CrossEncoder(path)` loads, predicting raw logits."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from marco_lightning.inference import encode  # the one inference path (also as retrieval.encode)
+from marco_lightning.inference import encode, uses_bf16  # the one inference path (also as retrieval.encode)
 
 CHUNK = 2048  # passages read, encoded, written and counted done at a time: memory stays flat for 8.8M passages
 
@@ -58,7 +58,8 @@ def collection_ids(collection, cache_dir: Path) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-def encode_collection(model, collection, cache_dir, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def encode_collection(model, collection, cache_dir, batch_size: int = 64,
+                      precision: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """(passage ids, embeddings memmap) of `collection` in file order, kept in `cache_dir`.
 
     Each chunk is flushed before `progress.json` counts it, so a run killed mid-way resumes at its last complete
@@ -67,7 +68,8 @@ def encode_collection(model, collection, cache_dir, batch_size: int = 64) -> tup
     from marco_lightning.data.formats import file_stamp, iter_collection
 
     cache_dir = Path(cache_dir)
-    meta = {"collection": file_stamp(collection), "model": model_fingerprint(model), "dim": model.dim}
+    meta = {"collection": file_stamp(collection), "model": model_fingerprint(model), "dim": model.dim,
+            "bf16": uses_bf16(model, precision)}  # the vectors' precision is part of what they are
     if (cache_dir / "meta.json").exists() and json.loads((cache_dir / "meta.json").read_text()) != meta:
         for stale in ("embeddings.npy", "progress.json", "ids.npy", "index.faiss", "index.json"):
             (cache_dir / stale).unlink(missing_ok=True)
@@ -88,7 +90,7 @@ def encode_collection(model, collection, cache_dir, batch_size: int = 64) -> tup
                 continue
             chunk.append(text)
             if len(chunk) == CHUNK or row == len(ids):
-                emb[done:done + len(chunk)] = encode(model, chunk, batch_size)
+                emb[done:done + len(chunk)] = encode(model, chunk, batch_size, precision)
                 emb.flush()
                 done += len(chunk)
                 write_json(progress, {"done": done})
@@ -99,12 +101,13 @@ def encode_collection(model, collection, cache_dir, batch_size: int = 64) -> tup
     return ids, np.load(emb_path, mmap_mode="r")
 
 
-def build_index(model, collection, index_dir: Path, index_factory: str = "Flat", batch_size: int = 64):
+def build_index(model, collection, index_dir: Path, index_factory: str = "Flat", batch_size: int = 64,
+                precision: str = "auto"):
     """(faiss index, passage ids) of `collection` under `model`; index and embeddings reused when unchanged."""
     import faiss
 
     index_dir = Path(index_dir)
-    ids, emb = encode_collection(model, collection, index_dir, batch_size)
+    ids, emb = encode_collection(model, collection, index_dir, batch_size, precision)
     stamp = json.dumps({"factory": index_factory, "meta": (index_dir / "meta.json").read_text()})
     if (index_dir / "index.json").exists() and (index_dir / "index.json").read_text() == stamp:
         return faiss.read_index(str(index_dir / "index.faiss")), ids
@@ -127,9 +130,9 @@ def search(index, ids: np.ndarray, qids: list[str], vectors: np.ndarray, top_k: 
 
 
 def retrieve(model, collection, queries: dict[str, str], top_k: int, index_dir, index_factory: str = "Flat",
-             batch_size: int = 64) -> dict[str, dict[str, float]]:
+             batch_size: int = 64, precision: str = "auto") -> dict[str, dict[str, float]]:
     if model.kind != "bi":
         raise ValueError("task.mode=retrieve needs a bi-encoder (a cross-encoder can only re-rank: task.mode=rerank)")
-    index, ids = build_index(model, collection, index_dir, index_factory, batch_size)
+    index, ids = build_index(model, collection, index_dir, index_factory, batch_size, precision)
     qids = list(queries)
-    return search(index, ids, qids, encode(model, [queries[q] for q in qids], batch_size), top_k)
+    return search(index, ids, qids, encode(model, [queries[q] for q in qids], batch_size, precision), top_k)

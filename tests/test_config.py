@@ -67,3 +67,4 @@ def test_each_loss_brings_its_recipes_similarity_unless_the_model_sets_one(overr
     assert getattr(loss, "scale", None) == scale
     model = instantiate(cfg.model)
     assert model.similarity == similarity and model.st.similarity_fn_name == {"cos": "cosine", "dot": "dot"}[similarity]
+

@@ -1,4 +1,5 @@
 """The collator's fast path gives exactly what the Hugging Face tokenizer call gives, on real MS MARCO text."""
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT
@@ -44,3 +45,55 @@ def test_collator_equals_the_tokenizer_call(texts, max_query, max_doc, side):  #
     expect_pairs = reference([r[2] for r in rows], [r[3] for r in rows], max_length=max_query + max_doc)
     for key in expect_pairs:
         assert torch.equal(cross["pairs"][key], expect_pairs[key]), key
+
+
+# ------------------------------------------- length chunks: the same scores and gradients as one padded batch
+
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def _batch(model, texts, group=3):
+    queries, passages = texts
+    examples = [(queries[i], passages[group * i:group * i + group], [1.0] * group) for i in range(12)]
+    return model.collator().train(examples)
+
+
+@pytest.mark.parametrize("kind", ["bi", "cross"])
+def test_length_chunks_give_the_padded_batch_scores_and_gradients(texts, kind):
+    """Sorting a batch's passages (pairs) by length and cutting each chunk to its own longest changes no score and
+    no gradient (dropout off): the padding it drops is masked out of attention and pooling."""
+    from marco_lightning.models import BiEncoder, CrossEncoder
+
+    results = []
+    for chunks in (1, 4):
+        torch.manual_seed(0)
+        model = (BiEncoder("sentence-transformers/all-MiniLM-L6-v2", pooling="mean", random_init=TINY,
+                           max_doc_length=256, length_chunks=chunks) if kind == "bi" else
+                 CrossEncoder("sentence-transformers/all-MiniLM-L6-v2", random_init=TINY, length_chunks=chunks))
+        model.eval()  # no dropout: both runs compute the same function
+        batch = _batch(model, texts)
+        scores = model.candidate_scores(batch)
+        scores.square().sum().backward()
+        results.append((scores.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (s1, g1), (s4, g4) = results
+    assert s1.shape == (12, 3)
+    torch.testing.assert_close(s4, s1, atol=1e-5, rtol=1e-5)
+    assert g1.keys() == g4.keys()
+    for name in g1:
+        torch.testing.assert_close(g4[name], g1[name], atol=1e-4, rtol=1e-3, msg=name)
+    mask = _batch(model, texts)["docs" if kind == "bi" else "pairs"]["attention_mask"]
+    assert mask.sum(1).min() < mask.shape[1] / 2  # the batch did carry padding for the chunks to drop
+
+
+def test_bf16_inference_stays_close_to_fp32(texts):
+    """task.precision=bf16 on CPU: the packaged all-MiniLM-L6-v2's embeddings within cosine 0.999 of fp32."""
+    from marco_lightning.inference import encode
+    from marco_lightning.models import BiEncoder
+
+    model = BiEncoder("sentence-transformers/all-MiniLM-L6-v2").eval()
+    passages = texts[1][:32]
+    fp32, bf16 = encode(model, passages, 16, "32"), encode(model, passages, 16, "bf16")
+    cosine = (fp32 * bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
+    assert cosine.min() > 0.999 and abs(fp32 - bf16).max() > 0  # close, and bf16 really ran
+    with pytest.raises(ValueError, match="task.precision"):
+        encode(model, passages, 16, "fp16")

@@ -53,13 +53,14 @@ def main(cfg: DictConfig) -> dict:
         model = load_model(cfg).to(device(task.device)).eval()
         queries = read_texts(task.queries)
         if task.mode == "rerank":
-            run = rerank(model, read_run(run_path), queries, task.collection, task.top_k, task.batch_size)
+            run = rerank(model, read_run(run_path), queries, task.collection, task.top_k, task.batch_size,
+                         task.precision)
         else:
             from marco_lightning.retrieval import retrieve
 
             run = retrieve(model, task.collection, {q: queries[q] for q in qrels if q in queries}, top_k=task.top_k,
                            index_dir=task.index.dir or out / "index", index_factory=task.index.factory,
-                           batch_size=task.batch_size)
+                           batch_size=task.batch_size, precision=task.precision)
     metrics = compute_metrics(qrels, run, rel_level=task.rel_level, measures=tuple(task.measures))
     write_run(run, out / "run.trec", tag=f"marco-lightning-{task.mode}")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -108,7 +109,8 @@ def read_texts(path, keep=None) -> dict[str, str]:
     return {i: t for i, t in iter_collection(path) if keep is None or i in keep}
 
 
-def rerank(model, run, queries, collection, top_k: int, batch_size: int) -> dict[str, dict[str, float]]:
+def rerank(model, run, queries, collection, top_k: int, batch_size: int,
+           precision: str = "auto") -> dict[str, dict[str, float]]:
     from marco_lightning.evaluation import top_candidates
     from marco_lightning.inference import score
 
@@ -118,7 +120,8 @@ def rerank(model, run, queries, collection, top_k: int, batch_size: int) -> dict
     missing = sorted({pid for _, pid in rows if pid not in passages})
     if missing:
         raise ValueError(f"{len(missing)} run passages have no text in {collection} (e.g. {missing[:3]})")
-    scores = score(model, [queries[q] for q, _ in rows], [passages[p] for _, p in rows], batch_size, "re-ranking")
+    scores = score(model, [queries[q] for q, _ in rows], [passages[p] for _, p in rows], batch_size, "re-ranking",
+                   precision)
     out: dict[str, dict[str, float]] = {}
     for (q, p), s in zip(rows, scores.tolist()):
         out.setdefault(q, {})[p] = s

@@ -53,7 +53,8 @@ def load_system(entry: str, cfg: DictConfig, cache: Path):
     else:
         model = BiEncoder(entry)
     model = model.to(device(cfg.task.device))
-    return Dense(model, collection, cache / f"dense-{model_fingerprint(model)[:12]}", cfg.task.batch_size)
+    return Dense(model, collection, cache / f"dense-{model_fingerprint(model)[:12]}", cfg.task.batch_size,
+                 cfg.task.precision)
 
 
 def main(cfg: DictConfig) -> dict:

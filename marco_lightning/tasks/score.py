@@ -97,7 +97,7 @@ def main(cfg: DictConfig) -> dict:
             for i in range(0, len(todo), CHUNK):
                 chunk = todo[i:i + CHUNK]
                 scores = score(teacher, [queries[q] for q, _ in chunk], [passages[p] for _, p in chunk],
-                               cfg.task.batch_size)
+                               cfg.task.batch_size, precision=cfg.task.precision)
                 f.writelines(f"{q}\t{p}\t{float(s)!r}\n" for (q, p), s in zip(chunk, scores.tolist()))
                 f.flush()
                 bar.update(len(chunk))
