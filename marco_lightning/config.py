@@ -26,7 +26,8 @@ def resolve_similarity(cfg: DictConfig) -> str | None:
     if not (chosen or loss_sim):
         raise ConfigError(f"loss={_choice(cfg, 'loss')} names no similarity (a cross-encoder loss config) and the "
                           f"bi-encoder model={_choice(cfg, 'model')} keeps its own: set model.similarity=cos or dot "
-                          "to train it with this loss, or pick a bi-encoder loss (margin_mse_cos, margin_mse, mnrl)")
+                          "(and loss.scale to match the teacher's) to train it with this loss, or pick a bi-encoder "
+                          "loss (margin_mse_cos, margin_mse, mnrl, distill_kl)")
     if chosen and chosen != loss_sim and "loss.similarity" in _overridden_keys():
         raise ConfigError(f"model.similarity={chosen} but loss.similarity={loss_sim}: the model is scored and "
                           f"exported with the similarity it trains with; set only one (model.similarity={loss_sim})")

@@ -1,7 +1,7 @@
 """The one inference path: embed texts or score (query, passage) pairs with any of our models, as
 sentence-transformers would, in batches of alike token length, results back in input order. Evaluation, mining
 and teacher scoring all go through here. Batches are formed by token count, not by characters as
-sentence-transformers' encode does: on MS MARCO passages that pads ~25-35% fewer tokens (BENCHMARKS.md).
+sentence-transformers' encode does: on 2,048 MS MARCO passages that pads ~20% fewer tokens (BENCHMARKS.md).
 
 precision (task.precision): "auto" = bf16 autocast on CUDA, fp32 elsewhere; "bf16" = bf16 autocast on a CPU too
 (faster only with bf16 units, AMX or AVX512-BF16; emulated and slower without: BENCHMARKS.md; embeddings within
@@ -19,7 +19,8 @@ def _device(model) -> torch.device:
 PRECISIONS = ("auto", "bf16", "32")
 
 
-def uses_bf16(model, precision: str) -> bool:
+def uses_bf16(model, precision) -> bool:
+    precision = str(precision)  # Hydra reads task.precision=32 as an int
     if precision not in PRECISIONS:
         raise ValueError(f"task.precision={precision!r}: use one of {PRECISIONS}")
     return precision == "bf16" or (precision == "auto" and _device(model).type == "cuda")
@@ -30,7 +31,8 @@ def _autocast(model, precision: str):
 
 
 def _length_order(tokenize, n: int, chunk: int = 4096) -> np.ndarray:
-    """Rows sorted by token count; tokenize(slice) -> features. Tokenising twice costs well under 1% of a forward."""
+    """Rows sorted by token count; tokenize(slice) -> features. Tokenising twice costs well under 1% of a CPU
+    forward (more, next to a GPU's: still far less than the padding it saves)."""
     if not n:
         return np.zeros(0, np.int64)
     lengths = np.concatenate([tokenize(slice(i, i + chunk))["attention_mask"].sum(1).numpy()

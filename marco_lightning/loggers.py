@@ -46,8 +46,10 @@ def config_nodes(cfg: DictConfig, group: str) -> dict[str, DictConfig]:
     nodes = {name: node for name, node in (cfg.get(group) or {}).items() if node is not None}
     for name, node in nodes.items():
         if not isinstance(node, DictConfig) or "_target_" not in node:
+            example = {"callbacks": "callbacks.progress_bar._target_=pytorch_lightning.callbacks.TQDMProgressBar",
+                       "logger": "logger.wandb._target_=pytorch_lightning.loggers.WandbLogger"}.get(group, "")
             raise ConfigError(f"{group}.{name}={node}: each {group} entry is a node with a _target_ (e.g. "
-                              "callbacks.progress_bar._target_=pytorch_lightning.callbacks.TQDMProgressBar), or null")
+                              f"{example}), or null")
     return nodes
 
 

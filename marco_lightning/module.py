@@ -48,7 +48,7 @@ class RetrieverModule(pl.LightningModule):
             return self._grad_cache_step(batch)
         # The model turns its batch into what the loss takes (scores, or the vectors for in-batch negatives), so
         # nothing here depends on the model kind or the loss.
-        if self.loss.inputs == "embeddings":
+        if getattr(self.loss, "inputs", "scores") == "embeddings":
             loss = self.loss(*self.model.embed_group(batch), batch.get("teacher"))
         else:
             loss = self.loss(self.model.candidate_scores(batch), batch.get("teacher"))
@@ -63,7 +63,7 @@ class RetrieverModule(pl.LightningModule):
         optimizer.zero_grad()
         wrapped = self.trainer.strategy.model  # DDP's wrapper under DDP: one all-reduce per step, not per mini-batch
         no_sync = getattr(wrapped, "no_sync", None) or contextlib.nullcontext
-        loss_fn = self.loss if self.loss.inputs == "embeddings" else (  # a score loss on the cached vectors
+        loss_fn = self.loss if getattr(self.loss, "inputs", "scores") == "embeddings" else (  # a score loss on the cached vectors
             lambda q, d, teacher: self.loss(pair_similarity(q, d, self.model.similarity), teacher))
         loss = cached_loss_backward(self.model.embed, batch["query"], batch["docs"], loss_fn, self.mini_batch_size,
                                     self.manual_backward, batch.get("teacher"), no_sync=no_sync)
@@ -113,6 +113,9 @@ class RetrieverModule(pl.LightningModule):
         self.val_rows.append(torch.stack([batch["qid"].double(), batch["pid"].double(), scores.double()], 1).cpu())
 
     def on_validation_epoch_end(self):
+        if self._trainer is not None and self.trainer.sanity_checking:  # 2 batches: not a ranking to keep
+            self.val_rows = []
+            return
         self.last_val_run, self.last_val_step = gather_run(self.val_rows), self.global_step
         self.val_rows = []
         # every rank holds the whole run, so each logs (and checkpoints on) the same values: no sync needed
@@ -167,7 +170,9 @@ def gather_run(rows: list[torch.Tensor]) -> dict[str, dict[str, float]]:
 
 
 def _num_queries(batch) -> int:
-    return len(batch["query"]["input_ids"]) if "query" in batch else len(batch["pairs"]["input_ids"]) // batch["group_size"]
+    if "query" in batch:
+        return len(batch["query"]["input_ids"])
+    return len(batch["pairs"]["input_ids"]) // batch["group_size"]
 
 
 def _collect_rng_states() -> dict:

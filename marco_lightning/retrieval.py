@@ -70,7 +70,10 @@ def encode_collection(model, collection, cache_dir, batch_size: int = 64,
     cache_dir = Path(cache_dir)
     meta = {"collection": file_stamp(collection), "model": model_fingerprint(model), "dim": model.dim,
             "bf16": uses_bf16(model, precision)}  # the vectors' precision is part of what they are
-    if (cache_dir / "meta.json").exists() and json.loads((cache_dir / "meta.json").read_text()) != meta:
+    old = json.loads((cache_dir / "meta.json").read_text()) if (cache_dir / "meta.json").exists() else None
+    if old is not None:
+        old.setdefault("bf16", next(model.parameters()).is_cuda)  # caches from before the key: bf16 on CUDA only
+    if old is not None and old != meta:
         for stale in ("embeddings.npy", "progress.json", "ids.npy", "index.faiss", "index.json"):
             (cache_dir / stale).unlink(missing_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -258,3 +258,10 @@ def test_beir_string_ids(tmp_path):
     qrels = write(tmp_path / "test.tsv", "query-id\tcorpus-id\tscore\nPLAIN-1\tMED-1\t2\nPLAIN-1\t012\t1\n")
     assert list(iter_collection(corpus)) == [("MED-1", "T x"), ("012", "y")]  # ids stay strings, "012" too
     assert list(iter_qrels(qrels, id_type=str)) == [("PLAIN-1", "MED-1", 2), ("PLAIN-1", "012", 1)]
+
+def test_qrels_skip_mode_keeps_the_good_lines_after_a_bad_first_one(tmp_path):
+    path = write(tmp_path / "q.txt", "bad line here x y\n1 0 10 1\n2 Q0 20 2\n3 0 30\n")
+    skipped = Counter()
+    with pytest.warns(UserWarning, match="skipped 2"):
+        rows = list(iter_qrels(path, on_error="skip", skipped=skipped))
+    assert rows == [(1, 10, 1), (2, 20, 2)] and skipped[str(path)] == 2  # the 3-field line breaks the TREC layout

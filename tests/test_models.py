@@ -97,3 +97,11 @@ def test_bf16_inference_stays_close_to_fp32(texts):
     assert cosine.min() > 0.999 and abs(fp32 - bf16).max() > 0  # close, and bf16 really ran
     with pytest.raises(ValueError, match="task.precision"):
         encode(model, passages, 16, "fp16")
+
+
+def test_precision_32_from_the_command_line_is_an_int():
+    """Hydra reads task.precision=32 as the int 32: it must mean fp32, not an error."""
+    from marco_lightning.inference import uses_bf16
+
+    model = torch.nn.Linear(2, 2)
+    assert uses_bf16(model, 32) is False and uses_bf16(model, "32") is False and uses_bf16(model, "bf16") is True

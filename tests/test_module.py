@@ -89,3 +89,15 @@ def test_grad_cache_under_fp16_clips_unscaled_gradients(tmp_path, fused):
     # the weights move by at most 0.2 * 0.05
     assert 1e-3 < (weights[False] - start).norm() <= 0.2 * 0.05 * 1.001
     torch.testing.assert_close(weights[True], weights[False], atol=1e-5, rtol=0)
+
+
+def test_the_sanity_check_keeps_no_validation_run(tmp_path):
+    """Lightning's 2-batch sanity check must not stand in for a validation: metrics.json would report it."""
+    from types import SimpleNamespace
+
+    module = RetrieverModule(tiny_model(tmp_path), MarginMSELoss(), partial(torch.optim.AdamW), warmup_steps=0,
+                             val_qrels=QRELS)
+    module._trainer = SimpleNamespace(sanity_checking=True)
+    module.val_rows = [torch.tensor([[1.0, 2.0, 0.5]], dtype=torch.float64)]
+    module.on_validation_epoch_end()
+    assert module.last_val_run == {} and module.last_val_step == -1 and module.val_rows == []

@@ -85,8 +85,7 @@ def iter_qrels(path, on_error="raise", skipped=None, id_type=int) -> Iterator[tu
             width = 3
             continue
         try:
-            width = width or len(parts)
-            if len(parts) != width or width not in (3, 4):
+            if len(parts) != (width or len(parts)) or len(parts) not in (3, 4):
                 raise ValueError
             qid, pid, grade = (parts[0], parts[-2], int(parts[-1]))
             qid, pid = (int(qid), int(pid)) if id_type is int else (qid.decode(), pid.decode())
@@ -95,6 +94,7 @@ def iter_qrels(path, on_error="raise", skipped=None, id_type=int) -> Iterator[tu
                 width, "4 fields `qid Q0 pid grade` (TREC, MS MARCO)")
             lines.bad(n, f"expected {layout} with an integer grade{' and integer ids' * (id_type is int)}", line)
             continue
+        width = len(parts)  # the first good line fixes the layout
         if grades.setdefault((qid, pid), grade) != grade:
             lines.bad(n, f"({qid}, {pid}) judged twice with different grades", line)
             continue

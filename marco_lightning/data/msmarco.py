@@ -1,4 +1,4 @@
-"""Readers of the MS MARCO formats: `id \\t text` collections and queries, qrels, msmarco-hard-negatives.jsonl,
+"""Readers of the MS MARCO formats: `id \\t text` collections and queries, msmarco-hard-negatives.jsonl,
 Hofstätter's triples with scores, and the teacher scores in any of their three formats (see formats.py for the
 conventions every reader follows)."""
 from __future__ import annotations
