@@ -52,14 +52,14 @@ def main(cfg: DictConfig) -> dict:
                                  group_by_length=cfg.group_by_length)
     val_qrels, _, ids = validation_set(cfg.data)
     grad_cache = cfg.get("mini_batch_size")
-    config = OmegaConf.to_container(cfg, resolve=True)  # in every checkpoint: a .ckpt alone says how it was made
-    module = RetrieverModule(model, loss, instantiate(cfg.optimizer), cfg.scheduler.warmup_steps,
-                             val_qrels=val_qrels, val_rel_level=cfg.data.val_rel_level, val_ids=ids,
-                             mini_batch_size=grad_cache, config=config,
+    # both modules validate alike; the resolved config goes into every checkpoint (a .ckpt says how it was made)
+    shared = {"val_qrels": val_qrels, "val_rel_level": cfg.data.val_rel_level, "val_ids": ids,
+              "config": OmegaConf.to_container(cfg, resolve=True)}
+    module = RetrieverModule(model, loss, instantiate(cfg.optimizer), cfg.scheduler.warmup_steps, **shared,
+                             mini_batch_size=grad_cache,
                              gradient_clip_val=cfg.trainer.gradient_clip_val if grad_cache else None)
     start_module = None if start is None else module if start is model else RetrieverModule(
-        start, loss, instantiate(cfg.optimizer), 0, val_qrels=val_qrels, val_rel_level=cfg.data.val_rel_level,
-        val_ids=ids, config=config)
+        start, loss, instantiate(cfg.optimizer), 0, **shared)
     trainer: pl.Trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
                                       gradient_clip_val=None if grad_cache else cfg.trainer.gradient_clip_val,
                                       plugins=[AtomicCheckpointIO()], callbacks=callbacks)
