@@ -40,7 +40,7 @@ def suites(quick: bool, passages: int, batch_size: int) -> dict:
         return {
             "training": lambda log: training.markdown(training.run(batch_size=2, steps=1, log=log, **once)),
             "evaluation": lambda log: evaluation.markdown(
-                evaluation.run(num_passages=8, num_pairs=8, batch_size=4, log=log, **once)),
+                evaluation.run(num_passages=8, num_pairs=8, batch_size=4, log=log, compile_=False, **once)),
             "hotpath": lambda log: hotpath.markdown(
                 hotpath.run(batch_size=2, steps=1, num_passages=8, log=log, **once)),
             "profiles": lambda log: profiles.markdown(profiles.run(batch_size=2, num_passages=8, log=log)),
@@ -52,7 +52,7 @@ def suites(quick: bool, passages: int, batch_size: int) -> dict:
     return {
         "training": lambda log: training.markdown(training.run(batch_size=batch_size, budget_s=600, log=log)),
         "evaluation": lambda log: evaluation.markdown(
-            evaluation.run(num_passages=passages, num_pairs=passages, budget_s=240, log=log)),
+            evaluation.run(num_passages=passages, num_pairs=passages, budget_s=600, min_rounds=3, log=log)),
         "hotpath": lambda log: hotpath.markdown(hotpath.run(batch_size=batch_size, budget_s=240, log=log)),
         "profiles": lambda log: profiles.markdown(profiles.run(batch_size=batch_size, log=log)),
         "compile": lambda log: hotpath.compile_markdown(hotpath.compile_run(log=log)),
@@ -116,7 +116,7 @@ def main(argv=None) -> Path:
                              "compile, scifact")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke test")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
-    parser.add_argument("--passages", type=int, default=128,
+    parser.add_argument("--passages", type=int, default=512,
                         help="passages to encode, and cross-encoder pairs to score")
     parser.add_argument("--batch-size", type=int, default=16, help="training batch: queries per step")
     args = parser.parse_args(argv)

@@ -5,7 +5,7 @@ sentence-transformers' encode does: on 2,048 MS MARCO passages that pads ~20% fe
 
 precision (task.precision): "auto" = bf16 autocast on CUDA, fp32 elsewhere; "bf16" = bf16 autocast on a CPU too
 (faster only with bf16 units, AMX or AVX512-BF16; emulated and slower without: BENCHMARKS.md; embeddings within
-cosine 0.999 of fp32, tests/test_models.py); "32" = fp32 everywhere."""
+cosine 0.999 of fp32, tests/test_models.py); "32" = fp32 everywhere. task.compile: `compile_model` below."""
 from __future__ import annotations
 
 import numpy as np
@@ -26,18 +26,51 @@ def uses_bf16(model, precision) -> bool:
     return precision == "bf16" or (precision == "auto" and _device(model).type == "cuda")
 
 
+def compile_model(model):
+    """task.compile: torch.compile, in place, what the model runs (its sentence-transformers modules, or the
+    cross-encoder), one graph for all batch shapes (dynamic=True; batches of one row get a second), with
+    inductor's freezing: weights folded in as constants (plain compile gave nothing on a CPU, BENCHMARKS.md),
+    so only while they stay fixed, as in the evaluate / mine / score tasks. About a minute of compiling first,
+    per graph and per process; outputs as eager's to ~1e-6."""
+    import torch._inductor.config
+
+    # Process-wide: dynamo reads the global flag while tracing, so torch.compile(options=...) would not freeze.
+    torch._inductor.config.freezing = True
+    (model.st if model.kind == "bi" else model.encoder).compile(dynamic=True)
+    return model
+
+
 def _autocast(model, precision: str):
     return torch.autocast(_device(model).type, dtype=torch.bfloat16, enabled=uses_bf16(model, precision))
 
 
-def _length_order(tokenize, n: int, chunk: int = 4096) -> np.ndarray:
-    """Rows sorted by token count; tokenize(slice) -> features. Tokenising twice costs well under 1% of a CPU
-    forward (more, next to a GPU's: still far less than the padding it saves)."""
-    if not n:
-        return np.zeros(0, np.int64)
-    lengths = np.concatenate([tokenize(slice(i, i + chunk))["attention_mask"].sum(1).numpy()
-                              for i in range(0, n, chunk)])
-    return np.argsort(lengths, kind="stable")
+BLOCK = 4096  # rows tokenised at once, then batched in length order: one tokenisation, memory flat in n
+
+
+def _cut(features: dict, rows: torch.Tensor) -> dict:
+    """These rows of tokenised features, each group of token tensors cut to the columns its rows use
+    (padding is contiguous, so this works for right and left padding alike)."""
+    if "attention_mask" in features:
+        used = features["attention_mask"][rows].any(0)
+        return {k: v[rows][:, used] for k, v in features.items()}
+    return {k: _cut(v, rows) if isinstance(v, dict) else v[rows] if torch.is_tensor(v) else v
+            for k, v in features.items()}
+
+
+def _batches(featurize, width, n: int, batch_size: int):
+    """(row numbers, features) covering range(n): each BLOCK of rows tokenised once (featurize(slice)), its
+    rows ordered longest first by width(features) (a GPU out-of-memory shows at once), batches cut to their
+    longest."""
+    for start in range(0, n, BLOCK):
+        features = featurize(slice(start, start + BLOCK))
+        order = torch.argsort(width(features), descending=True, stable=True)
+        for i in range(0, len(order), batch_size):
+            rows = order[i:i + batch_size]
+            yield start + rows.numpy(), _cut(features, rows)
+
+
+def _num_batches(n: int, batch_size: int) -> int:
+    return sum(-(-min(BLOCK, n - start) // batch_size) for start in range(0, n, BLOCK))
 
 
 def _to(features: dict, dev: torch.device) -> dict:
@@ -50,16 +83,12 @@ def encode(model, texts: list[str], batch_size: int, precision: str = "auto") ->
     """Vectors whose inner product is the bi-encoder's similarity (unit length for cos): `encode` of
     sentence-transformers, queries and passages alike cut at max_seq_length."""
     collator, dev = model.collator(), _device(model)
-    order = _length_order(lambda rows: collator.texts(texts[rows]), len(texts))
-    out = []
-    for i in range(0, len(texts), batch_size):
-        features = _to(collator.texts([texts[j] for j in order[i:i + batch_size]]), dev)
+    embeddings = np.empty((len(texts), model.dim), np.float32)
+    batches = _batches(lambda block: collator.texts(texts[block]), lambda f: f["attention_mask"].sum(1),
+                       len(texts), batch_size)
+    for rows, features in batches:
         with _autocast(model, precision):
-            out.append(model.output_embedding(features).float().cpu().numpy())
-    if not out:
-        return np.zeros((0, model.dim), np.float32)
-    embeddings = np.empty((len(texts), out[0].shape[1]), np.float32)
-    embeddings[order] = np.concatenate(out)
+            embeddings[rows] = model.output_embedding(_to(features, dev)).float().cpu().numpy()
     return embeddings
 
 
@@ -73,16 +102,16 @@ def score(model, queries: list[str], passages: list[str], batch_size: int, progr
 
     collate, dev = model.collator().pairs, _device(model)
 
-    def pair_features(rows):  # the tokens that set a batch's width: the pair (cross), the passage (bi)
-        batch = collate([(0, 0, q, p) for q, p in zip(queries[rows], passages[rows])])
-        return batch["pairs"] if "pairs" in batch else batch["doc"]
+    def featurize(block):
+        return collate([(0, 0, q, p) for q, p in zip(queries[block], passages[block])])
 
-    order = _length_order(pair_features, len(queries))
+    def width(batch):  # the tokens that set a batch's width: the pair (cross), the passage (bi)
+        return (batch["pairs"] if "pairs" in batch else batch["doc"])["attention_mask"].sum(1)
+
     out = np.empty(len(queries), np.float32)
-    for i in tqdm(range(0, len(order), batch_size), desc=progress, unit="batch", disable=progress is None,
-                  file=sys.stderr, mininterval=2):
-        rows = order[i:i + batch_size]
-        batch = _to(collate([(0, 0, queries[j], passages[j]) for j in rows]), dev)
+    batches = _batches(featurize, width, len(queries), batch_size)
+    for rows, batch in tqdm(batches, total=_num_batches(len(queries), batch_size), desc=progress,
+                            unit="batch", disable=progress is None, file=sys.stderr, mininterval=2):
         with _autocast(model, precision):
-            out[rows] = model.score_pairs(batch).float().cpu().numpy()
+            out[rows] = model.score_pairs(_to(batch, dev)).float().cpu().numpy()
     return out

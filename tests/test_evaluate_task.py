@@ -120,3 +120,16 @@ def test_index_cache_is_keyed_by_the_model(tmp_path):
     fresh = retrieve(models[1], collection, queries, top_k=10, index_dir=tmp_path / "fresh")
     assert runs[1] == fresh and runs[0] != runs[1]
     assert retrieve(models[1], collection, queries, top_k=10, index_dir=shared_dir) == fresh  # reused when it fits
+
+
+def test_task_compile_compiles_the_loaded_model_once(tmp_path, monkeypatch):
+    """task.compile=true hands the loaded model to inference.compile_model (the compiling itself: test_inference)."""
+    import marco_lightning.tasks.evaluate as task
+
+    seen = []
+    monkeypatch.setattr(task, "compile_model", lambda model: seen.append(model) or model)
+    evaluate(["task.mode=rerank", "model=tiny", "task.device=cpu", "task.top_k=5"], tmp_path, data="sample")
+    assert seen == []
+    evaluate(["task.mode=rerank", "model=tiny", "task.device=cpu", "task.top_k=5", "task.compile=true"], tmp_path,
+             data="sample")
+    assert len(seen) == 1 and seen[0].kind == "bi" and not seen[0].training

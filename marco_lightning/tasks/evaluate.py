@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from marco_lightning.config import ConfigError, check_files
+from marco_lightning.inference import compile_model
 
 MODES = ("score", "rerank", "retrieve")
 
@@ -51,6 +52,8 @@ def main(cfg: DictConfig) -> dict:
                               "scoring it would measure docid order; re-rank it (task.mode=rerank) or pass a scored run")
     else:
         model = load_model(cfg).to(device(task.device)).eval()
+        if task.compile:
+            compile_model(model)
         queries = read_texts(task.queries)
         if task.mode == "rerank":
             run = rerank(model, read_run(run_path), queries, task.collection, task.top_k, task.batch_size,

@@ -53,6 +53,10 @@ def load_system(entry: str, cfg: DictConfig, cache: Path):
     else:
         model = BiEncoder(entry)
     model = model.to(device(cfg.task.device))
+    if cfg.task.compile:
+        from marco_lightning.inference import compile_model
+
+        compile_model(model)
     return Dense(model, collection, cache / f"dense-{model_fingerprint(model)[:12]}", cfg.task.batch_size,
                  cfg.task.precision)
 

@@ -59,7 +59,7 @@ def main(cfg: DictConfig) -> dict:
     from tqdm import tqdm
 
     from marco_lightning.data.formats import file_stamp
-    from marco_lightning.inference import score
+    from marco_lightning.inference import compile_model, score
     from marco_lightning.retrieval import write_json
     from marco_lightning.tasks.evaluate import device, read_texts
 
@@ -86,6 +86,8 @@ def main(cfg: DictConfig) -> dict:
     todo = pairs[len(done):]
     if todo:
         teacher = load_teacher(cfg.task.teacher).to(device(cfg.task.device)).eval()  # before touching any file
+        if cfg.task.compile:
+            compile_model(teacher)
         queries = read_texts(cfg.data.queries, keep={q for q, _ in todo})
         passages = read_texts(cfg.data.collection, keep={p for _, p in todo})
         if replace:
