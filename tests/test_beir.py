@@ -355,3 +355,20 @@ def test_bm25_on_scifact_reaches_the_published_level(tmp_path):
     metrics = compute_metrics(qrels, {q: dict(zip(*r)) for q, r in ranked.items()}, rel_level=1,
                               measures=("ndcg@10",))
     assert 0.66 <= metrics["ndcg@10"] <= 0.70
+
+
+def test_mine_with_task_compile_compiles_the_model_system(tmp_path, monkeypatch):
+    """task.compile=true reaches the `model` system of task=mine (the compiling itself: tests/test_inference)."""
+    from conftest import compose
+
+    from marco_lightning import inference
+    from marco_lightning.tasks.mine import load_system
+
+    root = make_folder(tmp_path / "f")
+    seen = []
+    monkeypatch.setattr(inference, "compile_model", lambda model: seen.append(model) or model)
+    overrides = ["task=mine", "data=beir", f"data.root={root}", "model=tiny", "task.device=cpu"]
+    load_system("model", compose(overrides), tmp_path / "a")
+    assert seen == []
+    system = load_system("model", compose([*overrides, "task.compile=true"]), tmp_path / "b")
+    assert seen == [system.model] and system.model.kind == "bi"
