@@ -26,6 +26,7 @@ class RetrieverModule(pl.LightningModule):
         # alone says how it was made; the modules themselves are rebuilt from it, not pickled
         self.save_hyperparameters({"config": config} if config else {}, logger=False)  # loggers log cfg already
         self.model, self.loss, self.optimizer_factory, self.warmup_steps = model, loss, optimizer, warmup_steps
+        self.loss_on_embeddings = getattr(loss, "inputs", "scores") == "embeddings"  # MNRL; others take scores
         # GradCache needs a backward per mini-batch, which only manual optimisation allows.
         self.mini_batch_size, self.gradient_clip_val = mini_batch_size, gradient_clip_val
         self.automatic_optimization = mini_batch_size is None
@@ -48,7 +49,7 @@ class RetrieverModule(pl.LightningModule):
             return self._grad_cache_step(batch)
         # The model turns its batch into what the loss takes (scores, or the vectors for in-batch negatives), so
         # nothing here depends on the model kind or the loss.
-        if getattr(self.loss, "inputs", "scores") == "embeddings":
+        if self.loss_on_embeddings:
             loss = self.loss(*self.model.embed_group(batch), batch.get("teacher"))
         else:
             loss = self.loss(self.model.candidate_scores(batch), batch.get("teacher"))
@@ -63,7 +64,7 @@ class RetrieverModule(pl.LightningModule):
         optimizer.zero_grad()
         wrapped = self.trainer.strategy.model  # DDP's wrapper under DDP: one all-reduce per step, not per mini-batch
         no_sync = getattr(wrapped, "no_sync", None) or contextlib.nullcontext
-        loss_fn = self.loss if getattr(self.loss, "inputs", "scores") == "embeddings" else (  # a score loss on the cached vectors
+        loss_fn = self.loss if self.loss_on_embeddings else (  # a score loss on the cached vectors
             lambda q, d, teacher: self.loss(pair_similarity(q, d, self.model.similarity), teacher))
         loss = cached_loss_backward(self.model.embed, batch["query"], batch["docs"], loss_fn, self.mini_batch_size,
                                     self.manual_backward, batch.get("teacher"), no_sync=no_sync)
