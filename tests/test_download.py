@@ -112,7 +112,7 @@ def test_a_matching_sha256_is_accepted_a_wrong_one_leaves_no_file(server, tmp_pa
 def test_huggingface_urls_go_to_hf_hub_download(tmp_path, monkeypatch):
     hub = tmp_path / "hub"
     hub.mkdir()
-    (hub / "scores.pkl.gz").write_bytes(gzip.compress(b"scores"))
+    (hub / "scores.pkl.gz").write_bytes(gzip.compress(b"scores", mtime=0))
     calls = []
 
     def fake_hf_hub_download(repo_id, filename, *, local_dir, **kw):  # what the hub client does with local_dir
@@ -129,14 +129,14 @@ def test_huggingface_urls_go_to_hf_hub_download(tmp_path, monkeypatch):
         "ce.pkl.gz": "https://huggingface.co/datasets/sentence-transformers/msmarco-hard-negatives/resolve/main/"
                      "scores.pkl.gz",
         "ce.pkl": {"url": "https://huggingface.co/org/model/resolve/refs%2Fpr%2F3/sub/scores.pkl.gz",
-                   "sha256": hashlib.sha256(gzip.compress(b"scores")).hexdigest()}},
+                   "sha256": hashlib.sha256(gzip.compress(b"scores", mtime=0)).hexdigest()}},
         teacher_scores="ce.pkl.gz", other="ce.pkl")
     assert ensure_files(cfg) == [root / "ce.pkl.gz", root / "ce.pkl"]
     assert calls == [{"repo_id": "sentence-transformers/msmarco-hard-negatives", "filename": "scores.pkl.gz",
                       "repo_type": "dataset", "revision": "main"},
                      {"repo_id": "org/model", "filename": "sub/scores.pkl.gz", "repo_type": "model",
                       "revision": "refs/pr/3"}]
-    assert (root / "ce.pkl.gz").read_bytes() == gzip.compress(b"scores")
+    assert (root / "ce.pkl.gz").read_bytes() == gzip.compress(b"scores", mtime=0)
     assert (root / "ce.pkl").read_bytes() == b"scores"  # decompressed, as from any other host
     assert sorted(p.name for p in root.iterdir()) == ["ce.pkl", "ce.pkl.gz"]  # hf's staging folder is gone
     (root / "ce.pkl.gz").unlink()
