@@ -88,10 +88,11 @@ def child_generate(args):
 
 
 def child_prepare(args):
+    from marco_lightning.data.sources import MarcoSource
     from marco_lightning.data.store import prepare
 
     start = time.perf_counter()
-    out = prepare(_data(Path(args["data"])), NEGATIVES[args["negatives"]], args["store"], force=True)
+    out = prepare(MarcoSource(**_data(Path(args["data"]))), NEGATIVES[args["negatives"]], args["store"], force=True)
     manifest = json.loads((out / "manifest.json").read_text())
     return {"seconds": time.perf_counter() - start, "manifest": {k: manifest[k] for k in (
         "num_passages", "num_queries", "num_train_queries", "num_positives", "num_negatives", "num_teacher_scores",

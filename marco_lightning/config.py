@@ -71,9 +71,6 @@ def check_training_config(cfg: DictConfig) -> None:
         raise ConfigError(f"loss={loss_choice} sets loss.similarity={cfg.loss.similarity} (and its scale) for a "
                           f"bi-encoder, but model={model_choice} is a cross-encoder scoring with its own head: pick "
                           f"a cross-encoder loss (loss=ce_margin_mse, ce_kl, ce_mse, ce_bce)")
-    if loss_cls.needs_teacher and not cfg.data.get("teacher_scores"):
-        raise ConfigError(f"loss={loss_choice} distils teacher scores, but data={_choice(cfg, 'data')} sets no "
-                          "data.teacher_scores: point data.teacher_scores at a score file or choose a supervised loss")
     if not cfg.negatives.require_positive and not loss_cls.needs_teacher:
         raise ConfigError(f"negatives.require_positive=false trains queries without a positive, which only a "
                           f"distillation loss can (the teacher ranks their candidates); loss={loss_choice} needs a "

@@ -33,7 +33,7 @@ def card_data(model, cfg: DictConfig) -> None:
     data.tags = sorted({*(data.tags or []), "marco-lightning", "ms-marco", "passage-retrieval"})
 
 
-def training_section(cfg: DictConfig, metrics: dict, steps: int) -> str:
+def training_section(cfg: DictConfig, source, metrics: dict, steps: int) -> str:
     """Markdown: recipe, data, negatives, steps, seed, commit, and before/after with their protocol."""
     loss = {k: v for k, v in cfg.loss.items() if k != "_target_"}
     neg = cfg.negatives
@@ -43,20 +43,10 @@ def training_section(cfg: DictConfig, metrics: dict, steps: int) -> str:
     table += [f"| {name} | " + " | ".join(f"{values[m]:.4f}" for m in measures) + " |" for name, values in rows]
     base = f"- Base model: `{cfg.model.backbone}`" + (" (random initialisation)" if cfg.model.get("random_init") else "")
     systems = neg.systems if isinstance(neg.systems, str) else list(neg.systems)
-    teacher = Path(str(cfg.data.teacher_scores)).name if cfg.data.get("teacher_scores") else None
-    if cfg.data.get("kind") == "beir":
-        from marco_lightning.data.beir import BeirFolder
-
-        folder = BeirFolder.from_config(cfg.data)
-        data = (f"BEIR folder `{folder.root.name}` (split {folder.split_names['train']} minus the held-out val "
-                f"queries, negatives mined by task=mine, teacher scores `{teacher}`)")
-        val_queries = folder.describe_split("val")
-    else:
-        data = f"`{cfg.data.name}` (train qrels `{Path(str(cfg.data.train_qrels)).name}`, teacher scores `{teacher}`)"
-        val_queries = f"`{Path(str(cfg.data.val_qrels)).name}`"
-    protocol = (f"Re-ranking the top {cfg.data.val_top_k} of `{Path(str(cfg.data.val_run)).name}` for the queries of "
+    data, val_queries = source.describe()
+    protocol = (f"Re-ranking the top {source.val_top_k} of `{Path(str(source.val_run)).name}` for the queries of "
                 f"{val_queries}; nDCG with graded gains, MRR and recall count grade >= "
-                f"{cfg.data.val_rel_level} relevant; every judged query counts (ir-measures). \"before\" is the base "
+                f"{source.val_rel_level} relevant; every judged query counts (ir-measures). \"before\" is the base "
                 "model as sentence-transformers loads it; \"after\" is this model (the checkpoint chosen by "
                 f"`{cfg.monitor}`).")
     return "\n".join([

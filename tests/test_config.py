@@ -25,8 +25,10 @@ def test_every_option_composes(group, option, tmp_path):
     beir = ["data.root=/a/beir/folder"] if option == "beir" or option.startswith("beir_") else []  # data.root: ???
     cfg = compose([f"{group}={option}", *beir], tmp_path)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-    for key in ("model", "loss", "optimizer", "trainer"):
+    for key in ("model", "loss", "optimizer", "trainer", "data"):
         bind(cfg[key])
+    datamodule = OmegaConf.to_container(cfg.datamodule, resolve=True)
+    bind(OmegaConf.create({**datamodule, "_partial_": True}))  # the task adds source, collator, negatives
 
 
 def test_cli_override_reaches_every_value(tmp_path):

@@ -146,15 +146,14 @@ def test_group_by_length_pads_less_on_the_real_sample(tmp_path):
     from conftest import compose
     from hydra.utils import instantiate
 
-    from marco_lightning.data.datamodule import MarcoDataModule, store_path
+    from marco_lightning.data.sources import build_source
 
-    cfg = compose(["model=tiny", "model.max_doc_length=256"], tmp_path)
+    cfg = compose(["model=tiny", "model.max_doc_length=256", "batch_size=8", "num_workers=0"], tmp_path)
     collator = instantiate(cfg.model).collator()
     tokens = {}
     for group in (False, True):
-        dm = MarcoDataModule(cfg.data, cfg.negatives, collator, store_path(cfg.paths.cache_dir, cfg.data,
-                             cfg.negatives), batch_size=8, num_negatives=1, with_teacher=True, seed=0, num_workers=0,
-                             group_by_length=group)
+        dm = instantiate(cfg.datamodule, _partial_=True, seed=0, group_by_length=group)(
+            source=build_source(cfg.data), negatives=cfg.negatives, collator=collator, with_teacher=True)
         dm.prepare_data()
         dm.setup()
         docs = [b["docs"] for b in dm.train_dataloader()]

@@ -17,7 +17,8 @@ from conftest import needs_shared
 
 from marco_lightning.data import store as store_mod
 from marco_lightning.data.formats import DataFormatError
-from marco_lightning.data.store import Store, prepare
+from marco_lightning.data.sources import MarcoSource
+from marco_lightning.data.store import Store
 
 NAN = float("nan")
 pytestmark = pytest.mark.filterwarnings("ignore:ids without text")
@@ -35,6 +36,11 @@ HARD_NEGATIVES = [
     {"qid": 5, "pos": [], "neg": {"bm25": [1, 2]}},                 # no positive anywhere
     {"qid": 6, "pos": [15], "neg": {"bm25": [1]}},                  # no query text
 ]
+
+
+def prepare(data: dict, negatives: dict, out, **kwargs):
+    """A store from the files of `data` (MS MARCO formats), as task=prepare builds it from data=..."""
+    return store_mod.prepare(MarcoSource(**data), negatives, out, **kwargs)
 
 
 @pytest.fixture
@@ -211,6 +217,7 @@ def test_killed_prepare_never_looks_complete(data, tmp_path):
     code = f"""
 import sys, time, json
 from marco_lightning.data import store
+from marco_lightning.data.sources import MarcoSource
 real = store.write_text_table
 def slow(pairs, folder, name, dropped=None):
     n = real(pairs, folder, name, dropped)
@@ -218,7 +225,7 @@ def slow(pairs, folder, name, dropped=None):
     time.sleep(60)
     return n
 store.write_text_table = slow
-store.prepare(json.loads(sys.argv[1]), {{"systems": ["bm25"], "num_per_system": 2}}, {str(out)!r})
+store.prepare(MarcoSource(**json.loads(sys.argv[1])), {{"systems": ["bm25"], "num_per_system": 2}}, {str(out)!r})
 """
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(data)], cwd=Path(__file__).parents[1])
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from marco_lightning.data.formats import DataFormatError, Lines, iter_qrels
+from marco_lightning.data.formats import DataFormatError, Lines, file_stamp, iter_qrels
 
 SPLITS = ("train", "val", "test")
 
@@ -210,3 +210,15 @@ class IdRows:
     def to_names(self, run: Mapping[str, Mapping]) -> dict[str, dict]:
         p = self.passage_names
         return {self.query_names[int(q)]: {p[int(d)]: v for d, v in docs.items()} for q, docs in run.items()}
+
+
+def teacher_scores_complete(path, hard_negatives) -> bool:
+    """task=score finished writing `path` for these mined negatives (its .json says so); a score file without a
+    .json was made elsewhere: taken as it is."""
+    if not path or not Path(str(path)).is_file():
+        return False
+    meta = Path(str(path)).with_suffix(".json")
+    if not meta.is_file():
+        return True
+    meta = json.loads(meta.read_text())
+    return meta.get("complete", False) and meta["source"]["hard_negatives"] == file_stamp(hard_negatives)

@@ -17,12 +17,7 @@ from marco_lightning.data.sampling import (
     TrainDataset,
     worker_init,
 )
-
-# The data keys that decide a store's content (validation files are read directly, not stored).
-STORE_KEYS = ("collection", "queries", "train_queries", "train_qrels", "hard_negatives", "teacher_scores")
-BEIR_STORE_KEYS = ("kind", "root", "train_split", "val_split", "test_split", "val_fraction", "hard_negatives",
-                   "teacher_scores")
-
+from marco_lightning.data.store import Store, prepare
 
 # Short names for the mining systems of msmarco-hard-negatives.jsonl.gz (and of the committed sample).
 SYSTEM_ALIASES = {
@@ -38,46 +33,21 @@ SYSTEM_ALIASES = {
 }
 
 
-def store_inputs(data: DictConfig, negatives: DictConfig) -> tuple[dict, dict]:
-    plain = OmegaConf.to_container(data, resolve=True)
-    data_in = {k: plain.get(k) for k in (BEIR_STORE_KEYS if plain.get("kind") == "beir" else STORE_KEYS)}
-    neg = OmegaConf.to_container(negatives, resolve=True)
+def negatives_inputs(negatives: DictConfig) -> dict:
+    """The negatives settings with the systems' short names resolved (what a store's content depends on)."""
+    neg = OmegaConf.to_container(negatives, resolve=True) if OmegaConf.is_config(negatives) else dict(negatives)
     if neg["systems"] != "all":
         neg["systems"] = [SYSTEM_ALIASES.get(s, s) for s in neg["systems"]]
-    return data_in, neg
+    return neg
 
 
-def store_path(cache_dir: str, data: DictConfig, negatives: DictConfig) -> Path:
-    """One store per (input files, negative selection): changing either never reuses a stale store."""
-    data_in, neg_in = store_inputs(data, negatives)
+def store_path(cache_dir: str, source, negatives: DictConfig) -> Path:
+    """One store per (source settings and files, negative selection): changing either never reuses a stale store."""
     # size and mtime of each input too: a file replaced in place (same path) gets a new store
-    paths = [p for k, v in data_in.items() if k != "root" for p in (v if isinstance(v, list) else [v])
-             if isinstance(p, str) and p and Path(p).exists()]
-    if data_in.get("kind") == "beir":
-        from marco_lightning.data.beir import BeirFolder
-
-        paths += [str(p) for p in BeirFolder.from_config(data_in).files()]
-    stamps = [(p, Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in paths]
-    digest = hashlib.sha1(json.dumps([data_in, neg_in, stamps], sort_keys=True).encode()).hexdigest()[:10]
-    return Path(cache_dir) / "stores" / f"{data.name}-{digest}"
-
-
-def validation_set(data: DictConfig):
-    """(qrels, run, ids) of the validation queries, keyed as the store keys them: MS MARCO ids, or for a BEIR
-    folder its rows (`ids`, an IdRows, maps them back to the folder's ids; None for MS MARCO)."""
-    from marco_lightning.evaluation import read_qrels, read_run
-
-    ids = None
-    if data.get("kind") == "beir":
-        from marco_lightning.data.beir import BeirFolder, IdRows
-
-        folder = BeirFolder.from_config(data)
-        ids = IdRows(folder)
-        qrels, run = ids.to_rows(folder.qrels("val")), ids.to_rows(read_run(data.val_run))
-    else:
-        qrels, run = read_qrels(data.val_qrels), read_run(data.val_run)
-    # a run may hold unjudged queries (DL19 top-1000: 200, 43 judged)
-    return qrels, {qid: docs for qid, docs in run.items() if qid in qrels}, ids
+    stamps = [(p, Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in source.store_files()]
+    key = [source.store_key(), negatives_inputs(negatives), stamps]
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(cache_dir) / "stores" / f"{source.name}-{digest}"
 
 
 class ResumableDataLoader(DataLoader):
@@ -92,33 +62,38 @@ class ResumableDataLoader(DataLoader):
 
 
 class MarcoDataModule(pl.LightningDataModule):
-    def __init__(self, data: DictConfig, negatives: DictConfig, collator, store_dir: Path, batch_size: int,
+    """Training batches from the store prepared from `source` (data.sources), validation batches re-ranking its
+    validation run. Built by Hydra from the `datamodule` config node; the task passes what it built (the source,
+    the model's collator, whether the loss needs teacher scores)."""
+
+    def __init__(self, source, negatives: DictConfig, collator, cache_dir: str | Path, batch_size: int,
                  num_negatives: int, with_teacher: bool, seed: int, num_workers: int = 2,
                  val_batch_size: int | None = None, pin_memory: bool = False, group_by_length: bool = False):
         super().__init__()
-        self.data, self.negatives, self.collator, self.store_dir = data, negatives, collator, Path(store_dir)
+        self.source, self.negatives, self.collator, self.cache_dir = source, negatives, collator, cache_dir
         self.batch_size, self.num_negatives, self.with_teacher = batch_size, num_negatives, with_teacher
         self.seed, self.num_workers, self.pin_memory = seed, num_workers, pin_memory
         self.group_by_length = group_by_length
         self.val_batch_size = val_batch_size or 4 * batch_size
         self.store = None
 
-    def prepare_data(self):  # Lightning runs this on one process per node, before setup
-        from marco_lightning.data.store import prepare
+    @property
+    def store_dir(self) -> Path:
+        return store_path(self.cache_dir, self.source, self.negatives)
 
+    def prepare_data(self):  # Lightning runs this on one process per node, before setup
         if not (self.store_dir / "manifest.json").exists():
+            self.source.fetch_store_files()  # downloads (MS MARCO) change the store's name: ask store_dir again
             print(f"Preparing the data store (once): {self.store_dir}")
-            prepare(*store_inputs(self.data, self.negatives), self.store_dir)
+            prepare(self.source, negatives_inputs(self.negatives), self.store_dir)
 
     def setup(self, stage=None):
         if self.store is not None:
             return
-        from marco_lightning.data.store import Store
-
         self.store = Store(self.store_dir)
         self.train_set = TrainDataset(self.store, self.num_negatives, self.seed, self.with_teacher)
-        _, run, _ = validation_set(self.data)
-        self.val_set = RerankPairs(self.store, run, self.data.val_top_k)
+        _, run, _ = self.source.validation_set()
+        self.val_set = RerankPairs(self.store, run, self.source.val_top_k)
 
     def _rank(self):
         t = self.trainer

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from marco_lightning.data.formats import iter_qrels
-from marco_lightning.data.msmarco import iter_hard_negatives, iter_id_text, iter_teacher_score_chunks
+from marco_lightning.data.msmarco import iter_teacher_score_chunks
 from marco_lightning.data.negatives import SKIP_REASONS, skip_reasons, take_negatives
 
 FORMAT_VERSION = 1
@@ -243,65 +242,6 @@ def _membership(sorted_ids: np.ndarray):
     return lambda ids: _sorted_isin(np.asarray(ids), sorted_ids)
 
 
-def _config(data: Mapping, negatives: Mapping) -> tuple[dict, dict]:
-    """Plain, checked copies of the `data` and `negatives` settings (clear errors naming the key)."""
-    def path(key, required=True):
-        v = data.get(key)
-        if v is None:
-            if required:
-                raise ValueError(f"data.{key} is required (a path)")
-            return None
-        if not Path(str(v)).exists():
-            raise FileNotFoundError(f"data.{key}: {v} does not exist")
-        return str(Path(str(v)).resolve())
-
-    if data.get("kind") == "beir":
-        return _beir_config(data, negatives)
-    queries = data.get("queries")
-    if queries is None:
-        raise ValueError("data.queries is required (a path or a list of paths)")
-    queries = [queries] if isinstance(queries, (str, os.PathLike)) else list(queries)
-    inputs = {"collection": path("collection"), "queries": [], "train_qrels": path("train_qrels", False),
-              "train_queries": path("train_queries", False), "hard_negatives": path("hard_negatives"),
-              "teacher_scores": path("teacher_scores", False)}
-    for q in queries:
-        if not Path(str(q)).exists():
-            raise FileNotFoundError(f"data.queries: {q} does not exist")
-        inputs["queries"].append(str(Path(str(q)).resolve()))
-
-    return inputs, _negatives_config(negatives, inputs)
-
-
-def _beir_config(data: Mapping, negatives: Mapping) -> tuple[dict, dict]:
-    from marco_lightning.data.beir import BeirFolder
-
-    folder = BeirFolder.from_config(data)
-    hard_negatives = data.get("hard_negatives")
-    if not hard_negatives or not Path(str(hard_negatives)).is_file():
-        raise FileNotFoundError(f"data.hard_negatives={hard_negatives}: no mined negatives; run `python run.py "
-                                f"task=mine data=beir data.root={folder.root}` first")
-    teacher = data.get("teacher_scores")
-    inputs = {"format": "beir", "root": str(folder.root.resolve()), "splits": folder.settings(),
-              "hard_negatives": str(Path(str(hard_negatives)).resolve()),
-              "teacher_scores": str(Path(str(teacher)).resolve())
-              if teacher_scores_complete(teacher, hard_negatives) else None}
-    return inputs, _negatives_config(negatives, inputs)
-
-
-def teacher_scores_complete(path, hard_negatives) -> bool:
-    """task=score finished writing `path` for these mined negatives (its .json says so); a score file without a
-    .json was made elsewhere: taken as it is."""
-    from marco_lightning.data.formats import file_stamp
-
-    if not path or not Path(str(path)).is_file():
-        return False
-    meta = Path(str(path)).with_suffix(".json")
-    if not meta.is_file():
-        return True
-    meta = json.loads(meta.read_text())
-    return meta.get("complete", False) and meta["source"]["hard_negatives"] == file_stamp(hard_negatives)
-
-
 def _negatives_config(negatives: Mapping, inputs: dict) -> dict:
     systems = negatives.get("systems")
     if systems != "all":
@@ -319,12 +259,12 @@ def _negatives_config(negatives: Mapping, inputs: dict) -> dict:
             "require_positive": bool(negatives.get("require_positive", True))}
 
 
-def prepare(data: Mapping, negatives: Mapping, out_dir, force: bool = False) -> Path:
-    """Convert the MS MARCO files of `data` into a store at `out_dir`, with hard negatives chosen by `negatives`.
-
-    An existing store made from the same settings is reused; a different one is replaced only with force=True.
-    """
-    inputs, neg = _config(data, negatives)
+def prepare(source, negatives: Mapping, out_dir, force: bool = False) -> Path:
+    """Convert what `source` (a data.sources.Source) streams into a store at `out_dir`, with hard negatives chosen
+    by `negatives`. An existing store made from the same settings is reused; a different one is replaced only with
+    force=True."""
+    inputs = source.store_inputs()
+    neg = _negatives_config(negatives, inputs)
     out_dir = Path(out_dir).absolute()
     manifest = out_dir / "manifest.json"
     if manifest.is_file() and not force:
@@ -345,7 +285,7 @@ def prepare(data: Mapping, negatives: Mapping, out_dir, force: bool = False) -> 
     tmp.mkdir()
     try:
         start = time.time()
-        info = _build(inputs, neg, tmp)
+        info = _build(source, inputs, neg, tmp)
         info.update(format_version=FORMAT_VERSION, inputs=inputs, negatives=neg,
                     created=time.strftime("%Y-%m-%dT%H:%M:%S"), seconds=round(time.time() - start, 1))
         (tmp / "manifest.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -373,85 +313,7 @@ def _alive(pid: int) -> bool:
 
 
 
-# --- what a store is built from --------------------------------------------------------------------------------
-
-class MarcoSource:
-    """MS MARCO files: integer ids as the files have them."""
-
-    def __init__(self, inputs: dict):
-        self.inputs = inputs
-
-    def train_qrels(self):
-        return iter_qrels(self.inputs["train_qrels"]) if self.inputs["train_qrels"] else iter(())
-
-    def train_qids(self) -> set[int] | None:
-        path = self.inputs["train_queries"]
-        return {qid for qid, _ in _progress(iter_id_text(path), "train queries")} if path else None
-
-    def hard_negatives(self, dropped: Counter):
-        return iter_hard_negatives(self.inputs["hard_negatives"])
-
-    def passages(self):
-        return iter_id_text(self.inputs["collection"])
-
-    def queries(self):
-        return (p for q in self.inputs["queries"] for p in iter_id_text(q))
-
-    def teacher_score_chunks(self):
-        return iter_teacher_score_chunks(self.inputs["teacher_scores"])
-
-
-class BeirSource:
-    """A BEIR folder and what task=mine and task=score wrote for it: string ids, stored as rows (IdRows)."""
-
-    def __init__(self, inputs: dict):
-        from marco_lightning.data.beir import BeirFolder, IdRows
-
-        self.inputs = inputs
-        self.folder = BeirFolder(inputs["root"], **inputs["splits"])
-        self.rows = IdRows(self.folder)
-
-    def train_qrels(self):
-        q, p = self.rows.query_row, self.rows.passage_row
-        return ((q[qid], p[pid], g) for qid, docs in self.folder.qrels("train").items() for pid, g in docs.items())
-
-    def train_qids(self) -> set[int]:
-        return {self.rows.query_row[q] for q in self.folder.qrels("train")}
-
-    def hard_negatives(self, dropped: Counter):
-        q, p = self.rows.query_row, self.rows.passage_row
-        for qid, pos, lists in iter_hard_negatives(self.inputs["hard_negatives"], id_type=str):
-            if qid not in q:
-                dropped["hard_negatives_query_not_in_queries"] += 1
-                continue
-            known = [x for x in pos if x in p]
-            lists = {name: [p[x] for x in pids if x in p] for name, pids in lists.items()}
-            dropped["hard_negatives_unknown_passage"] += len(pos) - len(known)
-            yield q[qid], [p[x] for x in known], lists
-
-    def passages(self):
-        return ((row, text) for row, (_, text) in enumerate(self.folder.corpus()))
-
-    def queries(self):
-        return ((row, text) for row, text in enumerate(self.folder.queries.values()))
-
-    def teacher_score_chunks(self, chunk_size: int = 1 << 20):
-        from marco_lightning.data.beir import iter_pair_scores
-        from marco_lightning.data.msmarco import chunk_from_rows
-
-        q, p, rows = self.rows.query_row, self.rows.passage_row, []
-        for qid, pid, score in iter_pair_scores(self.inputs["teacher_scores"]):
-            if qid in q and pid in p:
-                rows.append((q[qid], p[pid], score))
-            if len(rows) == chunk_size:
-                yield chunk_from_rows(rows)
-                rows = []
-        if rows:
-            yield chunk_from_rows(rows)
-
-
-def _build(inputs: dict, neg: dict, out: Path) -> dict:
-    src = BeirSource(inputs) if inputs.get("format") == "beir" else MarcoSource(inputs)
+def _build(src, inputs: dict, neg: dict, out: Path) -> dict:
     teacher_name = Path(inputs["teacher_scores"]).name if inputs["teacher_scores"] else ""
     dropped, seconds, clock = Counter(), {}, [time.time()]
 

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from marco_lightning.config import ConfigError, check_files
+from marco_lightning.data.sources import build_source
 from marco_lightning.inference import compile_model
 
 MODES = ("score", "rerank", "retrieve")
@@ -29,39 +30,37 @@ def main(cfg: DictConfig) -> dict:
     task, out = cfg.task, Path(cfg.paths.output_dir)
     if task.mode not in MODES:
         raise ConfigError(f"task.mode={task.mode!r}: use one of {', '.join(MODES)}")
-    beir = cfg.data.get("kind") == "beir"
-    run_path = beir_run(cfg) if beir else task.run
+    split = build_source(cfg.data).split(task.split)  # the data's judged queries; task.* files override its files
+    run_path, queries, collection = task.run or split.run, task.queries or split.queries, \
+        task.collection or split.collection
     if task.mode != "retrieve" and not run_path:
         raise ConfigError(f"task.mode={task.mode} needs task.run=PATH (a TREC run file)")
     if task.mode != "retrieve" and not Path(run_path).is_file():
-        raise ConfigError(f"task.run: file not found: {run_path}" + (
-            f"\n  Mine it first: python run.py task=mine data=beir data.root={cfg.data.root}" if beir else ""))
-    check_files(cfg, (["task.qrels"] if not beir else [])
-                + (["task.queries", "task.collection"] if task.mode != "score" else []))
-    if beir:
-        from marco_lightning.data.beir import BeirFolder
-
-        qrels = BeirFolder.from_config(cfg.data).qrels(task.split or "test")
-    else:
-        qrels = read_qrels(task.qrels)
+        raise ConfigError(f"task.run: file not found: {run_path}" + split.hint)
+    check_files(cfg, ["task.qrels"] if task.qrels else [])
+    for key, path in (("task.queries", queries), ("task.collection", collection)) if task.mode != "score" else ():
+        if not Path(path).exists():
+            raise ConfigError(f"{key}: file not found: {path}\n  Fix the path (override {key}=...) or set "
+                              "data.root=DIR to the folder holding the files.")
+    qrels = read_qrels(task.qrels) if task.qrels else split.qrels()
     if task.mode == "score":
         run = read_run(run_path)
         lists = [docs for docs in run.values() if len(docs) > 1]
         if lists and all(unranked(docs) for docs in lists):
-            raise ConfigError(f"task.run={task.run} ranks no candidate above another (a top-1000 candidate file?): "
+            raise ConfigError(f"task.run={run_path} ranks no candidate above another (a top-1000 candidate file?): "
                               "scoring it would measure docid order; re-rank it (task.mode=rerank) or pass a scored run")
     else:
         model = load_model(cfg).to(device(task.device)).eval()
         if task.compile:
             compile_model(model)
-        queries = read_texts(task.queries)
+        queries = read_texts(queries)
         if task.mode == "rerank":
-            run = rerank(model, read_run(run_path), queries, task.collection, task.top_k, task.batch_size,
+            run = rerank(model, read_run(run_path), queries, collection, task.top_k, task.batch_size,
                          task.precision)
         else:
             from marco_lightning.retrieval import retrieve
 
-            run = retrieve(model, task.collection, {q: queries[q] for q in qrels if q in queries}, top_k=task.top_k,
+            run = retrieve(model, collection, {q: queries[q] for q in qrels if q in queries}, top_k=task.top_k,
                            index_dir=task.index.dir or out / "index", index_factory=task.index.factory,
                            batch_size=task.batch_size, precision=task.precision)
     metrics = compute_metrics(qrels, run, rel_level=task.rel_level, measures=tuple(task.measures))
@@ -70,15 +69,6 @@ def main(cfg: DictConfig) -> dict:
     print(format_table({task.name or task.mode: metrics}))
     print(f"Run folder: {out}  (run.trec, metrics.json)")
     return metrics
-
-
-def beir_run(cfg: DictConfig) -> str:
-    """The run a BEIR split is re-ranked or scored from: task.run when given, else the mined run of the split."""
-    from marco_lightning.config import _overridden_keys
-
-    if "task.run" in _overridden_keys():
-        return cfg.task.run
-    return str(Path(cfg.data.mined_dir) / "runs" / f"{cfg.task.split or 'test'}.{cfg.data.val_system}.trec")
 
 
 def device(name: str) -> torch.device:

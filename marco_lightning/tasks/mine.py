@@ -62,13 +62,12 @@ def load_system(entry: str, cfg: DictConfig, cache: Path):
 
 
 def main(cfg: DictConfig) -> dict:
-    from marco_lightning.data.beir import SPLITS, BeirFolder
+    from marco_lightning.data.beir import SPLITS
+    from marco_lightning.data.sources import build_source
     from marco_lightning.evaluation import compute_metrics, read_run, write_run
     from marco_lightning.mining import candidate_depth, select_negatives
 
-    if cfg.data.get("kind") != "beir":
-        raise ConfigError("task=mine mines a BEIR folder: add data=beir data.root=DIR (MS MARCO's hard negatives "
-                          "are published: data=msmarco downloads them)")
+    folder = build_source(cfg.data).mining_folder("mine")  # a BEIR folder (MS MARCO's negatives are published)
     task = cfg.task
     lo, hi = (list(task.range) + [None, None])[:2]
     lo = int(lo or 0)
@@ -80,7 +79,6 @@ def main(cfg: DictConfig) -> dict:
     if len(names) != len(task.systems):
         raise ConfigError(f"task.systems={list(task.systems)}: two entries share the name {sorted(names)}")
 
-    folder = BeirFolder.from_config(cfg.data)
     clock, seconds = time.time(), {}
     qrels = {s: folder.qrels(s) for s in SPLITS if s != "test" or folder.has_split_file(folder.split_names["test"])}
     queries = {q: folder.queries[q] for split in qrels.values() for q in split}

@@ -5,17 +5,15 @@ import json
 
 from omegaconf import DictConfig
 
-from marco_lightning.config import check_files
+from marco_lightning.data.datamodule import negatives_inputs, store_path
+from marco_lightning.data.sources import build_source
+from marco_lightning.data.store import prepare
 
 
 def main(cfg: DictConfig):
-    from marco_lightning.data.datamodule import STORE_KEYS, store_inputs, store_path
-    from marco_lightning.data.download import ensure_files
-    from marco_lightning.data.store import prepare
-
-    ensure_files(cfg.data, STORE_KEYS)  # the official files, when data.downloads lists them and they are missing
-    check_files(cfg, [f"data.{k}" for k in STORE_KEYS])
-    out = prepare(*store_inputs(cfg.data, cfg.negatives), store_path(cfg.paths.cache_dir, cfg.data, cfg.negatives),
+    source = build_source(cfg.data)
+    source.fetch_store_files()  # the official files, when data.downloads lists them and they are missing
+    out = prepare(source, negatives_inputs(cfg.negatives), store_path(cfg.paths.cache_dir, source, cfg.negatives),
                   force=cfg.task.force)
     print(f"Store: {out}")
     print(json.dumps(json.loads((out / "manifest.json").read_text()), indent=2))

@@ -59,12 +59,12 @@ def main(cfg: DictConfig) -> dict:
     from tqdm import tqdm
 
     from marco_lightning.data.formats import file_stamp
+    from marco_lightning.data.sources import build_source
     from marco_lightning.inference import compile_model, score
     from marco_lightning.retrieval import write_json
     from marco_lightning.tasks.evaluate import device, read_texts
 
-    if cfg.data.get("kind") != "beir":
-        raise ConfigError("task=score scores a mined BEIR folder: add data=beir data.root=DIR")
+    build_source(cfg.data).mining_folder("score")  # a mined BEIR folder (MS MARCO's teacher scores are published)
     mined = Path(cfg.data.hard_negatives)
     if not mined.is_file():
         raise ConfigError(f"data.hard_negatives={mined}: not found; run `python run.py task=mine data=beir "

@@ -5,10 +5,10 @@ import json
 import os
 from pathlib import Path
 
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from marco_lightning.config import ConfigError, check_files, check_training_config
+from marco_lightning.config import ConfigError, check_training_config
 
 
 def main(cfg: DictConfig) -> dict:
@@ -16,8 +16,8 @@ def main(cfg: DictConfig) -> dict:
     import pytorch_lightning as pl
 
     from marco_lightning.checkpointing import AtomicCheckpointIO
-    from marco_lightning.data.datamodule import STORE_KEYS, MarcoDataModule, store_path, validation_set
-    from marco_lightning.data.download import ensure_files
+    from marco_lightning.data.datamodule import store_path
+    from marco_lightning.data.sources import build_source
     from marco_lightning.loggers import build_callbacks, build_loggers
     from marco_lightning.losses import negatives_per_query
     from marco_lightning.module import RetrieverModule
@@ -31,29 +31,22 @@ def main(cfg: DictConfig) -> dict:
                           "checkpoint (conf/callbacks/default.yaml, callbacks.checkpoint)")
     run_dir = Path(cfg.paths.output_dir)
     print(f"Run folder: {run_dir}")
-    beir = cfg.data.get("kind") == "beir"
-    if beir:
-        check_beir_inputs(cfg)
-    else:
-        ensure_files(cfg.data, ["val_qrels", "val_run"])  # downloads what data.downloads lists, if missing
-        check_files(cfg, ["data.val_qrels", "data.val_run"])
-    store_dir = store_path(cfg.paths.cache_dir, cfg.data, cfg.negatives)
-    if not beir and not (store_dir / "manifest.json").exists():  # the raw files are needed only to build the store
-        ensure_files(cfg.data, STORE_KEYS)
-        check_files(cfg, [f"data.{k}" for k in STORE_KEYS])
-        store_dir = store_path(cfg.paths.cache_dir, cfg.data, cfg.negatives)  # downloads change the digest
+    source = build_source(cfg.data)
+    source.check(needs_teacher=get_class(cfg.loss._target_).needs_teacher)
+    if not (store_path(cfg.paths.cache_dir, source, cfg.negatives) / "manifest.json").exists():
+        source.fetch_store_files()  # the raw files are needed only to build the store: missing ones fail now
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     model, loss = instantiate(cfg.model), instantiate(cfg.loss)
     start = starting_model(cfg, model) if cfg.task.validate_before else None
-    datamodule = MarcoDataModule(cfg.data, cfg.negatives, model.collator(), store_dir, batch_size=cfg.batch_size,
-                                 num_negatives=cfg.num_negatives, with_teacher=loss.needs_teacher, seed=cfg.seed,
-                                 num_workers=cfg.num_workers, pin_memory=cfg.trainer.accelerator in ("gpu", "cuda"),
-                                 group_by_length=cfg.group_by_length)
-    val_qrels, _, ids = validation_set(cfg.data)
+    # partial, then called: instantiate would turn the collator (a dataclass) into a config node
+    datamodule = instantiate(cfg.datamodule, _partial_=True)(
+        source=source, negatives=cfg.negatives, collator=model.collator(), with_teacher=loss.needs_teacher,
+        pin_memory=cfg.trainer.accelerator in ("gpu", "cuda"))
+    val_qrels, _, ids = source.validation_set()
     grad_cache = cfg.get("mini_batch_size")
     # both modules validate alike; the resolved config goes into every checkpoint (a .ckpt says how it was made)
-    shared = {"val_qrels": val_qrels, "val_rel_level": cfg.data.val_rel_level, "val_ids": ids,
+    shared = {"val_qrels": val_qrels, "val_rel_level": source.val_rel_level, "val_ids": ids,
               "config": OmegaConf.to_container(cfg, resolve=True)}
     module = RetrieverModule(model, loss, instantiate(cfg.optimizer), cfg.scheduler.warmup_steps, **shared,
                              mini_batch_size=grad_cache,
@@ -75,7 +68,7 @@ def main(cfg: DictConfig) -> dict:
               f"each query is scored against {batch_info['negatives_per_query']} negatives")
 
     try:
-        metrics = fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, run_dir, ids)
+        metrics = fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, run_dir)
     except BaseException:
         finish_wandb(trainer, exit_code=1)  # marked failed, its files flushed, whatever went wrong
         raise
@@ -83,7 +76,7 @@ def main(cfg: DictConfig) -> dict:
     return metrics
 
 
-def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, run_dir, ids=None) -> dict:
+def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, run_dir) -> dict:
     from marco_lightning.checkpointing import resolve_ckpt_path
     from marco_lightning.evaluation import compute_metrics, format_table, read_run, write_run
     from marco_lightning.loggers import print_run_summary
@@ -115,14 +108,14 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
                   "model's own similarity (README \"Results\").")
     if trainer.is_global_zero:
         write_run(named(module.last_val_run), run_dir / "val_run.trec", tag=f"marco-lightning-{run_dir.name}")
-        if ids is not None:
-            metrics["mining"] = mining_settings(cfg)
+        source = datamodule.source
+        metrics.update(source.run_record())
         metrics["best_checkpoint"] = os.path.relpath(checkpoint.best_model_path, run_dir) \
             if checkpoint.best_model_path else None
-        if cfg.data.get("val_teacher_run"):
-            metrics["teacher"] = compute_metrics(judged, read_run(cfg.data.val_teacher_run),
-                                                 rel_level=cfg.data.val_rel_level, measures=module.val_measures)
-        export(cfg, module.model, metrics, trainer.global_step, run_dir / "final_model")
+        if source.val_teacher_run:
+            metrics["teacher"] = compute_metrics(judged, read_run(source.val_teacher_run),
+                                                 rel_level=source.val_rel_level, measures=module.val_measures)
+        export(cfg, source, module.model, metrics, trainer.global_step, run_dir / "final_model")
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         print(format_table({k: metrics[k] for k in ("before", "after", "teacher") if k in metrics}))
         print_run_summary(cfg, run_dir)
@@ -131,7 +124,7 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
     return metrics
 
 
-def export(cfg, model, metrics: dict, steps: int, path) -> None:
+def export(cfg, source, model, metrics: dict, steps: int, path) -> None:
     """final_model/ with a model card that says how it was made; never from non-finite weights."""
     from marco_lightning.model_card import card_data, training_section
 
@@ -140,7 +133,7 @@ def export(cfg, model, metrics: dict, steps: int, path) -> None:
     card_data(model, cfg)
     model.save(path)
     with open(path / "README.md", "a", encoding="utf-8") as card:
-        card.write(training_section(cfg, metrics, steps))
+        card.write(training_section(cfg, source, metrics, steps))
 
 
 def push_to_hub(repo_id: str, path) -> None:
@@ -179,33 +172,3 @@ def checkpoint_step(path: str) -> int | None:
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"] if path else None
-
-
-def check_beir_inputs(cfg: DictConfig) -> None:
-    """A BEIR folder trains on what task=mine (and task=score, for distillation) wrote: say which to run."""
-    from hydra.utils import get_class
-
-    from marco_lightning.config import ConfigError
-    from marco_lightning.data.store import teacher_scores_complete
-
-    root = cfg.data.root
-    for key, task in (("hard_negatives", "mine"), ("val_run", "mine"), ("teacher_scores", "score")):
-        path = cfg.data.get(key)
-        if key == "teacher_scores" and not get_class(cfg.loss._target_).needs_teacher:
-            continue
-        if not path or not Path(path).is_file() or (
-                key == "teacher_scores" and not teacher_scores_complete(path, cfg.data.hard_negatives)):
-            hint = (f" (data.val_system={cfg.data.val_system}: the mined system whose val run is re-ranked; it "
-                    "must be one of task=mine's task.systems)" if key == "val_run" else "")
-            raise ConfigError(f"data.{key}={path}: not found, not complete or made for other mined negatives; run "
-                              f"`python run.py task={task} data=beir data.root={root}` (it resumes; README "
-                              f"\"Your own collection\"){hint}")
-
-
-def mining_settings(cfg: DictConfig) -> dict | None:
-    """What task=mine chose and filtered (its manifest), recorded with the metrics of the model trained on it."""
-    manifest = Path(cfg.data.mined_dir) / "manifest.json"
-    if not manifest.is_file():
-        return None
-    m = json.loads(manifest.read_text())
-    return {k: m.get(k) for k in ("selection", "skipped", "systems")}
