@@ -24,26 +24,15 @@ BEIR_STORE_KEYS = ("kind", "root", "train_split", "val_split", "test_split", "va
                    "teacher_scores")
 
 
-# Short names for the mining systems of msmarco-hard-negatives.jsonl.gz (and of the committed sample).
-SYSTEM_ALIASES = {
-    "tas_b": "msmarco-distilbert-base-tas-b", "distilbert_v3": "msmarco-distilbert-base-v3",
-    "minilm_v3": "msmarco-MiniLM-L-6-v3", "margin_mse_cls_dot_v1": "distilbert-margin_mse-cls-dot-v1",
-    "margin_mse_cls_dot_v2": "distilbert-margin_mse-cls-dot-v2",
-    "margin_mse_mean_dot_v1": "distilbert-margin_mse-mean-dot-v1", "mpnet_margin_mse": "mpnet-margin_mse-mean-v1",
-    "co_condenser": "co-condenser-margin_mse-cls-v1", "mnrl_mean_v1": "distilbert-margin_mse-mnrl-mean-v1",
-    "sym_mnrl_mean_v1": "distilbert-margin_mse-sym_mnrl-mean-v1",
-    "sym_mnrl_mean_v2": "distilbert-margin_mse-sym_mnrl-mean-v2",
-    "co_condenser_sym_mnrl": "co-condenser-margin_mse-sym_mnrl-mean-v1",
-    "bm25_rm3": "bm25-rm3", "ada2": "openai-ada2", "splade_pp": "splade-pp-ed",  # systems of data=sample
-}
-
-
 def store_inputs(data: DictConfig, negatives: DictConfig) -> tuple[dict, dict]:
     plain = OmegaConf.to_container(data, resolve=True)
     data_in = {k: plain.get(k) for k in (BEIR_STORE_KEYS if plain.get("kind") == "beir" else STORE_KEYS)}
     neg = OmegaConf.to_container(negatives, resolve=True)
+    # negatives.aliases (conf/negatives/bm25.yaml): short names of the hard-negatives file's systems. The store is
+    # keyed by the full names they stand for, not by the map: a new alias changes no store.
+    aliases = neg.pop("aliases", None) or {}
     if neg["systems"] != "all":
-        neg["systems"] = [SYSTEM_ALIASES.get(s, s) for s in neg["systems"]]
+        neg["systems"] = [aliases.get(s, s) for s in neg["systems"]]
     return data_in, neg
 
 
