@@ -3,12 +3,33 @@ among them as sentence-transformers' `util.mine_hard_negatives` makes it."""
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 Ranking = tuple[list[str], list[float]]  # passage ids best first, and their scores
+
+
+class Searcher(Protocol):
+    """A negative source of task=mine: what an entry of `task.systems` builds (tasks/mine.build_system, from its
+    `_target_`). BM25 and Dense are two; a class of your own needs only these two methods.
+
+    cache_dir: a folder holding `meta.json`, what the results depend on (collection, weights, library version):
+    task=mine reuses the system's runs while it is unchanged. None, or no meta.json: searched again on every run.
+    """
+
+    cache_dir: Path | None
+
+    def search(self, queries: dict[str, str], k: int) -> dict[str, Ranking]:
+        """qid -> up to k (passage ids best first, their scores); a query may get fewer candidates, or none."""
+
+    def pair_scores(self, qid: str, query: str, rows: list[int]) -> list[float]:
+        """This system's scores of the query against passages given by their rows (0-based, collection file
+        order): the positives missing from its ranking, for the margins (task.relative_margin, absolute_margin).
+        Called after `search`, or on its own when the runs were reused."""
 
 
 def select_negatives(ranked: list[str], scores: list[float], positives: list[str], positive_scores: list[float],
@@ -118,3 +139,26 @@ class Dense:
         if qid not in self._queries:  # runs reused from an earlier task=mine: this query was not encoded now
             self._queries[qid] = encode(self.model, [query], 1, self.precision)[0]
         return [float(self._queries[qid] @ self.index.reconstruct(int(r))) for r in rows]
+
+
+def dense(model, collection, cache_root, batch_size: int = 64, device="cpu", precision: str = "auto",
+          compile: bool = False) -> Dense:
+    """The bi-encoder systems of task.systems (`model`, a sentence-transformers folder or hub id): Dense with `model`
+    (a folder or hub id, or a built bi-encoder: a `_target_` node is built first) on `device`, compiled with
+    task.compile, its collection embeddings in cache_root/dense-<digest of its weights> (whatever name it has)."""
+    from marco_lightning.config import ConfigError
+    from marco_lightning.retrieval import model_fingerprint
+
+    if isinstance(model, (str, os.PathLike)):
+        from marco_lightning.models import BiEncoder
+
+        model = BiEncoder(str(model))
+    if getattr(model, "kind", None) != "bi":
+        raise ConfigError(f"task.systems: marco_lightning.mining.dense searches with a bi-encoder, but its model is "
+                          f"a {type(model).__name__} (kind {getattr(model, 'kind', None)!r}); give it a bi-encoder")
+    model = model.to(device)
+    if compile:
+        from marco_lightning.inference import compile_model
+
+        compile_model(model)
+    return Dense(model, collection, Path(cache_root) / f"dense-{model_fingerprint(model)[:12]}", batch_size, precision)

@@ -19,25 +19,14 @@ from marco_lightning.data.sampling import (
 )
 from marco_lightning.data.store import Store, prepare
 
-# Short names for the mining systems of msmarco-hard-negatives.jsonl.gz (and of the committed sample).
-SYSTEM_ALIASES = {
-    "tas_b": "msmarco-distilbert-base-tas-b", "distilbert_v3": "msmarco-distilbert-base-v3",
-    "minilm_v3": "msmarco-MiniLM-L-6-v3", "margin_mse_cls_dot_v1": "distilbert-margin_mse-cls-dot-v1",
-    "margin_mse_cls_dot_v2": "distilbert-margin_mse-cls-dot-v2",
-    "margin_mse_mean_dot_v1": "distilbert-margin_mse-mean-dot-v1", "mpnet_margin_mse": "mpnet-margin_mse-mean-v1",
-    "co_condenser": "co-condenser-margin_mse-cls-v1", "mnrl_mean_v1": "distilbert-margin_mse-mnrl-mean-v1",
-    "sym_mnrl_mean_v1": "distilbert-margin_mse-sym_mnrl-mean-v1",
-    "sym_mnrl_mean_v2": "distilbert-margin_mse-sym_mnrl-mean-v2",
-    "co_condenser_sym_mnrl": "co-condenser-margin_mse-sym_mnrl-mean-v1",
-    "bm25_rm3": "bm25-rm3", "ada2": "openai-ada2", "splade_pp": "splade-pp-ed",  # systems of data=sample
-}
-
-
-def negatives_inputs(negatives: DictConfig) -> dict:
-    """The negatives settings with the systems' short names resolved (what a store's content depends on)."""
+def negatives_inputs(negatives) -> dict:
+    """The negatives settings with the systems' short names resolved: what a store's content depends on.
+    negatives.aliases (conf/negatives/bm25.yaml) are short names of the hard-negatives file's systems; the store is
+    keyed by the full names they stand for, not by the map: a new alias changes no store."""
     neg = OmegaConf.to_container(negatives, resolve=True) if OmegaConf.is_config(negatives) else dict(negatives)
+    aliases = neg.pop("aliases", None) or {}
     if neg["systems"] != "all":
-        neg["systems"] = [SYSTEM_ALIASES.get(s, s) for s in neg["systems"]]
+        neg["systems"] = [aliases.get(s, s) for s in neg["systems"]]
     return neg
 
 

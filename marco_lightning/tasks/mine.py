@@ -17,48 +17,123 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from omegaconf import DictConfig
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
 
 from marco_lightning.config import ConfigError
 
+# What task=mine hands a system's _target_ when its signature names it (a node in YAML stays short):
+SETTINGS = ("collection",  # data.collection (BEIR: corpus.jsonl)
+            "cache_dir",   # data.mined_dir/cache/<name>: a folder of the system's own
+            "cache_root",  # data.mined_dir/cache: shared (Dense keeps encodings by weights there, whatever the name)
+            "batch_size", "device", "precision", "compile")  # task.*; device resolved (auto: cuda when available)
+SPELLINGS = ("bm25, model (the model= bi-encoder), a sentence-transformers folder or hub id, or a node "
+             "{_target_: CLASS, name: NAME, ...} whose class has search(queries, k) and pair_scores(qid, query, rows) "
+             "(marco_lightning.mining.Searcher)")
+DENSE = "marco_lightning.mining.dense"
 
-def system_name(entry: str, cfg: DictConfig) -> str:
-    """`bm25`, or a short name for a bi-encoder (its folder or hub name): the key in hard-negatives.jsonl.gz."""
-    if entry == "bm25":
-        return entry
-    source = cfg.model.backbone if entry == "model" else entry
+
+def _short_name(source) -> str:
+    """A bi-encoder's folder or hub name, as a file name can carry it."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(source).rstrip("/")).name) or "model"
 
 
-def load_system(entry: str, cfg: DictConfig, cache: Path):
-    from marco_lightning.mining import BM25, Dense
+def system_node(entry, cfg: DictConfig) -> dict:
+    """One entry of task.systems as the node that builds it, its `name` filled in: the system's key in
+    hard-negatives.jsonl.gz and in runs/<split>.<name>.trec. The short spellings: `bm25` -> mining.BM25 (name bm25);
+    `model` -> mining.dense over the model= bi-encoder, any other string -> mining.dense over that folder or hub id
+    (named by the folder or hub name). A node (a mapping with `_target_`) is taken as given; without a `name` it is
+    named by its `model` (a folder, hub id or model node's backbone) if it has one, else by its _target_'s last
+    part, lower-cased (mining.BM25: bm25)."""
+    if isinstance(entry, str):
+        if entry == "bm25":
+            return {"_target_": "marco_lightning.mining.BM25", "name": "bm25"}
+        if entry == "model":
+            if get_class(cfg.model._target_).kind != "bi":
+                raise ConfigError(f"task.systems: 'model' mines with the model= bi-encoder, but {cfg.model._target_} "
+                                  "is a cross-encoder; list a bi-encoder path or hub id instead")
+            return {"_target_": DENSE, "model": OmegaConf.to_container(cfg.model, resolve=True),
+                    "name": _short_name(cfg.model.backbone)}
+        return {"_target_": DENSE, "model": entry, "name": _short_name(entry)}
+    node = OmegaConf.to_container(entry, resolve=True) if OmegaConf.is_config(entry) else entry
+    if not isinstance(node, dict) or not isinstance(node.get("_target_"), str):
+        raise ConfigError(f"task.systems: {node!r} is neither a name nor a node with a _target_; an entry is "
+                          f"{SPELLINGS}")
+    node = dict(node)
+    if node.get("name") is None:
+        model = node.get("model")
+        node["name"] = (_short_name(model.get("backbone", "model") if isinstance(model, dict) else model)
+                        if model is not None else node["_target_"].rsplit(".", 1)[-1].lower())
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", str(node["name"])):
+        raise ConfigError(f"task.systems: name {node['name']!r} ({node['_target_']}): a system's name is part of "
+                          "file names (runs/<split>.<name>.trec): letters, digits, '.', '_' and '-' only")
+    node["name"] = str(node["name"])
+    return node
 
-    collection = cfg.data.collection
-    if entry == "bm25":
-        return BM25(collection, cache / "bm25")
-    from hydra.utils import get_class, instantiate
 
-    from marco_lightning.models import BiEncoder
-    from marco_lightning.retrieval import model_fingerprint
+def _settings_taken(node: dict) -> list[str]:
+    """The SETTINGS the node's target takes and the node does not set; or a ConfigError naming task.systems: a
+    _target_ that cannot be imported, a class without search / pair_scores, options its signature lacks."""
+    import inspect
+
+    from hydra.utils import get_method
+
+    where = f"task.systems: {node['name']} (_target_ {node['_target_']})"
+    try:
+        target = get_method(node["_target_"])
+    except (ImportError, ValueError) as e:  # hydra's message names the module or attribute it missed
+        raise ConfigError(f"{where} cannot be imported: {e}\n  An entry is {SPELLINGS}") from None
+    if inspect.isclass(target):
+        _check_methods(target, where)
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: give it what the node says
+        return []
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    given = [k for k in node if not k.startswith("_") and k != "name"]
+    offered = [k for k in SETTINGS if (takes_any or k in params) and k not in given]
+    if "_args_" not in node:
+        try:
+            inspect.signature(target).bind(**dict.fromkeys(given + offered))
+        except TypeError as e:
+            raise ConfigError(f"{where}: {e}; it takes: {', '.join(params)} (task=mine passes those of "
+                              f"{', '.join(SETTINGS)} it names, the node the others)") from None
+    return offered
+
+
+def _check_methods(obj, where: str) -> None:
+    missing = [m for m in ("search", "pair_scores") if not callable(getattr(obj, m, None))]
+    if missing:
+        what = obj.__qualname__ if isinstance(obj, type) else f"what it builds ({type(obj).__qualname__})"
+        raise ConfigError(f"{where}: {what} has no {' or '.join(missing)}; a negative source has search(queries, k) "
+                          "and pair_scores(qid, query, rows) (marco_lightning.mining.Searcher)")
+
+
+def build_system(node: dict, cfg: DictConfig, cache: Path):
+    """The Searcher of one system_node: hydra's instantiate of the node (nested `_target_` nodes, the model=
+    bi-encoder among them, built too), given the SETTINGS its target names."""
+    import torch
+    from hydra.utils import instantiate
+
     from marco_lightning.tasks.evaluate import device
 
-    if entry == "model":
-        if get_class(cfg.model._target_).kind != "bi":
-            raise ConfigError(f"task.systems: 'model' mines with the model= bi-encoder, but {cfg.model._target_} "
-                              "is a cross-encoder; list a bi-encoder path or hub id instead")
-        import torch
+    node = dict(node)
+    name = node.pop("name")
+    offered = _settings_taken({**node, "name": name})
+    settings = {"collection": cfg.data.collection, "cache_dir": Path(cache) / name, "cache_root": Path(cache),
+                "batch_size": int(cfg.task.batch_size), "device": device(cfg.task.device),
+                "precision": cfg.task.precision, "compile": bool(cfg.task.compile)}
+    if "cache_dir" in offered:
+        settings["cache_dir"].mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)  # a random_init model (the tests') is the same model on every run
+    system = instantiate(node, **{k: settings[k] for k in offered})
+    _check_methods(system, f"task.systems: {name} (_target_ {node['_target_']})")
+    return system
 
-        torch.manual_seed(cfg.seed)  # a random_init model (the tests') is the same model on every run
-        model = instantiate(cfg.model)
-    else:
-        model = BiEncoder(entry)
-    model = model.to(device(cfg.task.device))
-    if cfg.task.compile:
-        from marco_lightning.inference import compile_model
 
-        compile_model(model)
-    return Dense(model, collection, cache / f"dense-{model_fingerprint(model)[:12]}", cfg.task.batch_size,
-                 cfg.task.precision)
+def load_system(entry, cfg: DictConfig, cache: Path):
+    """The Searcher an entry of task.systems names (README "Your own collection")."""
+    return build_system(system_node(entry, cfg), cfg, cache)
 
 
 def main(cfg: DictConfig) -> dict:
@@ -75,9 +150,14 @@ def main(cfg: DictConfig) -> dict:
     if int(task.depth) < 1 or lo < 0 or (hi is not None and int(hi) <= lo):
         raise ConfigError(f"task.depth={task.depth}, task.range=[{lo}, {hi}]: need depth >= 1 and "
                           "0 <= range_min < range_max")
-    names = {system_name(e, cfg): e for e in task.systems}
-    if len(names) != len(task.systems):
-        raise ConfigError(f"task.systems={list(task.systems)}: two entries share the name {sorted(names)}")
+    names = {}  # name -> (the entry as given: runs are reused for the same entry, node)
+    for entry in task.systems:
+        node = system_node(entry, cfg)
+        if node["name"] in names:
+            raise ConfigError(f"task.systems={list(task.systems)}: two entries share the name {node['name']!r} "
+                              "(give one a `name:`)")
+        _settings_taken(node)  # a wrong _target_ or option fails now, before any reading or encoding
+        names[node["name"]] = (entry if isinstance(entry, str) else node, node)
 
     clock, seconds = time.time(), {}
     qrels = {s: folder.qrels(s) for s in SPLITS if s != "test" or folder.has_split_file(folder.split_names["test"])}
@@ -91,16 +171,17 @@ def main(cfg: DictConfig) -> dict:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     cache = out / "cache"
     runs, scorers, summary = {}, {}, {}
-    for name, entry in names.items():
+    for name, (entry, node) in names.items():
         clock = time.time()
-        system = load_system(entry, cfg, cache)
+        system = build_system(node, cfg, cache)
         # a system's runs are reused when made by this system (its cache key: weights, collection) at this depth
-        stamp = {"system": entry, "meta": json.loads((system.cache_dir / "meta.json").read_text()), "depth": depth,
+        stamp = {"system": entry, "meta": _cache_key(system), "depth": depth,
                  "queries": hashlib.sha1(json.dumps([sorted(queries.items()), {s: sorted(qrels[s]) for s in qrels}])
                                          .encode()).hexdigest()}  # which query is in which split, too
         stamp_path = out / "runs" / f"{name}.json"
         files = {s: out / "runs" / f"{s}.{name}.trec" for s in qrels}
-        if stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp and all(p.exists() for p in files.values()):
+        if stamp["meta"] is not None and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp and all(
+                p.exists() for p in files.values()):
             ranked = {q: _ranking(docs) for s in qrels for q, docs in read_run(files[s]).items()}
         else:
             stamp_path.unlink(missing_ok=True)
@@ -159,6 +240,12 @@ def main(cfg: DictConfig) -> dict:
     print(f"Mined: {path} ({len(qrels['train'])} training queries; negatives per system {dict(counts)}; "
           f"margin skips {manifest['skipped']})\nRuns: {out / 'runs'}")
     return manifest
+
+
+def _cache_key(system):
+    """The system's cache_dir/meta.json (mining.Searcher), or None: nothing says its runs are still valid."""
+    meta = Path(system.cache_dir) / "meta.json" if getattr(system, "cache_dir", None) else None
+    return json.loads(meta.read_text()) if meta is not None and meta.is_file() else None
 
 
 def _ranking(docs: dict[str, float]):
