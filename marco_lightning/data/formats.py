@@ -17,10 +17,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-
-class DataFormatError(ValueError):
-    """A data file does not have the expected format."""
-
+from marco_lightning.errors import DataFormatError  # defined at the bottom floor, re-exported here
 
 GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)  # a truncated or corrupt .gz
 
