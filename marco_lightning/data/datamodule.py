@@ -65,7 +65,7 @@ def store_path(cache_dir: str, data: DictConfig, negatives: DictConfig) -> Path:
 def validation_set(data: DictConfig):
     """(qrels, run, ids) of the validation queries, keyed as the store keys them: MS MARCO ids, or for a BEIR
     folder its rows (`ids`, an IdRows, maps them back to the folder's ids; None for MS MARCO)."""
-    from marco_lightning.evaluation import read_qrels, read_run
+    from marco_lightning.data.trec import read_qrels, read_run
 
     ids = None
     if data.get("kind") == "beir":

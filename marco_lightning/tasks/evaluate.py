@@ -17,14 +17,8 @@ MODES = ("score", "rerank", "retrieve")
 
 
 def main(cfg: DictConfig) -> dict:
-    from marco_lightning.evaluation import (
-        compute_metrics,
-        format_table,
-        read_qrels,
-        read_run,
-        unranked,
-        write_run,
-    )
+    from marco_lightning.data.trec import read_qrels, read_run, unranked, write_run
+    from marco_lightning.evaluation import compute_metrics, format_table
 
     task, out = cfg.task, Path(cfg.paths.output_dir)
     if task.mode not in MODES:
@@ -114,7 +108,7 @@ def read_texts(path, keep=None) -> dict[str, str]:
 
 def rerank(model, run, queries, collection, top_k: int, batch_size: int,
            precision: str = "auto") -> dict[str, dict[str, float]]:
-    from marco_lightning.evaluation import top_candidates
+    from marco_lightning.data.trec import top_candidates
     from marco_lightning.inference import score
 
     rows = [(qid, pid) for qid, docs in run.items() if qid in queries

@@ -63,7 +63,8 @@ def load_system(entry: str, cfg: DictConfig, cache: Path):
 
 def main(cfg: DictConfig) -> dict:
     from marco_lightning.data.beir import SPLITS, BeirFolder
-    from marco_lightning.evaluation import compute_metrics, read_run, write_run
+    from marco_lightning.data.trec import read_run, write_run
+    from marco_lightning.evaluation import compute_metrics
     from marco_lightning.mining import candidate_depth, select_negatives
 
     if cfg.data.get("kind") != "beir":
