@@ -52,7 +52,8 @@ class BM25:
         import bm25s
         import Stemmer
 
-        from marco_lightning.data.formats import file_stamp, iter_collection
+        from marco_lightning.data.formats import file_stamp
+        from marco_lightning.data.texts import iter_collection
         from marco_lightning.retrieval import _progress, collection_ids
 
         logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs each step at DEBUG

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from marco_lightning.config import ConfigError, check_files
+from marco_lightning.data.texts import read_texts
 from marco_lightning.inference import compile_model
 
 MODES = ("score", "rerank", "retrieve")
@@ -97,13 +98,6 @@ def load_model(cfg: DictConfig):
     trained = {"similarity": ckpt.get("similarity"), "max_doc_length": ckpt.get("max_seq_length")}
     model = instantiate(cfg.model, **{k: v for k, v in trained.items() if v and k in cfg.model})
     return load_checkpoint_weights(model, path)
-
-
-def read_texts(path, keep=None) -> dict[str, str]:
-    """id -> text of a collection or queries file (MS MARCO tsv, BEIR jsonl), only the ids in `keep` if given."""
-    from marco_lightning.data.formats import iter_collection
-
-    return {i: t for i, t in iter_collection(path) if keep is None or i in keep}
 
 
 def rerank(model, run, queries, collection, top_k: int, batch_size: int,

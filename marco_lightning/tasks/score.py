@@ -59,9 +59,10 @@ def main(cfg: DictConfig) -> dict:
     from tqdm import tqdm
 
     from marco_lightning.data.formats import file_stamp
+    from marco_lightning.data.texts import read_texts
     from marco_lightning.inference import compile_model, score
     from marco_lightning.retrieval import write_json
-    from marco_lightning.tasks.evaluate import device, read_texts
+    from marco_lightning.tasks.evaluate import device
 
     if cfg.data.get("kind") != "beir":
         raise ConfigError("task=score scores a mined BEIR folder: add data=beir data.root=DIR")
