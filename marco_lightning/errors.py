@@ -4,7 +4,8 @@ A `UserError` is a refusal: its message is one sentence naming the config key or
 do about it, and that sentence is all the user needs. run.py prints it alone and exits with status 2
 (HYDRA_FULL_ERROR=1 shows the stack too); any other exception is a bug and keeps its traceback.
 
-The bottom floor (ARCHITECTURE.md): any module may raise these, and this one imports nothing.
+The bottom floor (ARCHITECTURE.md): any module may raise these, and this one imports nothing. Kinds that belong to
+one module subclass UserError there: data.download.DownloadError, module.NonFiniteLossError.
 """
 
 
