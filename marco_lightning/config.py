@@ -7,13 +7,11 @@ from pathlib import Path
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from marco_lightning.errors import ConfigError  # defined at the bottom floor, re-exported here
+
 ROOT = Path(__file__).resolve().parents[1]
 OmegaConf.register_new_resolver("marco_root", lambda: str(ROOT), replace=True)
 OmegaConf.register_new_resolver("basename", lambda path: Path(str(path)).name, replace=True)  # data=beir names
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def resolve_similarity(cfg: DictConfig) -> str | None:

@@ -73,7 +73,8 @@ class BM25:
         import bm25s
         import Stemmer
 
-        from marco_lightning.data.formats import file_stamp, iter_collection
+        from marco_lightning.data.formats import file_stamp
+        from marco_lightning.data.texts import iter_collection
         from marco_lightning.retrieval import _progress, collection_ids
 
         logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs each step at DEBUG
@@ -146,7 +147,7 @@ def dense(model, collection, cache_root, batch_size: int = 64, device="cpu", pre
     """The bi-encoder systems of task.systems (`model`, a sentence-transformers folder or hub id): Dense with `model`
     (a folder or hub id, or a built bi-encoder: a `_target_` node is built first) on `device`, compiled with
     task.compile, its collection embeddings in cache_root/dense-<digest of its weights> (whatever name it has)."""
-    from marco_lightning.config import ConfigError
+    from marco_lightning.errors import ConfigError
     from marco_lightning.retrieval import model_fingerprint
 
     if isinstance(model, (str, os.PathLike)):

@@ -8,12 +8,13 @@ import torch
 import torch.distributed as dist
 from transformers import get_linear_schedule_with_warmup
 
+from marco_lightning.errors import UserError
 from marco_lightning.evaluation import DEFAULT_MEASURES, compute_metrics
 from marco_lightning.models import pair_similarity
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
+class NonFiniteLossError(UserError, FloatingPointError):
+    """Training diverged; the message says which settings to change."""
 
 
 class RetrieverModule(pl.LightningModule):

@@ -40,7 +40,7 @@ def _progress(**kwargs):
 
 def collection_ids(collection, cache_dir: Path) -> np.ndarray:
     """The passage ids of `collection` in file order (strings), read once into `cache_dir/ids.npy`."""
-    from marco_lightning.data.formats import iter_collection
+    from marco_lightning.data.texts import iter_collection
 
     path = cache_dir / "ids.npy"
     if not path.exists():
@@ -65,7 +65,8 @@ def encode_collection(model, collection, cache_dir, batch_size: int = 64,
     Each chunk is flushed before `progress.json` counts it, so a run killed mid-way resumes at its last complete
     chunk; a different model or collection starts afresh. Peak memory: one chunk of texts and vectors.
     """
-    from marco_lightning.data.formats import file_stamp, iter_collection
+    from marco_lightning.data.formats import file_stamp
+    from marco_lightning.data.texts import iter_collection
 
     cache_dir = Path(cache_dir)
     meta = {"collection": file_stamp(collection), "model": model_fingerprint(model), "dim": model.dim,

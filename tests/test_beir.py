@@ -161,7 +161,7 @@ def _mine(root, *extra):
 
 
 def test_mine_writes_the_seed_layout_and_runs_with_the_folders_ids(tmp_path):
-    from marco_lightning.evaluation import read_run
+    from marco_lightning.data.trec import read_run
 
     root = make_folder(tmp_path / "f")
     r = _mine(root)
@@ -259,7 +259,8 @@ def _assert_equals_sentence_transformers(root, model_dir, eval_dir):
     """metrics.json of task=evaluate == sentence-transformers' encode + exact search + ir-measures."""
     from sentence_transformers import SentenceTransformer
 
-    from marco_lightning.evaluation import compute_metrics, read_run
+    from marco_lightning.data.trec import read_run
+    from marco_lightning.evaluation import compute_metrics
 
     folder = BeirFolder(root)
     qrels = folder.qrels("test")

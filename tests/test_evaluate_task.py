@@ -43,7 +43,8 @@ def test_unknown_mode_and_missing_run_fail_clearly(tmp_path):
 def test_rerank_with_packaged_minilm_equals_sentence_transformers(tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from marco_lightning.evaluation import compute_metrics, read_qrels, read_run
+    from marco_lightning.data.trec import read_qrels, read_run
+    from marco_lightning.evaluation import compute_metrics
     from marco_lightning.models import resolve_backbone
 
     path = resolve_backbone("sentence-transformers/all-MiniLM-L6-v2")
@@ -71,7 +72,7 @@ def test_retrieve_mode_returns_the_exhaustive_numpy_top10(tmp_path):
     """faiss over a 3,000-passage real collection == brute-force numpy search with the same embeddings."""
     import torch
 
-    from marco_lightning.evaluation import read_run
+    from marco_lightning.data.trec import read_run
     from marco_lightning.models import BiEncoder
     from marco_lightning.retrieval import encode
 

@@ -6,13 +6,8 @@ import ir_measures
 import pytest
 import torch
 
-from marco_lightning.evaluation import (
-    compute_metrics,
-    format_table,
-    read_qrels,
-    read_run,
-    write_run,
-)
+from marco_lightning.data.trec import read_qrels, read_run, write_run
+from marco_lightning.evaluation import compute_metrics, format_table
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "msmarco-trec-dl"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not found at {DATA}")
@@ -72,7 +67,7 @@ def test_write_run_sorted_ranked_and_readable_by_ir_measures(tmp_path):
 
 
 def test_ms_marco_run_formats(tmp_path):
-    from marco_lightning.evaluation import top_candidates
+    from marco_lightning.data.trec import top_candidates
 
     ranked = tmp_path / "run.dev.tsv"  # MS MARCO's run format: qid, pid, rank
     ranked.write_text("7\t30\t1\n7\t10\t2\n8\t10\t1\n")
@@ -94,6 +89,48 @@ def test_ms_marco_run_formats(tmp_path):
     bad.write_text("7\t10\ta query\tpassage\nseven\t10\tq\tp\n")
     with pytest.raises(ValueError, match=r"bad\.txt:2"):
         read_run(bad)
+
+
+def test_run_files_read_like_every_data_file(tmp_path):
+    """Gzip told by its magic bytes, not the name; a bad line is a DataFormatError (a UserError) at file:line."""
+    from marco_lightning.errors import DataFormatError, UserError
+
+    text = "1 Q0 a 1 2.0 t\n1 Q0 b 2 1.0 t\n"
+    gzipped, plain = tmp_path / "run.trec", tmp_path / "plain.trec.gz"
+    gzipped.write_bytes(gzip.compress(text.encode()))
+    plain.write_text(text)
+    assert read_run(gzipped) == read_run(plain) == {"1": {"a": 2.0, "b": 1.0}}
+    qrels = tmp_path / "qrels.txt"
+    qrels.write_bytes(gzip.compress(b"1 0 a 1\n"))
+    assert read_qrels(qrels) == {"1": {"a": 1}}
+    for content, what in [(text + "1 Q0 a 3 0.5 t\n", r"bad\.trec:3: passage a listed twice for query 1"),
+                        (text + "\n1 Q0 c 3 x t\n", r"bad\.trec:4: expected a TREC run line"),
+                        (text.encode() + b"1 Q0 \xff 3 0.5 t\n", r"bad\.trec:3: expected a TREC run line")]:
+        bad = tmp_path / "bad.trec"
+        bad.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(DataFormatError, match=what) as e:
+            read_run(bad)
+        assert isinstance(e.value, UserError)
+
+
+def test_written_ties_in_the_order_compute_metrics_ranks(tmp_path):
+    from marco_lightning.data.trec import trec_order
+
+    run = {"1": {"10": 1.0, "9": 1.0, "8": 2.0}}
+    write_run(run, tmp_path / "run.trec")
+    assert [line.split()[2] for line in (tmp_path / "run.trec").read_text().splitlines()] == ["8", "9", "10"]
+    assert [pid for pid, _ in trec_order(run["1"])] == ["8", "9", "10"]
+    assert compute_metrics({"1": {"9": 1}}, run, 1, ("mrr@10",)) == {"mrr@10": 0.5}  # "9" second, as written
+    with pytest.raises(ValueError, match="NaN"):
+        write_run({"1": {"a": math.nan}}, tmp_path / "nan.trec")
+
+
+def test_cutting_an_unranked_list_is_a_config_refusal():
+    from marco_lightning.data.trec import top_candidates
+    from marco_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"task.top_k=1 would cut query 7's 2 candidates.*set task.top_k >= 2"):
+        top_candidates("7", {"10": 0.0, "30": 0.0}, 1, key="task.top_k")
 
 
 @pytest.mark.parametrize(

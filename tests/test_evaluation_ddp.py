@@ -9,7 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
-from marco_lightning.evaluation import compute_metrics, read_qrels, read_run
+from marco_lightning.data.trec import read_qrels, read_run
+from marco_lightning.evaluation import compute_metrics
 from marco_lightning.module import gather_run
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "msmarco-trec-dl"

@@ -11,7 +11,7 @@ import pytest
 from conftest import needs_shared
 
 from marco_lightning.data.beir import beir_text, iter_jsonl
-from marco_lightning.data.formats import DataFormatError, iter_collection, iter_qrels
+from marco_lightning.data.formats import DataFormatError, iter_qrels
 from marco_lightning.data.msmarco import (
     iter_hard_negatives,
     iter_hofstaetter_triples,
@@ -19,6 +19,7 @@ from marco_lightning.data.msmarco import (
     iter_teacher_score_chunks,
     iter_teacher_scores,
 )
+from marco_lightning.data.texts import iter_collection
 
 SCIFACT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "scifact"
 

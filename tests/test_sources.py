@@ -10,7 +10,7 @@ from omegaconf import open_dict
 
 from marco_lightning.config import ConfigError
 from marco_lightning.data.sources import MarcoSource, build_source
-from marco_lightning.evaluation import read_qrels
+from marco_lightning.data.trec import read_qrels
 
 
 class SampleFolder(MarcoSource):

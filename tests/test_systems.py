@@ -34,7 +34,8 @@ class Overlap:
     searches = 0
 
     def __init__(self, collection, cache_dir, lowercase: bool = True):
-        from marco_lightning.data.formats import file_stamp, iter_collection
+        from marco_lightning.data.formats import file_stamp
+        from marco_lightning.data.texts import iter_collection
 
         self.ids, self.words = zip(*((pid, set(text.split())) for pid, text in iter_collection(collection)))
         self.cache_dir = cache_dir
@@ -98,7 +99,7 @@ def test_model_as_a_system_refuses_a_cross_encoder():
 
 
 def test_a_searcher_of_ones_own_mines_by_its_target(tmp_path):
-    from marco_lightning.evaluation import read_run
+    from marco_lightning.data.trec import read_run
     from marco_lightning.tasks.mine import main
 
     root = make_folder(tmp_path / "f")

@@ -19,6 +19,7 @@ from marco_lightning.data.sampling import (
 )
 from marco_lightning.data.store import Store, prepare
 
+
 def negatives_inputs(negatives) -> dict:
     """The negatives settings with the systems' short names resolved: what a store's content depends on.
     negatives.aliases (conf/negatives/bm25.yaml) are short names of the hard-negatives file's systems; the store is

@@ -28,13 +28,16 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
+from marco_lightning.errors import UserError
+
 CHUNK = 1 << 20
 TIMEOUT_S = 60
 HF_STAGING = ".hf-download"  # hf_hub_download's local_dir in data.root: its partial files resume from there
 
 
-class DownloadError(RuntimeError):
-    pass
+class DownloadError(UserError, RuntimeError):
+    """A file could not be fetched; the message says what to do (run again, put the file there by hand, check
+    data.downloads)."""
 
 
 def _plain(cfg) -> dict:

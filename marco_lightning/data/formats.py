@@ -1,7 +1,8 @@
 """What every data-file reader shares: plain-or-gzip opening, numbered lines with errors that name file and line,
-file stamps, and `iter_collection` for a collection of either family. The readers: `msmarco.py` (MS MARCO and
-Hofstätter formats, teacher scores), `score_pickle.py` (the score pickle), `parquet.py` (the HF copies),
-`beir.py` (BEIR folders and task=mine / task=score files).
+file stamps, and the qrels of every family. The readers, each built on this module and on no module above it:
+`msmarco.py` (MS MARCO and Hofstätter formats, teacher scores), `score_pickle.py` (the score pickle), `parquet.py`
+(the HF copies), `beir.py` (BEIR folders and task=mine / task=score files), `trec.py` (runs and qrels as dicts).
+`texts.py` sits above them: it picks the reader of a collection or queries file (`iter_collection`, `read_texts`).
 
 Every reader is an iterator (the real files hold 8.8M passages and 160M teacher scores) and reads plain or
 gzipped files (told apart by their magic bytes, not their names). A malformed line raises `DataFormatError`
@@ -17,10 +18,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-
-class DataFormatError(ValueError):
-    """A data file does not have the expected format."""
-
+from marco_lightning.errors import DataFormatError  # defined at the bottom floor, re-exported here
 
 GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)  # a truncated or corrupt .gz
 
@@ -103,17 +101,3 @@ def iter_qrels(path, on_error="raise", skipped=None, id_type=int) -> Iterator[tu
 
 def is_jsonl(path) -> bool:
     return peek(path, 64).lstrip()[:1] == b"{"
-
-
-def iter_collection(path) -> Iterator[tuple[str, str]]:
-    """(id as a string, text) of a collection: MS MARCO `id \\t text` (or parquet) or a BEIR corpus.jsonl."""
-    from marco_lightning.data.beir import beir_text, iter_jsonl
-    from marco_lightning.data.msmarco import iter_id_text
-    from marco_lightning.data.parquet import is_parquet
-
-    if not is_parquet(path) and is_jsonl(path):
-        for d in iter_jsonl(path, "raise", None):
-            yield d["_id"], beir_text(d)
-    else:
-        for i, text in iter_id_text(path):
-            yield str(i), text

@@ -137,7 +137,7 @@ class RerankPairs(Dataset):
     """
 
     def __init__(self, store, run: dict[str, dict[str, float]], top_k: int):
-        from marco_lightning.evaluation import top_candidates
+        from marco_lightning.data.trec import top_candidates
 
         rows = [(int(qid), int(pid)) for qid, docs in run.items()
                 for pid in top_candidates(qid, docs, top_k, key="data.val_top_k")]

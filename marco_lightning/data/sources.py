@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from marco_lightning.config import ConfigError  # TODO errors
 from marco_lightning.data.beir import BeirFolder, IdRows, iter_pair_scores, teacher_scores_complete
 from marco_lightning.data.download import ensure_files
 from marco_lightning.data.formats import iter_qrels
@@ -30,7 +29,8 @@ from marco_lightning.data.msmarco import (
     iter_id_text,
     iter_teacher_score_chunks,
 )
-from marco_lightning.evaluation import read_qrels, read_run
+from marco_lightning.data.trec import read_qrels, read_run
+from marco_lightning.errors import ConfigError
 
 # The MS MARCO keys whose files decide a store's content (validation files are read directly, not stored).
 MARCO_STORE_KEYS = ("collection", "queries", "train_queries", "train_qrels", "hard_negatives", "teacher_scores")

@@ -12,20 +12,15 @@ from omegaconf import DictConfig
 
 from marco_lightning.config import ConfigError, check_files
 from marco_lightning.data.sources import build_source
+from marco_lightning.data.texts import read_texts
 from marco_lightning.inference import compile_model
 
 MODES = ("score", "rerank", "retrieve")
 
 
 def main(cfg: DictConfig) -> dict:
-    from marco_lightning.evaluation import (
-        compute_metrics,
-        format_table,
-        read_qrels,
-        read_run,
-        unranked,
-        write_run,
-    )
+    from marco_lightning.data.trec import read_qrels, read_run, unranked, write_run
+    from marco_lightning.evaluation import compute_metrics, format_table
 
     task, out = cfg.task, Path(cfg.paths.output_dir)
     if task.mode not in MODES:
@@ -95,16 +90,9 @@ def load_model(cfg: DictConfig):
     return load_checkpoint_weights(model, path)
 
 
-def read_texts(path, keep=None) -> dict[str, str]:
-    """id -> text of a collection or queries file (MS MARCO tsv, BEIR jsonl), only the ids in `keep` if given."""
-    from marco_lightning.data.formats import iter_collection
-
-    return {i: t for i, t in iter_collection(path) if keep is None or i in keep}
-
-
 def rerank(model, run, queries, collection, top_k: int, batch_size: int,
            precision: str = "auto") -> dict[str, dict[str, float]]:
-    from marco_lightning.evaluation import top_candidates
+    from marco_lightning.data.trec import top_candidates
     from marco_lightning.inference import score
 
     rows = [(qid, pid) for qid, docs in run.items() if qid in queries

@@ -139,7 +139,8 @@ def load_system(entry, cfg: DictConfig, cache: Path):
 def main(cfg: DictConfig) -> dict:
     from marco_lightning.data.beir import SPLITS
     from marco_lightning.data.sources import build_source
-    from marco_lightning.evaluation import compute_metrics, read_run, write_run
+    from marco_lightning.data.trec import read_run, write_run
+    from marco_lightning.evaluation import compute_metrics
     from marco_lightning.mining import candidate_depth, select_negatives
 
     folder = build_source(cfg.data).mining_folder("mine")  # a BEIR folder (MS MARCO's negatives are published)

@@ -60,9 +60,10 @@ def main(cfg: DictConfig) -> dict:
 
     from marco_lightning.data.formats import file_stamp
     from marco_lightning.data.sources import build_source
+    from marco_lightning.data.texts import read_texts
     from marco_lightning.inference import compile_model, score
     from marco_lightning.retrieval import write_json
-    from marco_lightning.tasks.evaluate import device, read_texts
+    from marco_lightning.tasks.evaluate import device
 
     build_source(cfg.data).mining_folder("score")  # a mined BEIR folder (MS MARCO's teacher scores are published)
     mined = Path(cfg.data.hard_negatives)

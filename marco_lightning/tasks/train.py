@@ -78,7 +78,8 @@ def main(cfg: DictConfig) -> dict:
 
 def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, run_dir) -> dict:
     from marco_lightning.checkpointing import resolve_ckpt_path
-    from marco_lightning.evaluation import compute_metrics, format_table, read_run, write_run
+    from marco_lightning.data.trec import read_run, write_run
+    from marco_lightning.evaluation import compute_metrics, format_table
     from marco_lightning.loggers import print_run_summary
 
     # what is reported and written carries the data's own ids (a BEIR store keys queries and passages by row), and
