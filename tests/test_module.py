@@ -69,7 +69,11 @@ def test_fused_adamw_is_clipped_like_the_default_adamw(tmp_path, precision):
         weights[fused] = torch.cat([p.detach().flatten() for p in model.parameters()])
     start = torch.cat([p.detach().flatten() for p in tiny_model(tmp_path, dropout=0.0).parameters()])
     assert (weights[False] - start).abs().max() > 1e-4  # it trained
-    torch.testing.assert_close(weights[True], weights[False], atol=1e-6, rtol=0)
+    # Fused and loop AdamW round differently, and Adam's m / sqrt(v) lifts that to ~1e-5 on a few weights whose
+    # gradients are near zero: compare the whole update instead. Measured: the two differ by <= 6e-5 of it (fp16),
+    # while the same run without clipping differs by 0.11 of it.
+    update, gap = (weights[False] - start).norm(), (weights[True] - weights[False]).norm()
+    assert gap < 1e-3 * update
 
 
 @pytest.mark.parametrize("fused", [False, True])
