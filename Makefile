@@ -40,7 +40,7 @@ bench-scifact: install  # SciFact from task=mine to test metrics, project vs sen
 	$(BIN)/python -m benchmarks.run_all --only scifact
 
 lint: install
-	$(BIN)/ruff check marco_lightning tests run.py scripts
+	$(BIN)/ruff check marco_lightning tests run.py scripts benchmarks
 
 sample-data: install
 	$(BIN)/python scripts/build_sample.py

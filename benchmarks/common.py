@@ -181,7 +181,8 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     try:  # bf16 units decide whether bf16 autocast speeds a CPU up or is emulated (slower than fp32)
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
         bf16 = ", ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "none (bf16 is emulated)"
     except (OSError, StopIteration):
         bf16 = "unknown"

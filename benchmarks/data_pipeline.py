@@ -38,7 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "Data pipeline"
 BYTES_PER_SCALE = 10.5e9   # at scale 1: collection 3.4 GB + hard negatives 1.6 GB + scores 1.4 GB + store 3.5 GB
-# A MarginMSE epoch of 500k queries took under an hour on a V100 (REFERENCE.md): the step consumes this many.
+# A MarginMSE epoch of 500k queries took under an hour on a V100 (sentence-transformers'
+# examples/training/ms_marco/README.md, MarginMSE): the step consumes this many.
 V100_SAMPLES_PER_S = 500_000 / 3600
 TARGET_FACTOR = 10
 # The largest scale whose generation + prepare takes about 15 minutes on a 2-core machine: the full one took
@@ -490,7 +491,7 @@ def markdown(r: dict) -> str:
              f"once ({full(p['seconds'], s, minutes)})",
              f"{minutes(st_s)} of loading, every run (extrapolated)"),
         _row(f">= 10x what a MiniLM MarginMSE step at batch {BATCH} consumes on a V100 ({need:.0f} samples/s: "
-             "500k queries in under an hour, REFERENCE.md)",
+             "500k queries in under an hour, sentence-transformers' MS MARCO README)",
              f"**{rate2 / need:.1f}x** ({rate2:,.0f} samples/s, 2 workers on 2 shared cores): "
              + ("met. " if rate2 >= target else "not met here. ")
              + f"Tokenising bounds it: {collate:,.0f} samples/s per core with the `Collator`, so 10x takes "

@@ -158,8 +158,9 @@ def markdown(res: dict) -> str:
 
     def mb(x):
         return "-" if x is None else f"{x:,.0f}"
-    lines = [f"## GPU: {res['device']}", "", f"all-MiniLM-L6-v2, MarginMSE (query, positive, negative), batch "
-             f"{res['batch_size']}, {res['steps']} timed steps after warm-up, {res['precision']}.", "",
+    lines = [f"## GPU: {res['device']}", "",
+             (f"all-MiniLM-L6-v2, MarginMSE (query, positive, negative), batch {res['batch_size']}, "
+              f"{res['steps']} timed steps after warm-up, {res['precision']}."), "",
              "| training | samples/s | / sentence-transformers | warm-up s | peak MB |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {name} | {r['samples_per_s']:.1f} | {r['samples_per_s'] / base:.2f} | {r['warmup_s']:.1f} | "
               f"{mb(r['peak_mb'])} |" for name, r in res["train"].items()]

@@ -71,7 +71,7 @@ def child(kind: str, n: int, work: Path) -> dict:
 
 def measure(kind: str, n: int, work: Path, log) -> dict:
     r = subprocess.run([sys.executable, "-m", "benchmarks.mining", "--child", kind, str(n), str(work)], cwd=ROOT,
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, check=False)
     if r.returncode:
         raise RuntimeError(r.stderr[-3000:])
     res = json.loads(r.stdout.strip().splitlines()[-1])
@@ -125,21 +125,22 @@ def run(sizes=(100_000, 1_000_000), side_passages=1024, budget_s=300, log=print,
 def markdown(res: dict) -> str:
     from benchmarks.common import fmt, ratios
 
-    lines = ["## Mining", "", "`task=mine`'s systems on the full-shape synthetic collection (real MS MARCO passages "
-             "cycled), 1,000 queries searched at depth 100, each row in a fresh process. Growth = peak RSS minus RSS "
-             "after imports; dense rows use the tiny model (the pipeline's memory and overhead; its vectors are "
-             "32-d), whose embedding matrix is N x dim x 4 bytes on disk (memory-mapped) and in the faiss index.", "",
-             "| system | passages | build (passages/s) | search (queries/s) | peak RSS MB | growth MB | "
-             "embeddings MB |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["## Mining", "",
+             ("`task=mine`'s systems on the full-shape synthetic collection (real MS MARCO passages cycled), 1,000 "
+              "queries searched at depth 100, each row in a fresh process. Growth = peak RSS minus RSS after "
+              "imports; dense rows use the tiny model (the pipeline's memory and overhead; its vectors are 32-d), "
+              "whose embedding matrix is N x dim x 4 bytes on disk (memory-mapped) and in the faiss index."), "",
+             ("| system | passages | build (passages/s) | search (queries/s) | peak RSS MB | growth MB | "
+              "embeddings MB |"), "|---|---:|---:|---:|---:|---:|---:|"]
     for r in res["scale"]:
         lines.append(f"| {r['kind']} | {r['passages']:,} | {r['build_rate']:,.0f} | {r['search_qps']:,.0f} | "
                      f"{r['peak_rss_mb']:,.0f} | {r['growth_mb']:,.0f} | {r.get('embeddings_mb', 0):,.1f} |")
     s = res["side_by_side"]
-    lines += ["", f"Encoding a collection, all-MiniLM-L6-v2 fp32 on CPU, {s['passages']} real passages, batch 64, "
-              f"max_seq_length {s['max_seq_length']}, rounds interleaved (passages/s):", "",
+    lines += ["", (f"Encoding a collection, all-MiniLM-L6-v2 fp32 on CPU, {s['passages']} real passages, batch 64, "
+                   f"max_seq_length {s['max_seq_length']}, rounds interleaved (passages/s):"), "",
               "| contender | passages/s |", "|---|---:|",
-              f"| project `retrieval.encode_collection` (file -> length-sorted batches -> memmap) | "
-              f"{fmt(s['rates']['project'], 1)} |",
+              (f"| project `retrieval.encode_collection` (file -> length-sorted batches -> memmap) | "
+               f"{fmt(s['rates']['project'], 1)} |"),
               f"| sentence-transformers `encode` (texts in memory) | {fmt(s['rates']['st'], 1)} |",
               f"| ratio project / sentence-transformers | {fmt(ratios(s['rates'], 'project', 'st'))} |", "",
               f"Max |project - sentence-transformers| embedding difference: {s['max_abs_diff']:.1e}.", ""]

@@ -21,7 +21,8 @@ def train(overrides, tmp_path):
 @pytest.mark.parametrize("experiment", sorted(TINY))
 def test_recipe_trains_on_the_sample_with_its_pinned_hyperparameters(experiment, tmp_path):
     cfg, metrics = train([f"experiment={experiment}", f"model={TINY[experiment]}"], tmp_path)
-    # the recipe's own values survive the test overrides (REFERENCE.md)
+    # the recipe's own values survive the test overrides (sentence-transformers' examples/training/ms_marco:
+    # train_bi-encoder_margin-mse.py, train_bi-encoder_mnrl.py, train_cross-encoder_kd.py)
     expected = {"bi_margin_mse": (2e-5, "MarginMSELoss", None, "cos"),
                 "bi_margin_mse_dot": (2e-5, "MarginMSELoss", None, "dot"),
                 "bi_mnrl": (2e-5, "MultipleNegativesRankingLoss", 3.0, "cos"),

@@ -1,5 +1,6 @@
 """prepare + Store on small hand-written files in the real MS MARCO formats; every expected selection below
-was worked out by hand from REFERENCE.md's MNRL recipe (comments show the walk)."""
+was worked out by hand from sentence-transformers' MNRL recipe (UKPLab/sentence-transformers,
+examples/training/ms_marco/train_bi-encoder_mnrl.py; comments show the walk)."""
 import gzip
 import json
 import math

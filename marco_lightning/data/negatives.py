@@ -1,4 +1,5 @@
-"""Which hard negatives a training query gets: sentence-transformers' MNRL recipe (REFERENCE.md), as pure functions.
+"""Which hard negatives a training query gets: sentence-transformers' MNRL recipe, as pure functions (its
+examples/training/ms_marco/train_bi-encoder_mnrl.py, UKPLab/sentence-transformers).
 
 A query's candidates arrive as one array `block`: its positives first, then one list per chosen system, each
 best-first. `skip_reasons` says why a candidate cannot be a negative, `take_negatives` walks the systems in order

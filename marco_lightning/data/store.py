@@ -15,7 +15,8 @@ import time
 import warnings
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -314,29 +315,78 @@ def _alive(pid: int) -> bool:
 
 
 def _build(src, inputs: dict, neg: dict, out: Path) -> dict:
-    teacher_name = Path(inputs["teacher_scores"]).name if inputs["teacher_scores"] else ""
+    """Write the store's files into `out`, one function per step; return the manifest's counts."""
     dropped, seconds, clock = Counter(), {}, [time.time()]
 
     def step(name):  # seconds spent per step, for the manifest
         seconds[name], clock[0] = round(time.time() - clock[0], 1), time.time()
 
-    # 1. Positives (qrels, grade >= 1) and the optional restriction of the training queries.
+    qrels_pos, train_qids = _positives(src)
+    step("qrels")
+    cands = _candidates(src, neg, qrels_pos, train_qids, inputs["hard_negatives"], out / "candidates.tmp",
+                        dropped)
+    step("hard_negatives")
+    num_passages, num_queries, queries, has_text = _texts(src, out, dropped)
+    step("texts")
+    teacher = _margin_teacher(src, cands, neg["ce_score_margin"], inputs["teacher_scores"])
+    step("teacher_scores")
+    kept_qids, pos_lists, neg_lists, per_system = _select(cands, queries, has_text, teacher, neg, dropped)
+    step("selection")
+    train = _training_lists(src, kept_qids, pos_lists, neg_lists, teacher, inputs["teacher_scores"], out)
+    step("training_lists")
+
+    unresolved = {r: dropped[r] for r in ("query_without_text", "positive_without_text", "negative_without_text")
+                  if dropped[r]}
+    if unresolved:
+        warnings.warn(f"ids without text were dropped: {unresolved} (see manifest.json 'dropped')", stacklevel=3)
+    return {
+        "num_passages": num_passages, "num_queries": num_queries, "num_train_queries": len(train["qids"]),
+        "num_positives": len(train["pos_pids"]), "num_negatives": len(train["neg_pids"]),
+        "negatives_per_system": {s: per_system[s] for s in cands.systems},
+        "num_teacher_scores": int(sum((~np.isnan(train[s])).sum() for s in ("pos_scores", "neg_scores"))),
+        "systems_in_file": cands.systems_in_file,
+        "dropped": dict(sorted((r, c) for r, c in dropped.items() if c)),
+        "seconds_per_step": seconds,
+    }
+
+
+def _positives(src) -> tuple[dict[int, list[int]], set[int] | None]:
+    """Step 1: each query's positives (qrels, grade >= 1) and the optional restriction of training queries."""
     qrels_pos: dict[int, list[int]] = {}
     for qid, pid, grade in _progress(src.train_qrels(), "train qrels"):
         if grade >= 1 and pid not in qrels_pos.setdefault(qid, []):
             qrels_pos[qid].append(pid)
-    train_qids = src.train_qids()
+    return qrels_pos, src.train_qids()
 
-    step("qrels")
 
-    # 2. One pass over the hard negatives: each query's positives and candidate lists go to a flat int64 file,
-    #    as segments (start, length): one for the positives, one per chosen system (with the system's index).
+@dataclass
+class _Candidates:
+    """Step 2's output: a flat int64 file of pids and the row and segment indexes that cut it up."""
+    path: Path
+    row_qid: np.ndarray         # row r (a kept query): its qid; its block is flat[row_pos[r]:row_pos[r + 1]]
+    row_pos: np.ndarray         # whose first row_npos[r] pids are positives, its candidate lists the segments
+    row_npos: array             # row_seg[r]:row_seg[r + 1] (array('q'), as built: fast per-query indexing)
+    row_seg: array
+    seg_sys: array              # segment s: its system's index in the file, start in the flat file, length
+    seg_start: array
+    seg_len: array
+    systems_in_file: list[str]  # every system the file names, in order of first appearance (= its index)
+    systems: list[str]          # the chosen ones, in selection order
+    rank: dict[int, int]        # file index -> position in `systems`
+
+    def flat(self) -> np.ndarray:
+        return np.memmap(self.path, np.int64, "r") if self.row_pos[-1] else np.empty(0, np.int64)
+
+
+def _candidates(src, neg: dict, qrels_pos: dict, train_qids, file_name, path: Path,
+                dropped: Counter) -> _Candidates:
+    """Step 2: one pass over the hard negatives: each kept query's positives and lists, flat in `path`."""
     systems_seen: dict[str, int] = {}
     wanted = None if neg["systems"] == "all" else set(neg["systems"])
     row_qid, row_pos, row_npos, row_seg = array("q"), array("q"), array("q"), array("q")
     seg_sys, seg_start, seg_len = array("q"), array("q"), array("q")
     seen_qids, n = set(), 0
-    with open(out / "candidates.tmp", "wb", buffering=1 << 22) as f:
+    with open(path, "wb", buffering=1 << 22) as f:
         for qid, pos, lists in _progress(src.hard_negatives(dropped), "hard negatives"):
             for name in lists:
                 systems_seen.setdefault(name, len(systems_seen))
@@ -363,33 +413,41 @@ def _build(src, inputs: dict, neg: dict, out: Path) -> dict:
     dropped["query_not_in_hard_negatives"] += len(set(qrels_pos) - seen_qids)
     if wanted is not None and wanted - set(systems_seen):
         raise ValueError(f"negatives.systems: unknown system(s) {sorted(wanted - set(systems_seen))}; "
-                         f"{inputs['hard_negatives']} has: {list(systems_seen)}")
+                         f"{file_name} has: {list(systems_seen)}")
     systems = list(systems_seen) if wanted is None else neg["systems"]
-    rank = {systems_seen[s]: r for r, s in enumerate(systems)}  # file index -> position in `systems`
+    return _Candidates(path, np.frombuffer(row_qid, np.int64), np.frombuffer(row_pos, np.int64), row_npos,
+                       row_seg, seg_sys, seg_start, seg_len, list(systems_seen), systems,
+                       {systems_seen[s]: r for r, s in enumerate(systems)})
 
-    step("hard_negatives")
 
-    # 3. Texts.
+def _texts(src, out: Path, dropped: Counter) -> tuple[int, int, TextTable, Callable]:
+    """Step 3: the passages and queries text tables; their sizes, the queries and a has-passage-text test."""
     num_passages = write_text_table(_progress(src.passages(), "collection"), out, "passages", dropped)
     num_queries = write_text_table(_progress(src.queries(), "queries"), out, "queries", dropped)
-    passages, queries = TextTable(out, "passages"), TextTable(out, "queries")
-    has_text = _membership(passages.ids)
-    step("texts")
+    return num_passages, num_queries, TextTable(out, "queries"), _membership(TextTable(out, "passages").ids)
 
-    # 4. Teacher scores, streamed into compact sorted arrays: with a margin, all scores of the candidate queries
-    #    (the filter needs them); without, after selection, only those of the selected pairs.
-    row_qid, row_pos = np.frombuffer(row_qid, np.int64), np.frombuffer(row_pos, np.int64)
-    cand = np.memmap(out / "candidates.tmp", np.int64, "r") if n else np.empty(0, np.int64)
+
+def _margin_teacher(src, cands: _Candidates, margin: float | None, teacher_file) -> TeacherScores | None:
+    """Step 4: with a margin, the teacher scores its filter needs; without, None (step 6 streams fewer)."""
+    if margin is None:  # step 6 streams the selected pairs' scores only
+        return None
+    # compact sorted arrays of the candidate pairs' scores, unless listing them costs more (all 13 systems)
+    pairs = np.unique(_pair_keys(np.repeat(cands.row_qid, np.diff(cands.row_pos)), cands.flat())) \
+        if cands.row_pos[-1] <= 50_000_000 else None
+    return TeacherScores(src.teacher_score_chunks(), np.unique(cands.row_qid), pairs, Path(teacher_file).name)
+
+
+def _select(cands: _Candidates, queries: TextTable, has_text, teacher: TeacherScores | None, neg: dict,
+            dropped: Counter) -> tuple[list[int], list[np.ndarray], list[np.ndarray], Counter]:
+    """Step 5: the kept queries, their positives and negatives, the count per system; deletes the file."""
+    # Query by query, exactly as sentence-transformers' MNRL recipe (data/negatives.py): systems in order,
+    # each list best-first, skipping positives and margin failures, up to k new pids per system. Skips are
+    # counted for the candidates the walk visited.
     k, margin = neg["num_per_system"], neg["ce_score_margin"]
-    teacher = None
-    if margin is not None:  # keep only candidate pairs' scores, unless listing the candidates costs more (all 13)
-        pairs = np.unique(_pair_keys(np.repeat(row_qid, np.diff(row_pos)), cand)) if n <= 50_000_000 else None
-        teacher = TeacherScores(src.teacher_score_chunks(), np.unique(row_qid), pairs, teacher_name)
-    step("teacher_scores")
-
-    # 5. Selection, query by query, exactly as sentence-transformers' MNRL recipe (data/negatives.py): systems in
-    #    order, each list best-first, skipping positives and margin failures, up to k new pids per system.
-    #    Skips are counted for the candidates the walk visited.
+    row_qid, row_pos, row_npos, row_seg = cands.row_qid, cands.row_pos, cands.row_npos, cands.row_seg
+    seg_sys, seg_start, seg_len = cands.seg_sys, cands.seg_start, cands.seg_len
+    systems, rank = cands.systems, cands.rank
+    cand = cands.flat()
     per_system, skips = Counter(), np.zeros(len(SKIP_REASONS) + 1, np.int64)
     kept_qids, pos_lists, neg_lists = [], [], []
     for r in _progress(range(len(row_qid)), "selecting negatives", "queries"):
@@ -419,10 +477,13 @@ def _build(src, inputs: dict, neg: dict, out: Path) -> dict:
         neg_lists.append(np.asarray(negs, np.int64))
     dropped.update({reason: int(c) for reason, c in zip(SKIP_REASONS, skips[1:])})
     del cand
-    (out / "candidates.tmp").unlink()
-    step("selection")
+    cands.path.unlink()
+    return kept_qids, pos_lists, neg_lists, per_system
 
-    # 6. Training lists with their teacher scores.
+
+def _training_lists(src, kept_qids: list[int], pos_lists: list, neg_lists: list,
+                    teacher: TeacherScores | None, teacher_file, out: Path) -> dict[str, np.ndarray]:
+    """Step 6: the training arrays (TRAIN_ARRAYS), teacher scores NaN where none, saved in `out`."""
     kept = np.asarray(kept_qids, np.int64)
     pos_offsets = np.concatenate([[0], np.cumsum([len(p) for p in pos_lists], dtype=np.int64)]).astype(np.int64)
     neg_offsets = np.concatenate([[0], np.cumsum([len(p) for p in neg_lists], dtype=np.int64)]).astype(np.int64)
@@ -430,29 +491,15 @@ def _build(src, inputs: dict, neg: dict, out: Path) -> dict:
     neg_pids = np.concatenate(neg_lists) if neg_lists else np.empty(0, np.int64)
     pos_scores = np.full(len(pos_pids), np.nan, np.float32)
     neg_scores = np.full(len(neg_pids), np.nan, np.float32)
-    if inputs["teacher_scores"]:
+    if teacher_file:
         pos_keys = _pair_keys(np.repeat(kept, np.diff(pos_offsets)), pos_pids)
         neg_keys = _pair_keys(np.repeat(kept, np.diff(neg_offsets)), neg_pids)
-        if teacher is None:
+        if teacher is None:  # no margin: stream only the selected pairs' scores
             teacher = TeacherScores(src.teacher_score_chunks(), np.unique(kept),
-                                    np.unique(np.concatenate([pos_keys, neg_keys])), teacher_name)
+                                    np.unique(np.concatenate([pos_keys, neg_keys])), Path(teacher_file).name)
         pos_scores, neg_scores = teacher.lookup_keys(pos_keys), teacher.lookup_keys(neg_keys)
     arrays = {"qids": kept, "pos_offsets": pos_offsets, "pos_pids": pos_pids, "pos_scores": pos_scores,
               "neg_offsets": neg_offsets, "neg_pids": neg_pids, "neg_scores": neg_scores}
     for name, a in arrays.items():
         np.save(out / f"train.{name}.npy", a)
-    step("training_lists")
-
-    unresolved = {r: dropped[r] for r in ("query_without_text", "positive_without_text", "negative_without_text")
-                  if dropped[r]}
-    if unresolved:
-        warnings.warn(f"ids without text were dropped: {unresolved} (see manifest.json 'dropped')", stacklevel=3)
-    return {
-        "num_passages": num_passages, "num_queries": num_queries, "num_train_queries": len(kept),
-        "num_positives": len(pos_pids), "num_negatives": len(neg_pids),
-        "negatives_per_system": {s: per_system[s] for s in systems},
-        "num_teacher_scores": int((~np.isnan(pos_scores)).sum() + (~np.isnan(neg_scores)).sum()),
-        "systems_in_file": list(systems_seen),
-        "dropped": dict(sorted((r, c) for r, c in dropped.items() if c)),
-        "seconds_per_step": seconds,
-    }
+    return arrays
