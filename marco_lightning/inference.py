@@ -12,6 +12,13 @@ import numpy as np
 import torch
 
 
+def device(name: str) -> torch.device:
+    """task.device: "auto" is CUDA when there is one, else the CPU; any other name as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 

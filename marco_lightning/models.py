@@ -298,3 +298,19 @@ def from_exported(path: str | Path) -> BiEncoder | CrossEncoder:
     if any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
         return CrossEncoder(str(path))
     return BiEncoder(str(path))
+
+
+def load_model(model_cfg, path: str | None = None) -> BiEncoder | CrossEncoder:
+    """The model to evaluate: an exported folder (final_model/, any sentence-transformers folder), a Lightning .ckpt
+    of the `model_cfg` kind, or (no path) `model_cfg` itself as configured."""
+    from hydra.utils import instantiate
+
+    if path and Path(path).is_dir():
+        return from_exported(path)
+    if not path:
+        return instantiate(model_cfg)
+    # the similarity it was trained with (Normalize has no weights: the state dict alone cannot tell)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    trained = {"similarity": ckpt.get("similarity"), "max_doc_length": ckpt.get("max_seq_length")}
+    model = instantiate(model_cfg, **{k: v for k, v in trained.items() if v and k in model_cfg})
+    return load_checkpoint_weights(model, path)

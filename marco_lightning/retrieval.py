@@ -10,7 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from marco_lightning.inference import encode, uses_bf16  # the one inference path (also as retrieval.encode)
+from marco_lightning.data.formats import file_stamp
+from marco_lightning.data.texts import iter_collection, read_texts
+from marco_lightning.data.trec import top_candidates
+from marco_lightning.errors import DataFormatError
+from marco_lightning.inference import encode, score, uses_bf16  # the one inference path (also as retrieval.encode)
 
 CHUNK = 2048  # passages read, encoded, written and counted done at a time: memory stays flat for 8.8M passages
 
@@ -40,8 +44,6 @@ def _progress(**kwargs):
 
 def collection_ids(collection, cache_dir: Path) -> np.ndarray:
     """The passage ids of `collection` in file order (strings), read once into `cache_dir/ids.npy`."""
-    from marco_lightning.data.texts import iter_collection
-
     path = cache_dir / "ids.npy"
     if not path.exists():
         parts, chunk = [], []
@@ -65,9 +67,6 @@ def encode_collection(model, collection, cache_dir, batch_size: int = 64,
     Each chunk is flushed before `progress.json` counts it, so a run killed mid-way resumes at its last complete
     chunk; a different model or collection starts afresh. Peak memory: one chunk of texts and vectors.
     """
-    from marco_lightning.data.formats import file_stamp
-    from marco_lightning.data.texts import iter_collection
-
     cache_dir = Path(cache_dir)
     meta = {"collection": file_stamp(collection), "model": model_fingerprint(model), "dim": model.dim,
             "bf16": uses_bf16(model, precision)}  # the vectors' precision is part of what they are
@@ -140,3 +139,21 @@ def retrieve(model, collection, queries: dict[str, str], top_k: int, index_dir, 
     index, ids = build_index(model, collection, index_dir, index_factory, batch_size, precision)
     qids = list(queries)
     return search(index, ids, qids, encode(model, [queries[q] for q in qids], batch_size, precision), top_k)
+
+
+def rerank(model, run, queries: dict[str, str], collection, top_k: int, batch_size: int,
+           precision: str = "auto") -> dict[str, dict[str, float]]:
+    """The model's scores of each query's top_k candidates of `run` (texts streamed from `collection`)."""
+    rows = [(qid, pid) for qid, docs in run.items() if qid in queries
+            for pid in top_candidates(qid, docs, top_k, key="task.top_k")]
+    passages = read_texts(collection, keep={pid for _, pid in rows})  # streams the collection, keeps what is needed
+    missing = sorted({pid for _, pid in rows if pid not in passages})
+    if missing:
+        raise DataFormatError(f"{collection}: {len(missing)} passages of the run have no text (e.g. {missing[:3]}): "
+                              "re-rank a run of this collection (task.collection=...)")
+    scores = score(model, [queries[q] for q, _ in rows], [passages[p] for _, p in rows], batch_size, "re-ranking",
+                   precision)
+    out: dict[str, dict[str, float]] = {}
+    for (q, p), s in zip(rows, scores.tolist()):
+        out.setdefault(q, {})[p] = s
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import inspect
 import io
 import json
 import re
@@ -17,10 +18,17 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from hydra.utils import get_class
+import torch
+from hydra.utils import get_class, get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from marco_lightning.config import ConfigError
+from marco_lightning.data.beir import SPLITS
+from marco_lightning.data.sources import build_source
+from marco_lightning.data.trec import read_run, write_run
+from marco_lightning.evaluation import compute_metrics
+from marco_lightning.inference import device
+from marco_lightning.mining import candidate_depth, select_negatives
 
 # What task=mine hands a system's _target_ when its signature names it (a node in YAML stays short):
 SETTINGS = ("collection",  # data.collection (BEIR: corpus.jsonl)
@@ -74,10 +82,6 @@ def system_node(entry, cfg: DictConfig) -> dict:
 def _settings_taken(node: dict) -> list[str]:
     """The SETTINGS the node's target takes and the node does not set; or a ConfigError naming task.systems: a
     _target_ that cannot be imported, a class without search / pair_scores, options its signature lacks."""
-    import inspect
-
-    from hydra.utils import get_method
-
     where = f"task.systems: {node['name']} (_target_ {node['_target_']})"
     try:
         target = get_method(node["_target_"])
@@ -112,11 +116,6 @@ def _check_methods(obj, where: str) -> None:
 def build_system(node: dict, cfg: DictConfig, cache: Path):
     """The Searcher of one system_node: hydra's instantiate of the node (nested `_target_` nodes, the model=
     bi-encoder among them, built too), given the SETTINGS its target names."""
-    import torch
-    from hydra.utils import instantiate
-
-    from marco_lightning.tasks.evaluate import device
-
     node = dict(node)
     name = node.pop("name")
     offered = _settings_taken({**node, "name": name})
@@ -137,12 +136,6 @@ def load_system(entry, cfg: DictConfig, cache: Path):
 
 
 def main(cfg: DictConfig) -> dict:
-    from marco_lightning.data.beir import SPLITS
-    from marco_lightning.data.sources import build_source
-    from marco_lightning.data.trec import read_run, write_run
-    from marco_lightning.evaluation import compute_metrics
-    from marco_lightning.mining import candidate_depth, select_negatives
-
     folder = build_source(cfg.data).mining_folder("mine")  # a BEIR folder (MS MARCO's negatives are published)
     task = cfg.task
     lo, hi = (list(task.range) + [None, None])[:2]

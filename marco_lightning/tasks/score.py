@@ -11,16 +11,23 @@ import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
+from tqdm import tqdm
+from transformers import AutoConfig
 
 from marco_lightning.config import ConfigError
+from marco_lightning.data.formats import file_stamp
+from marco_lightning.data.msmarco import iter_hard_negatives
+from marco_lightning.data.sources import build_source
+from marco_lightning.data.texts import read_texts
+from marco_lightning.inference import compile_model, device, score
+from marco_lightning.models import BiEncoder, CrossEncoder, resolve_backbone
+from marco_lightning.retrieval import write_json
 
 CHUNK = 4096  # pairs scored (length-sorted inside) and written at a time
 
 
 def training_pairs(hard_negatives) -> list[tuple[str, str]]:
     """(query, passage) of each training query's positives, then its negatives of every system, each pair once."""
-    from marco_lightning.data.msmarco import iter_hard_negatives
-
     pairs = []
     for qid, pos, neg in iter_hard_negatives(hard_negatives, id_type=str):
         pairs += [(qid, p) for p in dict.fromkeys([*pos, *(p for pids in neg.values() for p in pids)])]
@@ -29,10 +36,6 @@ def training_pairs(hard_negatives) -> list[tuple[str, str]]:
 
 def load_teacher(name: str):
     """A cross-encoder (scores by its logit) or a bi-encoder (by its similarity), as its folder declares."""
-    from transformers import AutoConfig
-
-    from marco_lightning.models import BiEncoder, CrossEncoder, resolve_backbone
-
     try:
         architectures = AutoConfig.from_pretrained(resolve_backbone(name)).architectures or []
         if any(a.endswith("ForSequenceClassification") for a in architectures):
@@ -56,15 +59,6 @@ def _complete_lines(path: Path) -> list[str]:
 
 
 def main(cfg: DictConfig) -> dict:
-    from tqdm import tqdm
-
-    from marco_lightning.data.formats import file_stamp
-    from marco_lightning.data.sources import build_source
-    from marco_lightning.data.texts import read_texts
-    from marco_lightning.inference import compile_model, score
-    from marco_lightning.retrieval import write_json
-    from marco_lightning.tasks.evaluate import device
-
     build_source(cfg.data).mining_folder("score")  # a mined BEIR folder (MS MARCO's teacher scores are published)
     mined = Path(cfg.data.hard_negatives)
     if not mined.is_file():
