@@ -61,8 +61,14 @@ def _check_arguments(cfg: DictConfig, group: str) -> None:
 
 def check_training_config(cfg: DictConfig) -> None:
     """Incompatible choices fail here, naming both config choices, before anything heavy happens."""
+    from marco_lightning.losses import Loss
+
     model_cls, loss_cls = get_class(cfg.model._target_), get_class(cfg.loss._target_)
     model_choice, loss_choice = _choice(cfg, "model"), _choice(cfg, "loss")
+    if not issubclass(loss_cls, Loss):  # its class attributes are the contract every check below reads
+        raise ConfigError(f"loss={loss_choice}: {cfg.loss._target_} is not a marco_lightning.losses.Loss, which "
+                          "declares what a loss takes (inputs, needs_teacher, min_candidates, model_kind): derive "
+                          "it from losses.Loss or losses.ScoreLoss")
     if loss_cls.model_kind not in (None, model_cls.kind):
         raise ConfigError(f"loss={loss_choice} ({loss_cls.__name__}) trains a {loss_cls.model_kind}-encoder but "
                           f"model={model_choice} is a {model_cls.kind}-encoder: pick a "
@@ -91,6 +97,9 @@ def check_training_config(cfg: DictConfig) -> None:
     for key in ("batch_size", "num_negatives"):
         if int(cfg[key]) < 1:
             raise ConfigError(f"{key}={cfg[key]} must be >= 1")
+    if 1 + int(cfg.num_negatives) < loss_cls.min_candidates:
+        raise ConfigError(f"loss={loss_choice} needs {loss_cls.min_candidates} candidates per query (the positive "
+                          f"and hard negatives): set num_negatives >= {loss_cls.min_candidates - 1}")
 
 
 def check_files(cfg: DictConfig, keys) -> None:

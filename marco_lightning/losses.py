@@ -5,8 +5,11 @@ Two call shapes, so neither the LightningModule nor a loss branches on the model
       a cross-encoder's scores are its logits, a bi-encoder's its similarity (models.pair_similarity);
   MultipleNegativesRankingLoss (`inputs = "embeddings"`, bi-encoders): loss(query_emb [B, d], doc_emb [B, 1+k, d])
       in-batch negatives need the vectors themselves (and their gathering across devices).
-Column 0 is the positive, the rest are that query's hard negatives. `needs_teacher` says whether the batches must
-carry teacher scores; `similarity` (bi-encoders only) is the one the model trains with (config.resolve_similarity).
+Column 0 is the positive, the rest are that query's hard negatives. Every loss is a `Loss`, whose class attributes
+are its contract, read without building it (config.check_training_config, RetrieverModule, tasks/train): `inputs`
+(which call shape), `needs_teacher` (the batches must carry teacher scores), `min_candidates` (per query, positive
+included) and `model_kind` (None: either model kind). `similarity` (bi-encoders only) is the one the model trains
+with (config.resolve_similarity).
 """
 
 from typing import ClassVar
@@ -52,13 +55,43 @@ def _check_bi(loss: nn.Module, query_emb, doc_emb) -> None:
                          f"got {tuple(query_emb.shape)} and {tuple(doc_emb.shape)}")
 
 
-class ScoreLoss(nn.Module):
+INPUTS = ("scores", "embeddings")
+
+
+class Loss(nn.Module):
+    """What every training loss declares (class attributes, so a config is checked before anything is built):
+
+    inputs          "scores": forward(scores [B, 1+k], teacher); "embeddings": forward(query_emb, doc_emb, teacher)
+    needs_teacher   the batches must carry teacher scores [B, 1+k]
+    min_candidates  candidates per query it needs, the positive included (2: at least one hard negative)
+    model_kind      None: trains either model kind; "bi": bi-encoders only (it needs their vectors)
+    """
+
+    inputs: ClassVar[str] = "scores"
+    needs_teacher: ClassVar[bool] = True
+    min_candidates: ClassVar[int] = 1
+    model_kind: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.inputs not in INPUTS or cls.model_kind not in (None, "bi", "cross") or cls.min_candidates < 1:
+            raise TypeError(f"{cls.__name__}: inputs={cls.inputs!r} (one of {INPUTS}), model_kind={cls.model_kind!r} "
+                            f"(None, 'bi' or 'cross'), min_candidates={cls.min_candidates} (>= 1)")
+        if cls.inputs == "embeddings" and cls.model_kind != "bi":
+            raise TypeError(f"{cls.__name__} takes embeddings, which only a bi-encoder has: set model_kind = 'bi'")
+
+    def negatives_per_query(self, batch_size: int, group_size: int, world_size: int) -> int:
+        """How many negatives each query is scored against in one step (logged, so batch semantics are explicit):
+        its own hard negatives, unless the loss adds others (in-batch negatives)."""
+        return group_size - 1
+
+
+class ScoreLoss(Loss):
     """A loss over each query's candidate scores [B, 1+k]; subclasses write `compute(scores, teacher)` only.
 
     `scale` multiplies the scores first (null: the subclass's `default_scale` for the similarity, else 1);
     `similarity` is null for a cross-encoder, "cos" or "dot" for the bi-encoder the loss trains."""
 
-    model_kind, inputs, needs_teacher, min_candidates = None, "scores", True, 1
     default_scale: ClassVar[dict[str, float]] = {}
 
     def __init__(self, similarity: str | None = None, scale: float | None = None):
@@ -73,7 +106,8 @@ class ScoreLoss(nn.Module):
         if scores.ndim != 2:
             raise ValueError(f"{name}: expected scores [B, 1+k], got {tuple(scores.shape)}")
         if scores.shape[1] < self.min_candidates:
-            raise ValueError(f"{name} needs at least one hard negative per query (data.num_negatives >= 1)")
+            raise ValueError(f"{name} needs at least {self.min_candidates - 1} hard negative(s) per query "
+                             f"(num_negatives >= {self.min_candidates - 1})")
         if self.needs_teacher:
             _check_teacher(self, teacher, scores.shape)
             teacher = teacher.detach()
@@ -153,7 +187,7 @@ def _gather_with_grad(x):
     return torch.cat([_ContiguousGrad.apply(part) for part in dist_fn.all_gather(x.contiguous())], dim=0)
 
 
-class MultipleNegativesRankingLoss(nn.Module):
+class MultipleNegativesRankingLoss(Loss):
     """InfoNCE with in-batch negatives: each query against every query's positive and hard negatives.
 
     Under torch.distributed the candidates of all ranks are gathered (with gradients), so the effective number of
@@ -194,11 +228,9 @@ class MultipleNegativesRankingLoss(nn.Module):
             loss = (loss + F.cross_entropy(self.scale * docs[:, 0] @ all_queries.T, labels)) / 2
         return loss
 
+    def negatives_per_query(self, batch_size: int, group_size: int, world_size: int) -> int:
+        """Every candidate of the (gathered) batch but the query's own positive."""
+        k = group_size - 1 if self.num_hard_negatives is None else self.num_hard_negatives
+        devices = world_size if self.gather_across_devices else 1
+        return batch_size * devices * (1 + k) - 1
 
-def negatives_per_query(loss: nn.Module, batch_size: int, group_size: int, world_size: int) -> int:
-    """How many negatives each query is scored against in one step (logged, so batch semantics are explicit)."""
-    if isinstance(loss, MultipleNegativesRankingLoss):
-        k = group_size - 1 if loss.num_hard_negatives is None else loss.num_hard_negatives
-        devices = world_size if loss.gather_across_devices else 1
-        return batch_size * devices * (1 + k) - 1  # every candidate of the (gathered) batch but its own positive
-    return group_size - 1

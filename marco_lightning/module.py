@@ -9,6 +9,7 @@ import torch.distributed as dist
 from transformers import get_linear_schedule_with_warmup
 
 from marco_lightning.evaluation import DEFAULT_MEASURES, compute_metrics
+from marco_lightning.losses import Loss
 from marco_lightning.models import pair_similarity
 
 
@@ -25,8 +26,11 @@ class RetrieverModule(pl.LightningModule):
         # the resolved run config travels in every checkpoint (checkpoint["hyper_parameters"]["config"]), so a .ckpt
         # alone says how it was made; the modules themselves are rebuilt from it, not pickled
         self.save_hyperparameters({"config": config} if config else {}, logger=False)  # loggers log cfg already
+        if not isinstance(loss, Loss):
+            raise TypeError(f"{type(loss).__name__} is not a marco_lightning.losses.Loss, which declares what a loss "
+                            "takes (inputs, needs_teacher, min_candidates, model_kind): derive it from Loss or ScoreLoss")
         self.model, self.loss, self.optimizer_factory, self.warmup_steps = model, loss, optimizer, warmup_steps
-        self.loss_on_embeddings = getattr(loss, "inputs", "scores") == "embeddings"  # MNRL; others take scores
+        self.loss_on_embeddings = loss.inputs == "embeddings"  # the loss's declared contract (MNRL); others: scores
         # GradCache needs a backward per mini-batch, which only manual optimisation allows.
         self.mini_batch_size, self.gradient_clip_val = mini_batch_size, gradient_clip_val
         self.automatic_optimization = mini_batch_size is None

@@ -68,3 +68,29 @@ def test_each_loss_brings_its_recipes_similarity_unless_the_model_sets_one(overr
     model = instantiate(cfg.model)
     assert model.similarity == similarity and model.st.similarity_fn_name == {"cos": "cosine", "dot": "dot"}[similarity]
 
+
+
+LOSS_CONTRACTS = {  # loss= option: (inputs, needs_teacher, min_candidates, model_kind), as its class declares them
+    "margin_mse": ("scores", True, 2, None), "margin_mse_cos": ("scores", True, 2, None),
+    "distill_kl": ("scores", True, 1, None), "mnrl": ("embeddings", False, 1, "bi"),
+    "ce_margin_mse": ("scores", True, 2, None), "ce_kl": ("scores", True, 1, None), "ce_mse": ("scores", True, 1, None),
+    "ce_bce": ("scores", False, 1, None),
+}
+
+
+def test_every_shipped_loss_declares_its_contract_through_the_base_class():
+    from marco_lightning.losses import Loss
+
+    assert sorted(LOSS_CONTRACTS) == sorted(p.stem for p in (ROOT / "conf" / "loss").glob("*.yaml"))
+    for option, contract in LOSS_CONTRACTS.items():
+        cls = get_class(compose([f"loss={option}"]).loss._target_)
+        assert issubclass(cls, Loss), option
+        assert (cls.inputs, cls.needs_teacher, cls.min_candidates, cls.model_kind) == contract, option
+
+
+def test_a_loss_without_the_contract_is_refused_before_anything_is_built():
+    from marco_lightning.config import ConfigError, check_training_config
+
+    cfg = compose(["model=tiny_ce", "loss=ce_mse", "loss._target_=torch.nn.MSELoss"])
+    with pytest.raises(ConfigError, match=r"loss=ce_mse: torch\.nn\.MSELoss is not a marco_lightning\.losses\.Loss"):
+        check_training_config(cfg)

@@ -310,12 +310,32 @@ ALL = [L.MarginMSELoss, L.MultipleNegativesRankingLoss, L.DistillKLDivLoss, L.MS
 
 
 def test_class_attributes_readable_without_instantiating():
-    kinds = {cls.__name__: (cls.model_kind, cls.inputs, cls.needs_teacher) for cls in ALL}
+    assert all(issubclass(cls, L.Loss) for cls in ALL)  # the base class declares the contract
+    kinds = {cls.__name__: (cls.model_kind, cls.inputs, cls.needs_teacher, cls.min_candidates) for cls in ALL}
     assert kinds == {  # score losses train either model kind; in-batch negatives need a bi-encoder's vectors
-        "MarginMSELoss": (None, "scores", True), "MultipleNegativesRankingLoss": ("bi", "embeddings", False),
-        "DistillKLDivLoss": (None, "scores", True), "MSELoss": (None, "scores", True),
-        "BinaryCrossEntropyLoss": (None, "scores", False),
+        "MarginMSELoss": (None, "scores", True, 2), "MultipleNegativesRankingLoss": ("bi", "embeddings", False, 1),
+        "DistillKLDivLoss": (None, "scores", True, 1), "MSELoss": (None, "scores", True, 1),
+        "BinaryCrossEntropyLoss": (None, "scores", False, 1),
     }
+
+
+def test_a_contract_that_cannot_hold_is_refused_when_the_class_is_written():
+    with pytest.raises(TypeError, match="inputs"):
+        type("Bad", (L.ScoreLoss,), {"inputs": "logits"})
+    with pytest.raises(TypeError, match="model_kind = 'bi'"):  # embeddings exist only for bi-encoders
+        type("Bad", (L.Loss,), {"inputs": "embeddings"})
+
+
+@pytest.mark.parametrize("loss,batch_size,group_size,world_size,expected", [
+    (L.MarginMSELoss(), 16, 2, 4, 1),                                   # its own hard negative, whatever the batch
+    (L.BinaryCrossEntropyLoss(), 16, 5, 4, 4),                          # its own 4
+    (L.MultipleNegativesRankingLoss(), 16, 2, 1, 31),                   # 16 x (1 + 1) candidates - its positive
+    (L.MultipleNegativesRankingLoss(), 16, 3, 4, 191),                  # 4 devices gathered: 4 x 16 x 3 - 1
+    (L.MultipleNegativesRankingLoss(num_hard_negatives=1), 8, 3, 2, 31),  # 1 of its 2: 2 x 8 x 2 - 1
+    (L.MultipleNegativesRankingLoss(gather_across_devices=False), 16, 3, 4, 47),  # this device's: 16 x 3 - 1
+])
+def test_negatives_per_query(loss, batch_size, group_size, world_size, expected):
+    assert loss.negatives_per_query(batch_size, group_size, world_size) == expected
 
 
 def test_clear_errors(batch):

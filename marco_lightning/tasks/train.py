@@ -19,7 +19,6 @@ def main(cfg: DictConfig) -> dict:
     from marco_lightning.data.datamodule import STORE_KEYS, MarcoDataModule, store_path, validation_set
     from marco_lightning.data.download import ensure_files
     from marco_lightning.loggers import build_callbacks, build_loggers
-    from marco_lightning.losses import negatives_per_query
     from marco_lightning.module import RetrieverModule
 
     callbacks = build_callbacks(cfg)  # one per callbacks.* node (conf/callbacks/default.yaml), before any data loads
@@ -64,8 +63,8 @@ def main(cfg: DictConfig) -> dict:
                                       gradient_clip_val=None if grad_cache else cfg.trainer.gradient_clip_val,
                                       plugins=[AtomicCheckpointIO()], callbacks=callbacks)
     batch_info = {"global_batch_size": cfg.batch_size * trainer.world_size * trainer.accumulate_grad_batches,
-                  "negatives_per_query": negatives_per_query(loss, cfg.batch_size, 1 + cfg.num_negatives,
-                                                             trainer.world_size)}
+                  "negatives_per_query": loss.negatives_per_query(cfg.batch_size, 1 + cfg.num_negatives,
+                                                                  trainer.world_size)}
     for logger in trainer.loggers:
         logger.log_hyperparams(batch_info)
     if trainer.is_global_zero:
