@@ -68,16 +68,21 @@ class RetrieverModule(pl.LightningModule):
         optimizer.zero_grad()
         wrapped = self.trainer.strategy.model  # DDP's wrapper under DDP: one all-reduce per step, not per mini-batch
         no_sync = getattr(wrapped, "no_sync", None) or contextlib.nullcontext
-        loss_fn = self.loss if self.loss_on_embeddings else (  # a score loss on the cached vectors
-            lambda q, d, teacher: self.loss(pair_similarity(q, d, self.model.similarity), teacher))
-        loss = cached_loss_backward(self.model.embed, batch["query"], batch["docs"], loss_fn, self.mini_batch_size,
-                                    self.manual_backward, batch.get("teacher"), no_sync=no_sync)
+        loss = cached_loss_backward(self.model.embed, batch["query"], batch["docs"], self._cached_loss,
+                                    self.mini_batch_size, self.manual_backward, batch.get("teacher"), no_sync=no_sync)
         self._check_finite(loss)  # before the step: the weights stay the last finite ones
         self.configure_gradient_clipping(optimizer, self.gradient_clip_val, "norm")
         optimizer.step()
         scheduler.step()
         self.log("train/loss", loss, prog_bar=True, batch_size=_num_queries(batch))
         return loss
+
+    def _cached_loss(self, query_emb, doc_emb, teacher):
+        """The loss of GradCache's cached embeddings, as the plain step computes it: compared by the model's
+        similarity (its vectors for an embedding loss, its scores for a score loss)."""
+        if self.loss_on_embeddings:
+            return self.loss(self.model.similarity_vectors(query_emb), self.model.similarity_vectors(doc_emb), teacher)
+        return self.loss(pair_similarity(query_emb, doc_emb, self.model.similarity), teacher)
 
     def _check_finite(self, loss):
         """Stop at the first non-finite loss, on every rank at once (one would otherwise wait for the others);

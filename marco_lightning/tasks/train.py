@@ -43,7 +43,8 @@ def main(cfg: DictConfig) -> dict:
         store_dir = store_path(cfg.paths.cache_dir, cfg.data, cfg.negatives)  # downloads change the digest
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    model, loss = instantiate(cfg.model), instantiate(cfg.loss)
+    model = instantiate(cfg.model)
+    loss = build_loss(cfg.loss, model)
     start = starting_model(cfg, model) if cfg.task.validate_before else None
     datamodule = MarcoDataModule(cfg.data, cfg.negatives, model.collator(), store_dir, batch_size=cfg.batch_size,
                                  num_negatives=cfg.num_negatives, with_teacher=loss.needs_teacher, seed=cfg.seed,
@@ -80,6 +81,20 @@ def main(cfg: DictConfig) -> dict:
         raise
     finish_wandb(trainer, exit_code=0)  # its offline file is complete when main() returns
     return metrics
+
+
+def build_loss(loss_cfg: DictConfig, model):
+    """The loss, for the model built: `loss.scale: null` is the loss's recipe scale for the model's similarity
+    (cos 20, dot 1, a cross-encoder's logits 1: losses.default_scale). The one place where model and loss meet;
+    the similarity itself is the model's alone."""
+    from hydra.utils import get_class
+
+    from marco_lightning.losses import default_scale
+
+    scale = loss_cfg.get("scale")
+    if scale is None:
+        scale = default_scale(get_class(loss_cfg._target_), model.similarity)
+    return instantiate(loss_cfg, scale=scale)
 
 
 def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, run_dir, ids=None) -> dict:
