@@ -136,7 +136,7 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
         if cfg.data.get("val_teacher_run"):
             metrics["teacher"] = compute_metrics(judged, read_run(cfg.data.val_teacher_run),
                                                  rel_level=cfg.data.val_rel_level, measures=module.val_measures)
-        export(cfg, module.model, metrics, trainer.global_step, run_dir / "final_model")
+        export(cfg, module.model, module.loss, metrics, trainer.global_step, run_dir / "final_model")
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         print(format_table({k: metrics[k] for k in ("before", "after", "teacher") if k in metrics}))
         print_run_summary(cfg, run_dir)
@@ -145,7 +145,7 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
     return metrics
 
 
-def export(cfg, model, metrics: dict, steps: int, path) -> None:
+def export(cfg, model, loss, metrics: dict, steps: int, path) -> None:
     """final_model/ with a model card that says how it was made; never from non-finite weights."""
     from marco_lightning.model_card import card_data, training_section
 
@@ -154,7 +154,7 @@ def export(cfg, model, metrics: dict, steps: int, path) -> None:
     card_data(model, cfg)
     model.save(path)
     with open(path / "README.md", "a", encoding="utf-8") as card:
-        card.write(training_section(cfg, metrics, steps))
+        card.write(training_section(cfg, metrics, steps, model, loss))
 
 
 def push_to_hub(repo_id: str, path) -> None:
