@@ -40,7 +40,7 @@ def project_step(dev, bf16: bool, compile_: bool = False, attn: str = "sdpa"):
 
     torch.manual_seed(0)
     model = BiEncoder(BACKBONE, similarity="dot", attn_implementation=attn).to(dev).train()
-    loss_fn, optimizer = MarginMSELoss(similarity="dot"), torch.optim.AdamW(model.parameters(), lr=2e-5, fused=dev.type == "cuda")
+    loss_fn, optimizer = MarginMSELoss(), torch.optim.AdamW(model.parameters(), lr=2e-5, fused=dev.type == "cuda")
     collate = model.collator().train
     forward = torch.compile(model.candidate_scores) if compile_ else model.candidate_scores
 

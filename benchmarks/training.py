@@ -119,7 +119,7 @@ def project(examples, batch_size: int, warmup: int, workers: int = 2, precision:
     model = BiEncoder(BACKBONE, similarity="dot", max_query_length=QUERY_LEN, max_doc_length=DOC_LEN,
                       length_chunks=length_chunks)
     optimizer = partial(torch.optim.AdamW, lr=LR, weight_decay=WD, fused=fused)
-    module = RetrieverModule(model, MarginMSELoss(similarity="dot"), optimizer, warmup_steps=0.1,
+    module = RetrieverModule(model, MarginMSELoss(), optimizer, warmup_steps=0.1,
                              val_qrels={"0": {"0": 2}})  # never validated; the metric only needs some qrels
     loader = DataLoader(examples, batch_size=batch_size, collate_fn=model.collator().train,
                         num_workers=workers)

@@ -5,45 +5,13 @@ import inspect
 from pathlib import Path
 
 from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from marco_lightning.errors import ConfigError  # defined at the bottom floor, re-exported here
 
 ROOT = Path(__file__).resolve().parents[1]
 OmegaConf.register_new_resolver("marco_root", lambda: str(ROOT), replace=True)
 OmegaConf.register_new_resolver("basename", lambda path: Path(str(path)).name, replace=True)  # data=beir names
-
-
-def resolve_similarity(cfg: DictConfig) -> str | None:
-    """The similarity a bi-encoder trains, validates and is exported with, written into both config nodes so the
-    saved config.yaml says what ran: model.similarity when the user set it, else the loss's own (its recipe's)."""
-    takes_similarity = "similarity" in inspect.signature(get_class(cfg.loss._target_)).parameters
-    if get_class(cfg.model._target_).kind != "bi" or not takes_similarity:
-        return None
-    chosen, loss_sim = cfg.model.get("similarity"), cfg.loss.get("similarity")
-    if not (chosen or loss_sim):
-        raise ConfigError(f"loss={_choice(cfg, 'loss')} names no similarity (a cross-encoder loss config) and the "
-                          f"bi-encoder model={_choice(cfg, 'model')} keeps its own: set model.similarity=cos or dot "
-                          "(and loss.scale to match the teacher's) to train it with this loss, or pick a bi-encoder "
-                          "loss (margin_mse_cos, margin_mse, mnrl, distill_kl)")
-    if chosen and chosen != loss_sim and "loss.similarity" in _overridden_keys():
-        raise ConfigError(f"model.similarity={chosen} but loss.similarity={loss_sim}: the model is scored and "
-                          f"exported with the similarity it trains with; set only one (model.similarity={loss_sim})")
-    sim = chosen or loss_sim
-    with open_dict(cfg):
-        cfg.model.similarity = cfg.loss.similarity = sim
-        if sim != loss_sim and "scale" in cfg.loss and "loss.scale" not in _overridden_keys():
-            cfg.loss.scale = None  # the loss config's scale belongs to its own similarity: take this one's default
-    return sim
-
-
-def _overridden_keys() -> set[str]:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
-    except ValueError:  # composed without Hydra's runtime: no command-line overrides
-        return set()
 
 
 def _check_arguments(cfg: DictConfig, group: str) -> None:
@@ -53,29 +21,37 @@ def _check_arguments(cfg: DictConfig, group: str) -> None:
         return
     unread = [k for k in cfg[group] if not k.startswith("_") and k not in params]
     if unread:
+        hint = (f"; the similarity is the model's: set model.similarity={cfg[group].similarity} instead"
+                if group == "loss" and "similarity" in unread else "")
         raise ConfigError(f"{group}={_choice(cfg, group)} ({cfg[group]._target_}) has no option "
-                          f"{', '.join(f'{group}.{k}' for k in unread)}; it takes: {', '.join(params)}")
+                          f"{', '.join(f'{group}.{k}' for k in unread)}; it takes: {', '.join(params)}{hint}")
 
 
 def check_training_config(cfg: DictConfig) -> None:
     """Incompatible choices fail here, naming both config choices, before anything heavy happens."""
+    from marco_lightning.losses import Loss
+
     model_cls, loss_cls = get_class(cfg.model._target_), get_class(cfg.loss._target_)
     model_choice, loss_choice = _choice(cfg, "model"), _choice(cfg, "loss")
+    if not issubclass(loss_cls, Loss):  # its class attributes are the contract every check below reads
+        raise ConfigError(f"loss={loss_choice}: {cfg.loss._target_} is not a marco_lightning.losses.Loss, which "
+                          "declares what a loss takes (inputs, needs_teacher, min_candidates, model_kind): derive "
+                          "it from losses.Loss or losses.ScoreLoss")
     if loss_cls.model_kind not in (None, model_cls.kind):
         raise ConfigError(f"loss={loss_choice} ({loss_cls.__name__}) trains a {loss_cls.model_kind}-encoder but "
                           f"model={model_choice} is a {model_cls.kind}-encoder: pick a "
                           f"{model_cls.kind}-encoder loss or a {loss_cls.model_kind}-encoder model")
-    if model_cls.kind == "cross" and cfg.loss.get("similarity"):
-        raise ConfigError(f"loss={loss_choice} sets loss.similarity={cfg.loss.similarity} (and its scale) for a "
-                          f"bi-encoder, but model={model_choice} is a cross-encoder scoring with its own head: pick "
-                          f"a cross-encoder loss (loss=ce_margin_mse, ce_kl, ce_mse, ce_bce)")
+    if model_cls.kind == "cross" and cfg.model.get("similarity"):  # set by a bi-encoder recipe's loss config
+        raise ConfigError(f"model={model_choice} is a cross-encoder, scoring with its own head, so it has no "
+                          f"similarity to train, but model.similarity={cfg.model.similarity} is set (loss="
+                          f"{loss_choice} is a bi-encoder recipe that sets it): pick a cross-encoder loss "
+                          "(loss=ce_margin_mse, ce_kl, ce_mse, ce_bce) or a bi-encoder model")
     if not cfg.negatives.require_positive and not loss_cls.needs_teacher:
         raise ConfigError(f"negatives.require_positive=false trains queries without a positive, which only a "
                           f"distillation loss can (the teacher ranks their candidates); loss={loss_choice} needs a "
                           "positive per query: set negatives.require_positive=true or a distillation loss")
     _check_arguments(cfg, "model")
     _check_arguments(cfg, "loss")
-    resolve_similarity(cfg)
     if cfg.get("mini_batch_size"):
         if model_cls.kind != "bi":
             raise ConfigError(f"mini_batch_size (GradCache) caches embeddings of a bi-encoder; model={model_choice} "
@@ -86,6 +62,9 @@ def check_training_config(cfg: DictConfig) -> None:
     for key in ("batch_size", "num_negatives"):
         if int(cfg[key]) < 1:
             raise ConfigError(f"{key}={cfg[key]} must be >= 1")
+    if 1 + int(cfg.num_negatives) < loss_cls.min_candidates:
+        raise ConfigError(f"loss={loss_choice} needs {loss_cls.min_candidates} candidates per query (the positive "
+                          f"and hard negatives): set num_negatives >= {loss_cls.min_candidates - 1}")
 
 
 def check_files(cfg: DictConfig, keys) -> None:

@@ -1,12 +1,16 @@
 """Training losses, one nn.Module each, built by Hydra from `_target_`. Formulas: ../shared/REFERENCE.md.
 
-Two call shapes, so neither the LightningModule nor a loss branches on the model kind:
+Two call shapes, so neither the LightningModule nor a loss branches on the model kind or its similarity:
   score losses (`inputs = "scores"`, any model):  loss(scores [B, 1+k], teacher [B, 1+k] | None)
-      a cross-encoder's scores are its logits, a bi-encoder's its similarity (models.pair_similarity);
+      a cross-encoder's scores are its logits, a bi-encoder's its similarity (BiEncoder.candidate_scores);
   MultipleNegativesRankingLoss (`inputs = "embeddings"`, bi-encoders): loss(query_emb [B, d], doc_emb [B, 1+k, d])
-      in-batch negatives need the vectors themselves (and their gathering across devices).
-Column 0 is the positive, the rest are that query's hard negatives. `needs_teacher` says whether the batches must
-carry teacher scores; `similarity` (bi-encoders only) is the one the model trains with (config.resolve_similarity).
+      in-batch negatives need the vectors themselves (and their gathering across devices): the model hands over
+      vectors whose inner product is its similarity (BiEncoder.embed_group: unit length for cos).
+Column 0 is the positive, the rest are that query's hard negatives. Every loss is a `Loss`, whose class attributes
+are its contract, read without building it (config.check_training_config, RetrieverModule, tasks/train).
+No loss knows the similarity, which is the model's (model.similarity). A loss multiplies what it gets by `scale`;
+the config's `loss.scale: null` is its recipe's scale for the model's similarity, `default_scale`, resolved where
+the training task builds the loss for the model (tasks/train.build_loss).
 """
 
 from typing import ClassVar
@@ -16,22 +20,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-SIMILARITIES = ("cos", "dot")
+INPUTS = ("scores", "embeddings")
 # Student score = scale * similarity. Cosine lives in [-1, 1]: x20 gives InfoNCE its recipe's temperature (0.05)
-# and MarginMSE margins on the scale of cross-encoder logits; dot products are unit-free already.
-DEFAULT_SCALE = {"cos": 20.0, "dot": 1.0}
+# and MarginMSE margins on the scale of cross-encoder logits; dot products (and logits) are unit-free already.
+RECIPE_SCALES = {"cos": 20.0, "dot": 1.0}
 
 
-def _scale(name: str, scale: float | None, default: float) -> float:
-    scale = default if scale is None else scale
-    if not scale > 0:
-        raise ValueError(f"{name}: scale={scale}; it must be > 0 (config key loss.scale)")
-    return float(scale)
-
-
-def _check_similarity(name: str, similarity: str) -> None:
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"{name}: similarity={similarity!r}; use one of {SIMILARITIES} (config key loss.similarity)")
+def default_scale(loss_cls: type["Loss"], similarity: str | None) -> float:
+    """What `loss.scale: null` stands for: the loss's recipe scale for the model's similarity ("cos" or "dot"; None
+    for a cross-encoder, whose logits are not scaled). A loss whose recipe scales nothing (DistillKL, MSE) gets 1."""
+    return loss_cls.recipe_scales.get(similarity, 1.0) if similarity is not None else 1.0
 
 
 def _check_teacher(loss: nn.Module, teacher, shape) -> None:
@@ -52,28 +50,56 @@ def _check_bi(loss: nn.Module, query_emb, doc_emb) -> None:
                          f"got {tuple(query_emb.shape)} and {tuple(doc_emb.shape)}")
 
 
-class ScoreLoss(nn.Module):
-    """A loss over each query's candidate scores [B, 1+k]; subclasses write `compute(scores, teacher)` only.
+class Loss(nn.Module):
+    """What every training loss declares (class attributes, so a config is checked before anything is built):
 
-    `scale` multiplies the scores first (null: the subclass's `default_scale` for the similarity, else 1);
-    `similarity` is null for a cross-encoder, "cos" or "dot" for the bi-encoder the loss trains."""
+    inputs          "scores": forward(scores [B, 1+k], teacher); "embeddings": forward(query_emb, doc_emb, teacher)
+    needs_teacher   the batches must carry teacher scores [B, 1+k]
+    min_candidates  candidates per query it needs, the positive included (2: at least one hard negative)
+    model_kind      None: trains either model kind; "bi": bi-encoders only (it needs their vectors)
+    recipe_scales   its recipe's scale per model similarity (`default_scale`); absent: 1
 
-    model_kind, inputs, needs_teacher, min_candidates = None, "scores", True, 1
-    default_scale: ClassVar[dict[str, float]] = {}
+    and takes `scale`, the factor on every score (1/temperature for InfoNCE).
+    """
 
-    def __init__(self, similarity: str | None = None, scale: float | None = None):
+    inputs: ClassVar[str] = "scores"
+    needs_teacher: ClassVar[bool] = True
+    min_candidates: ClassVar[int] = 1
+    model_kind: ClassVar[str | None] = None
+    recipe_scales: ClassVar[dict[str, float]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.inputs not in INPUTS or cls.model_kind not in (None, "bi", "cross") or cls.min_candidates < 1:
+            raise TypeError(f"{cls.__name__}: inputs={cls.inputs!r} (one of {INPUTS}), model_kind={cls.model_kind!r} "
+                            f"(None, 'bi' or 'cross'), min_candidates={cls.min_candidates} (>= 1)")
+        if cls.inputs == "embeddings" and cls.model_kind != "bi":
+            raise TypeError(f"{cls.__name__} takes embeddings, which only a bi-encoder has: set model_kind = 'bi'")
+
+    def __init__(self, scale: float = 1.0):
         super().__init__()
-        name = type(self).__name__
-        if similarity is not None:
-            _check_similarity(name, similarity)
-        self.similarity, self.scale = similarity, _scale(name, scale, self.default_scale.get(similarity, 1.0))
+        if scale is None or not scale > 0:
+            raise ValueError(f"{type(self).__name__}: scale={scale}; it must be a number > 0 (config key loss.scale; "
+                             "null there is the recipe's scale for the model's similarity, losses.default_scale)")
+        self.scale = float(scale)
+
+    def negatives_per_query(self, batch_size: int, group_size: int, world_size: int) -> int:
+        """How many negatives each query is scored against in one step (logged, so batch semantics are explicit):
+        its own hard negatives, unless the loss adds others (in-batch negatives)."""
+        return group_size - 1
+
+
+class ScoreLoss(Loss):
+    """A loss over each query's candidate scores [B, 1+k], multiplied by `scale` first; subclasses write
+    `compute(scores, teacher)` only."""
 
     def forward(self, scores, teacher=None):
         name = type(self).__name__
         if scores.ndim != 2:
             raise ValueError(f"{name}: expected scores [B, 1+k], got {tuple(scores.shape)}")
         if scores.shape[1] < self.min_candidates:
-            raise ValueError(f"{name} needs at least one hard negative per query (data.num_negatives >= 1)")
+            raise ValueError(f"{name} needs at least {self.min_candidates - 1} hard negative(s) per query "
+                             f"(num_negatives >= {self.min_candidates - 1})")
         if self.needs_teacher:
             _check_teacher(self, teacher, scores.shape)
             teacher = teacher.detach()
@@ -87,7 +113,7 @@ class MarginMSELoss(ScoreLoss):
     """Hofstaetter et al. 2020: match the student's margins s(q,p) - s(q,n) to the teacher's. The paper's s is the dot
     product; s = scale * cos trains a cosine model (msmarco-MiniLM-L6-cos-v5) without leaving its geometry."""
 
-    default_scale, min_candidates = DEFAULT_SCALE, 2
+    recipe_scales, min_candidates = RECIPE_SCALES, 2
 
     def compute(self, scores, teacher):
         return F.mse_loss(scores[:, :1] - scores[:, 1:], teacher[:, :1] - teacher[:, 1:])
@@ -96,8 +122,8 @@ class MarginMSELoss(ScoreLoss):
 class DistillKLDivLoss(ScoreLoss):
     """Listwise distillation: KL(softmax(T / tau) || softmax(s / tau)) * tau^2 over each query's 1+k candidates."""
 
-    def __init__(self, temperature: float = 1.0, similarity: str | None = None, scale: float | None = None):
-        super().__init__(similarity, scale)
+    def __init__(self, temperature: float = 1.0, scale: float = 1.0):
+        super().__init__(scale)
         if not temperature > 0:
             raise ValueError(f"DistillKLDivLoss: temperature={temperature} must be > 0")
         self.temperature = temperature
@@ -153,24 +179,24 @@ def _gather_with_grad(x):
     return torch.cat([_ContiguousGrad.apply(part) for part in dist_fn.all_gather(x.contiguous())], dim=0)
 
 
-class MultipleNegativesRankingLoss(nn.Module):
-    """InfoNCE with in-batch negatives: each query against every query's positive and hard negatives.
+class MultipleNegativesRankingLoss(Loss):
+    """InfoNCE with in-batch negatives: each query against every query's positive and hard negatives, scored by
+    scale x inner product of the vectors the model hands over (unit vectors for a cosine model: scale x cos).
 
     Under torch.distributed the candidates of all ranks are gathered (with gradients), so the effective number of
     negatives grows with the number of devices; queries stay local and labels are offset by rank * B.
     """
 
     model_kind, inputs, needs_teacher = "bi", "embeddings", False
+    recipe_scales = RECIPE_SCALES  # sentence-transformers' MNRL: cos_sim x 20
 
-    def __init__(self, scale: float | None = None, similarity: str = "cos", num_hard_negatives: int | None = None,
-                 symmetric: bool = False, gather_across_devices: bool = True):
-        super().__init__()
-        _check_similarity(type(self).__name__, similarity)
-        scale = _scale(type(self).__name__, scale, DEFAULT_SCALE[similarity])  # 1/temperature
+    def __init__(self, scale: float = 1.0, num_hard_negatives: int | None = None, symmetric: bool = False,
+                 gather_across_devices: bool = True):
+        super().__init__(scale)  # 1/temperature
         if num_hard_negatives is not None and num_hard_negatives < 0:
             raise ValueError(f"MultipleNegativesRankingLoss: num_hard_negatives={num_hard_negatives} must be >= 0")
-        self.scale, self.similarity, self.num_hard_negatives = scale, similarity, num_hard_negatives
-        self.symmetric, self.gather_across_devices = symmetric, gather_across_devices
+        self.num_hard_negatives, self.symmetric = num_hard_negatives, symmetric
+        self.gather_across_devices = gather_across_devices
 
     def forward(self, query_emb, doc_emb, teacher=None):
         _check_bi(self, query_emb, doc_emb)
@@ -179,8 +205,6 @@ class MultipleNegativesRankingLoss(nn.Module):
             raise ValueError(f"MultipleNegativesRankingLoss: num_hard_negatives={k} but the batch carries only "
                              f"{doc_emb.shape[1] - 1} per query; lower loss.num_hard_negatives or raise the data's")
         queries, docs = query_emb, doc_emb[:, : 1 + k]
-        if self.similarity == "cos":
-            queries, docs = F.normalize(queries, dim=-1), F.normalize(docs, dim=-1)
         rank, world = _world() if self.gather_across_devices else (0, 1)
         all_queries, all_docs = queries, docs
         if world > 1:  # candidates from every rank; queries stay local (all of them only for the symmetric term)
@@ -194,11 +218,8 @@ class MultipleNegativesRankingLoss(nn.Module):
             loss = (loss + F.cross_entropy(self.scale * docs[:, 0] @ all_queries.T, labels)) / 2
         return loss
 
-
-def negatives_per_query(loss: nn.Module, batch_size: int, group_size: int, world_size: int) -> int:
-    """How many negatives each query is scored against in one step (logged, so batch semantics are explicit)."""
-    if isinstance(loss, MultipleNegativesRankingLoss):
-        k = group_size - 1 if loss.num_hard_negatives is None else loss.num_hard_negatives
-        devices = world_size if loss.gather_across_devices else 1
-        return batch_size * devices * (1 + k) - 1  # every candidate of the (gathered) batch but its own positive
-    return group_size - 1
+    def negatives_per_query(self, batch_size: int, group_size: int, world_size: int) -> int:
+        """Every candidate of the (gathered) batch but the query's own positive."""
+        k = group_size - 1 if self.num_hard_negatives is None else self.num_hard_negatives
+        devices = world_size if self.gather_across_devices else 1
+        return batch_size * devices * (1 + k) - 1

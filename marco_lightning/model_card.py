@@ -33,9 +33,12 @@ def card_data(model, cfg: DictConfig) -> None:
     data.tags = sorted({*(data.tags or []), "marco-lightning", "ms-marco", "passage-retrieval"})
 
 
-def training_section(cfg: DictConfig, source, metrics: dict, steps: int) -> str:
-    """Markdown: recipe, data, negatives, steps, seed, commit, and before/after with their protocol."""
-    loss = {k: v for k, v in cfg.loss.items() if k != "_target_"}
+def training_section(cfg: DictConfig, source, metrics: dict, steps: int, model, loss) -> str:
+    """Markdown: recipe, data, negatives, steps, seed, commit, and before/after with their protocol. The similarity
+    and scale are the trained model's and loss's own (a null in the config stands for a resolved value)."""
+    settings = {**{k: v for k, v in cfg.loss.items() if k != "_target_"}, "scale": loss.scale}
+    scores = (f"similarity `{model.similarity}` (declared in config_sentence_transformers.json, used by "
+              "`model.similarity`)" if model.similarity else "scores: the cross-encoder's logit")
     neg = cfg.negatives
     rows = [(name, metrics[name]) for name in ("before", "after", "teacher") if name in metrics]
     measures = list(dict.fromkeys(m for _, values in rows for m in values))
@@ -51,8 +54,7 @@ def training_section(cfg: DictConfig, source, metrics: dict, steps: int) -> str:
                 f"`{cfg.monitor}`).")
     return "\n".join([
         "", "## How this model was made (marco-lightning)", "", base,
-        (f"- Loss: `{cfg.loss._target_}` with {loss}; similarity `{cfg.model.get('similarity')}` (declared in "
-         "config_sentence_transformers.json, used by `model.similarity`)"),
+        f"- Loss: `{cfg.loss._target_}` with {settings}; {scores}",
         f"- Data: {data}",
         (f"- Hard negatives: systems {systems}, up to {neg.num_per_system} per system, ce_score_margin "
          f"{neg.ce_score_margin}, {cfg.num_negatives} per query per step"),

@@ -159,11 +159,14 @@ def by_length_chunks(forward, features: dict, chunks: int) -> torch.Tensor:
     return torch.cat(outputs)[torch.argsort(order)]
 
 
+def similarity_vectors(emb: torch.Tensor, similarity: str) -> torch.Tensor:
+    """Embeddings as `similarity` compares them: vectors whose inner product is it (unit length for "cos")."""
+    return F.normalize(emb, dim=-1) if similarity == "cos" else emb
+
+
 def pair_similarity(query_emb, doc_emb, similarity: str) -> torch.Tensor:
     """[B, d] x [B, n, d] -> [B, n]: each query against its own candidates, by "cos" or "dot"."""
-    if similarity == "cos":
-        query_emb, doc_emb = F.normalize(query_emb, dim=-1), F.normalize(doc_emb, dim=-1)
-    return torch.einsum("bd,bnd->bn", query_emb, doc_emb)
+    return torch.einsum("bd,bnd->bn", similarity_vectors(query_emb, similarity), similarity_vectors(doc_emb, similarity))
 
 
 def _chunks(length_chunks: int, tokenizer) -> int:
@@ -224,20 +227,24 @@ class BiEncoder(nn.Module):
         """Every module of the sentence-transformers model: what `encode` returns, with gradients."""
         return self.st(dict(features))["sentence_embedding"]  # a copy: the modules add keys to it
 
+    def similarity_vectors(self, emb: torch.Tensor) -> torch.Tensor:
+        """Embeddings as this model's similarity compares them: their inner product is its score."""
+        return similarity_vectors(emb, self.similarity)
+
     def output_embedding(self, features: dict) -> torch.Tensor:
         """Vectors whose inner product is the model's similarity (for faiss): unit length for cos."""
-        emb = self.embed(features)
-        return F.normalize(emb, dim=-1) if self.similarity == "cos" else emb
+        return self.similarity_vectors(self.embed(features))
 
     def embed_group(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """A training batch -> query_emb [B, d], doc_emb [B, 1+k, d] (the inputs of an embedding loss)."""
+        """A training batch -> query [B, d], docs [B, 1+k, d] as the similarity compares them (unit length for cos):
+        the inputs of an embedding loss, whose inner products are the model's scores."""
         q = self.embed(batch["query"])
-        docs = by_length_chunks(self.embed, batch["docs"], self.length_chunks)
-        return q, docs.view(q.shape[0], batch["group_size"], -1)
+        docs = by_length_chunks(self.embed, batch["docs"], self.length_chunks).view(q.shape[0], batch["group_size"], -1)
+        return self.similarity_vectors(q), self.similarity_vectors(docs)
 
     def candidate_scores(self, batch) -> torch.Tensor:
-        """A training batch -> [B, 1+k] scores of each query's candidates (the inputs of a score loss)."""
-        return pair_similarity(*self.embed_group(batch), self.similarity)
+        """A training batch -> [B, 1+k] similarity of each query to its candidates (the inputs of a score loss)."""
+        return torch.einsum("bd,bnd->bn", *self.embed_group(batch))
 
     def score_pairs(self, batch) -> torch.Tensor:
         q, d = self.output_embedding(batch["query"]), self.output_embedding(batch["doc"])
@@ -252,7 +259,7 @@ class BiEncoder(nn.Module):
 class CrossEncoder(nn.Module):
     """Query and passage read together by one transformer; a one-logit head gives the relevance score."""
 
-    kind = "cross"
+    kind, similarity = "cross", None  # scores by its head, not by a similarity of vectors
 
     def __init__(self, backbone: str, max_query_length: int = 32, max_doc_length: int = 480,
                  random_init: dict | None = None, attn_implementation: str = "sdpa", length_chunks: int = 4):

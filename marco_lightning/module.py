@@ -10,6 +10,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from marco_lightning.errors import UserError
 from marco_lightning.evaluation import DEFAULT_MEASURES, compute_metrics
+from marco_lightning.losses import Loss
 from marco_lightning.models import pair_similarity
 
 
@@ -26,8 +27,11 @@ class RetrieverModule(pl.LightningModule):
         # the resolved run config travels in every checkpoint (checkpoint["hyper_parameters"]["config"]), so a .ckpt
         # alone says how it was made; the modules themselves are rebuilt from it, not pickled
         self.save_hyperparameters({"config": config} if config else {}, logger=False)  # loggers log cfg already
+        if not isinstance(loss, Loss):
+            raise TypeError(f"{type(loss).__name__} is not a marco_lightning.losses.Loss, which declares what a loss "
+                            "takes (inputs, needs_teacher, min_candidates, model_kind): derive it from Loss or ScoreLoss")
         self.model, self.loss, self.optimizer_factory, self.warmup_steps = model, loss, optimizer, warmup_steps
-        self.loss_on_embeddings = getattr(loss, "inputs", "scores") == "embeddings"  # MNRL; others take scores
+        self.loss_on_embeddings = loss.inputs == "embeddings"  # the loss's declared contract (MNRL); others: scores
         # GradCache needs a backward per mini-batch, which only manual optimisation allows.
         self.mini_batch_size, self.gradient_clip_val = mini_batch_size, gradient_clip_val
         self.automatic_optimization = mini_batch_size is None
@@ -65,16 +69,21 @@ class RetrieverModule(pl.LightningModule):
         optimizer.zero_grad()
         wrapped = self.trainer.strategy.model  # DDP's wrapper under DDP: one all-reduce per step, not per mini-batch
         no_sync = getattr(wrapped, "no_sync", None) or contextlib.nullcontext
-        loss_fn = self.loss if self.loss_on_embeddings else (  # a score loss on the cached vectors
-            lambda q, d, teacher: self.loss(pair_similarity(q, d, self.model.similarity), teacher))
-        loss = cached_loss_backward(self.model.embed, batch["query"], batch["docs"], loss_fn, self.mini_batch_size,
-                                    self.manual_backward, batch.get("teacher"), no_sync=no_sync)
+        loss = cached_loss_backward(self.model.embed, batch["query"], batch["docs"], self._cached_loss,
+                                    self.mini_batch_size, self.manual_backward, batch.get("teacher"), no_sync=no_sync)
         self._check_finite(loss)  # before the step: the weights stay the last finite ones
         self.configure_gradient_clipping(optimizer, self.gradient_clip_val, "norm")
         optimizer.step()
         scheduler.step()
         self.log("train/loss", loss, prog_bar=True, batch_size=_num_queries(batch))
         return loss
+
+    def _cached_loss(self, query_emb, doc_emb, teacher):
+        """The loss of GradCache's cached embeddings, as the plain step computes it: compared by the model's
+        similarity (its vectors for an embedding loss, its scores for a score loss)."""
+        if self.loss_on_embeddings:
+            return self.loss(self.model.similarity_vectors(query_emb), self.model.similarity_vectors(doc_emb), teacher)
+        return self.loss(pair_similarity(query_emb, doc_emb, self.model.similarity), teacher)
 
     def _check_finite(self, loss):
         """Stop at the first non-finite loss, on every rank at once (one would otherwise wait for the others);

@@ -28,7 +28,7 @@ def test_recipe_trains_on_the_sample_with_its_pinned_hyperparameters(experiment,
                 "bi_mnrl": (2e-5, "MultipleNegativesRankingLoss", 3.0, "cos"),
                 "ce_distill": (7e-6, "MSELoss", None, None)}[experiment]
     assert (cfg.optimizer.lr, cfg.loss._target_.rsplit(".", 1)[1], cfg.negatives.ce_score_margin,
-            cfg.loss.get("similarity")) == expected
+            cfg.model.get("similarity")) == expected  # the similarity is the model's
     assert cfg.trainer.precision == "bf16-mixed"  # the recipes' AMP; bf16 autocast runs on CPU too
     assert set(metrics["after"]) >= {"ndcg@10", "mrr@10", "recall@100"}
     assert (tmp_path / "final_model").is_dir()
@@ -68,10 +68,10 @@ def test_grad_cache_training_matches_plain_training(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["model=tiny", "loss=ce_mse"], "loss=ce_mse"),
-    (["model=tiny_ce", "loss=margin_mse"], "model=tiny_ce"),
+    (["model=tiny_ce", "loss=mnrl"], "loss=mnrl"),                                     # bi-encoders only
+    (["model=tiny_ce", "loss=margin_mse"], "model=tiny_ce"),                            # a bi-encoder recipe
     (["model=tiny", "loss=margin_mse", "data.teacher_scores=null"], "data.teacher_scores"),
-    (["model=tiny", "loss=mnrl", "model.similarity=dot", "loss.similarity=cos"], "model.similarity=cos"),
+    (["model=tiny", "loss=mnrl", "model.similarity=dot", "+loss.similarity=cos"], "model.similarity=cos"),  # model's
     (["model=tiny", "loss=margin_mse", "+loss.temperature=2"], "loss.temperature"),     # an option no loss reads
     (["model=tiny", "loss=mnrl", "negatives.require_positive=false"], "require_positive"),
     (["model=tiny_ce", "loss=ce_mse", "mini_batch_size=4"], "mini_batch_size"),

@@ -121,9 +121,10 @@ def test_the_default_model_is_the_packaged_cosine_minilm():
         theirs = st.similarity(*[st.encode([t], convert_to_tensor=True) for t in texts])[0]
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     from marco_lightning.config import check_training_config
+    from marco_lightning.tasks.train import build_loss
 
-    check_training_config(cfg)  # the default recipe trains MiniLM as the cosine model it is
-    assert cfg.model.similarity == cfg.loss.similarity == "cos"
+    check_training_config(cfg)  # the default recipe trains MiniLM as the cosine model it is, at 20 x cos
+    assert cfg.model.similarity == "cos" and build_loss(cfg.loss, model).scale == 20.0
 
 
 @pytest.mark.slow

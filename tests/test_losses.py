@@ -1,7 +1,9 @@
 """Losses and GradCache against sentence-transformers' own loss classes (v6.2) and hand-computed values.
 
 The ST losses embed feature dicts with a model; stand-in models here return the very tensors our losses get, so
-both sides see identical float32 inputs and the gradients w.r.t. those inputs can be compared.
+both sides see identical float32 inputs and the gradients w.r.t. those inputs can be compared. Our losses know no
+similarity: they get what the bi-encoder hands over (models.pair_similarity's scores, or similarity_vectors: unit
+vectors for cos), where ST's losses take a similarity function.
 """
 
 import math
@@ -17,7 +19,7 @@ from torch import nn
 
 from marco_lightning import losses as L
 from marco_lightning.grad_cache import cached_loss_backward
-from marco_lightning.models import pair_similarity
+from marco_lightning.models import pair_similarity, similarity_vectors
 
 ATOL = 1e-6
 B, K, D = 6, 3, 8  # queries, hard negatives per query, embedding size
@@ -77,7 +79,7 @@ def assert_parity(ours, reference, *inputs):
 
 def test_margin_mse_matches_st(batch):
     q, d, t = batch
-    assert_parity(lambda q, d: L.MarginMSELoss(similarity="dot")(pair_similarity(q, d, "dot"), t),
+    assert_parity(lambda q, d: L.MarginMSELoss()(pair_similarity(q, d, "dot"), t),
                   lambda q, d: st_bi_loss(st_bi.MarginMSELoss, q, d, t), q, d)
 
 
@@ -86,9 +88,9 @@ def test_margin_mse_matches_st(batch):
 def test_mnrl_matches_st(batch, similarity, scale, st_sim, num_hard_negatives):
     q, d, _ = batch
     n = K if num_hard_negatives is None else num_hard_negatives
-    ours = L.MultipleNegativesRankingLoss(scale=scale, similarity=similarity, num_hard_negatives=num_hard_negatives)
+    ours = L.MultipleNegativesRankingLoss(scale=scale, num_hard_negatives=num_hard_negatives)
     reference = st_bi.MultipleNegativesRankingLoss  # ST takes the columns it is given: drop the unused negatives
-    assert_parity(lambda q, d: ours(q, d),
+    assert_parity(lambda q, d: ours(similarity_vectors(q, similarity), similarity_vectors(d, similarity)),
                   lambda q, d: st_bi_loss(lambda m: reference(m, scale=scale, similarity_fct=st_sim), q, d[:, : 1 + n],
                                           None), q, d)
 
@@ -96,13 +98,15 @@ def test_mnrl_matches_st(batch, similarity, scale, st_sim, num_hard_negatives):
 def test_mnrl_grads_zero_for_unused_negatives(batch):
     q, d, _ = batch
     d = d.clone().requires_grad_()
-    L.MultipleNegativesRankingLoss(num_hard_negatives=1)(q, d).backward()
+    L.MultipleNegativesRankingLoss(scale=20.0, num_hard_negatives=1)(similarity_vectors(q, "cos"),
+                                                                     similarity_vectors(d, "cos")).backward()
     assert d.grad[:, 2:].abs().max() == 0 and d.grad[:, :2].abs().min() > 0
 
 
 def test_symmetric_mnrl_matches_st(batch):
     q, d, _ = batch
-    assert_parity(lambda q, d: L.MultipleNegativesRankingLoss(symmetric=True)(q, d),
+    assert_parity(lambda q, d: L.MultipleNegativesRankingLoss(scale=20.0, symmetric=True)(  # ST's: cos, 20
+        similarity_vectors(q, "cos"), similarity_vectors(d, "cos")),
                   lambda q, d: st_bi_loss(st_bi.MultipleNegativesSymmetricRankingLoss, q, d, None), q, d)
 
 
@@ -110,7 +114,7 @@ def test_symmetric_mnrl_matches_st(batch):
 @pytest.mark.parametrize("similarity,st_sim", [("dot", st_util.pairwise_dot_score), ("cos", st_util.pairwise_cos_sim)])
 def test_distill_kl_matches_st(batch, temperature, similarity, st_sim):
     q, d, t = batch
-    ours = L.DistillKLDivLoss(temperature=temperature, similarity=similarity)
+    ours = L.DistillKLDivLoss(temperature=temperature)
     assert_parity(lambda q, d: ours(pair_similarity(q, d, similarity), t),
                   lambda q, d: st_bi_loss(lambda m: st_bi.DistillKLDivLoss(m, similarity_fct=st_sim,
                                                                           temperature=temperature), q, d, t), q, d)
@@ -120,8 +124,8 @@ def test_margin_mse_scale_hand_computed():
     """A cosine student's margins are scaled by 20 (the recipe's), so they live on the teacher logits' scale."""
     s, t = torch.tensor([[0.9, 0.5, -0.2]]), torch.tensor([[8.0, 2.0, -1.0]])
     expected = ((20 * 0.4 - 6.0) ** 2 + (20 * 1.1 - 9.0) ** 2) / 2
-    close(L.MarginMSELoss(similarity="cos")(s, t), torch.tensor(expected))
-    close(L.MarginMSELoss(similarity="cos", scale=1.0)(s, t), torch.tensor(((0.4 - 6) ** 2 + (1.1 - 9) ** 2) / 2))
+    close(L.MarginMSELoss(scale=L.default_scale(L.MarginMSELoss, "cos"))(s, t), torch.tensor(expected))
+    close(L.MarginMSELoss(scale=1.0)(s, t), torch.tensor(((0.4 - 6) ** 2 + (1.1 - 9) ** 2) / 2))
 
 
 # ---------------------------------------------------------------- cross-encoder losses
@@ -251,8 +255,12 @@ def test_grad_cache_matches_st_cached_mnrl(num_negatives, dropout, padded, dtype
 
     encoder.zero_grad()
     torch.manual_seed(123)
-    value = cached_loss_backward(encoder, queries, docs, L.MultipleNegativesRankingLoss(), mini_batch_size,
-                                 backward=torch.Tensor.backward)
+    mnrl = L.MultipleNegativesRankingLoss(scale=20.0)  # ST's default: cos_sim x 20
+
+    def loss(q, d, teacher):  # on the cached vectors as RetrieverModule hands them over: the cosine model's unit vectors
+        return mnrl(similarity_vectors(q, "cos"), similarity_vectors(d, "cos"), teacher)
+
+    value = cached_loss_backward(encoder, queries, docs, loss, mini_batch_size, backward=torch.Tensor.backward)
     assert not value.requires_grad
     close_scaled(value, reference.detach(), dtype)
     for p, expected in zip(encoder.parameters(), reference_grads):
@@ -265,7 +273,7 @@ def test_grad_cache_equals_plain_backward_without_dropout():
     g = torch.Generator().manual_seed(3)
     queries, docs = random_inputs(5, 4, True, g), random_inputs(5 * 3, 6, True, g)
     teacher = torch.randn(5, 3, generator=g)
-    encoder, margin_mse = TinyEncoder(0.0), L.MarginMSELoss(similarity="dot")
+    encoder, margin_mse = TinyEncoder(0.0), L.MarginMSELoss()
 
     def loss(q, d, teacher):  # a score loss on a bi-encoder's vectors, as RetrieverModule hands it to GradCache
         return margin_mse(pair_similarity(q, d, "dot"), teacher)
@@ -310,12 +318,32 @@ ALL = [L.MarginMSELoss, L.MultipleNegativesRankingLoss, L.DistillKLDivLoss, L.MS
 
 
 def test_class_attributes_readable_without_instantiating():
-    kinds = {cls.__name__: (cls.model_kind, cls.inputs, cls.needs_teacher) for cls in ALL}
+    assert all(issubclass(cls, L.Loss) for cls in ALL)  # the base class declares the contract
+    kinds = {cls.__name__: (cls.model_kind, cls.inputs, cls.needs_teacher, cls.min_candidates) for cls in ALL}
     assert kinds == {  # score losses train either model kind; in-batch negatives need a bi-encoder's vectors
-        "MarginMSELoss": (None, "scores", True), "MultipleNegativesRankingLoss": ("bi", "embeddings", False),
-        "DistillKLDivLoss": (None, "scores", True), "MSELoss": (None, "scores", True),
-        "BinaryCrossEntropyLoss": (None, "scores", False),
+        "MarginMSELoss": (None, "scores", True, 2), "MultipleNegativesRankingLoss": ("bi", "embeddings", False, 1),
+        "DistillKLDivLoss": (None, "scores", True, 1), "MSELoss": (None, "scores", True, 1),
+        "BinaryCrossEntropyLoss": (None, "scores", False, 1),
     }
+
+
+def test_a_contract_that_cannot_hold_is_refused_when_the_class_is_written():
+    with pytest.raises(TypeError, match="inputs"):
+        type("Bad", (L.ScoreLoss,), {"inputs": "logits"})
+    with pytest.raises(TypeError, match="model_kind = 'bi'"):  # embeddings exist only for bi-encoders
+        type("Bad", (L.Loss,), {"inputs": "embeddings"})
+
+
+@pytest.mark.parametrize("loss,batch_size,group_size,world_size,expected", [
+    (L.MarginMSELoss(), 16, 2, 4, 1),                                   # its own hard negative, whatever the batch
+    (L.BinaryCrossEntropyLoss(), 16, 5, 4, 4),                          # its own 4
+    (L.MultipleNegativesRankingLoss(), 16, 2, 1, 31),                   # 16 x (1 + 1) candidates - its positive
+    (L.MultipleNegativesRankingLoss(), 16, 3, 4, 191),                  # 4 devices gathered: 4 x 16 x 3 - 1
+    (L.MultipleNegativesRankingLoss(num_hard_negatives=1), 8, 3, 2, 31),  # 1 of its 2: 2 x 8 x 2 - 1
+    (L.MultipleNegativesRankingLoss(gather_across_devices=False), 16, 3, 4, 47),  # this device's: 16 x 3 - 1
+])
+def test_negatives_per_query(loss, batch_size, group_size, world_size, expected):
+    assert loss.negatives_per_query(batch_size, group_size, world_size) == expected
 
 
 def test_clear_errors(batch):
@@ -326,7 +354,11 @@ def test_clear_errors(batch):
         L.MSELoss()(t, t[:, :2])
     with pytest.raises(ValueError, match="num_hard_negatives"):
         L.MultipleNegativesRankingLoss(num_hard_negatives=K + 1)(q, d)
-    with pytest.raises(ValueError, match="similarity"):
-        L.MultipleNegativesRankingLoss(similarity="l2")
+    with pytest.raises(ValueError, match="scale"):
+        L.MultipleNegativesRankingLoss(scale=0)
+    with pytest.raises(ValueError, match="losses.default_scale"):  # the config's null is resolved before building
+        L.MarginMSELoss(scale=None)
+    with pytest.raises(TypeError, match="similarity"):  # the similarity is the model's, never a loss's
+        L.MultipleNegativesRankingLoss(similarity="cos")
     with pytest.raises(ValueError, match=r"doc_emb \[B, 1\+k, d\]"):
         L.MultipleNegativesRankingLoss()(q, d[:, 0])

@@ -15,10 +15,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 from marco_lightning.grad_cache import cached_loss_backward
 from marco_lightning.losses import MultipleNegativesRankingLoss
+from marco_lightning.models import similarity_vectors
 
 WORLD, B, K, D_IN, D = 2, 4, 2, 10, 6  # B queries per rank, K hard negatives
-CASES = {"mnrl": {}, "symmetric": {"symmetric": True},
-         "one_negative_dot": {"num_hard_negatives": 1, "similarity": "dot", "scale": 1.0}}
+# (the model's similarity, MNRL's arguments): the loss gets the vectors the model hands over for its similarity
+CASES = {"mnrl": ("cos", {"scale": 20.0}), "symmetric": ("cos", {"scale": 20.0, "symmetric": True}),
+         "one_negative_dot": ("dot", {"num_hard_negatives": 1, "scale": 1.0})}
+
+
+def mnrl(similarity="cos", **kwargs):
+    """MNRL as the module runs it for a bi-encoder of this similarity: on its similarity vectors."""
+    loss = MultipleNegativesRankingLoss(**kwargs)
+    return lambda q, d, teacher=None: loss(similarity_vectors(q, similarity), similarity_vectors(d, similarity), teacher)
 
 
 def full_batch():
@@ -43,14 +51,14 @@ def worker(rank, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     q, d = (x[rank * B:(rank + 1) * B] for x in full_batch())
     out = {}
-    for name, kwargs in CASES.items():
+    for name, (similarity, kwargs) in CASES.items():
         model = DistributedDataParallel(encoder())
-        value, q_grad, d_grad = run(q, d, model, MultipleNegativesRankingLoss(**kwargs))
+        value, q_grad, d_grad = run(q, d, model, mnrl(similarity, **kwargs))
         out[name] = (value, q_grad, d_grad, [p.grad for p in model.parameters()])
     # GradCache on top: embed per mini-batch, gathered loss, one DDP backward per mini-batch
     model = DistributedDataParallel(encoder())
     value = cached_loss_backward(lambda batch: model(batch["x"]), {"x": q}, {"x": d.flatten(0, 1)},
-                                 MultipleNegativesRankingLoss(), 3, torch.Tensor.backward)
+                                 mnrl(scale=20.0), 3, torch.Tensor.backward)
     out["cached"] = (value, None, None, [p.grad for p in model.parameters()])
     torch.save(out, f"{out_dir}/rank{rank}.pt")
     dist.barrier()
@@ -70,9 +78,9 @@ def test_gathered_mnrl_equals_single_process_full_batch(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     q, d = full_batch()
-    for name, kwargs in {**CASES, "cached": {}}.items():
+    for name, (similarity, kwargs) in {**CASES, "cached": ("cos", {"scale": 20.0})}.items():
         model = encoder()
-        loss, q_grad, d_grad = run(q, d, model, MultipleNegativesRankingLoss(**kwargs))
+        loss, q_grad, d_grad = run(q, d, model, mnrl(similarity, **kwargs))
         rank_losses = torch.stack([ranks[r][name][0] for r in range(WORLD)])
         assert loss > 0.1
         torch.testing.assert_close(rank_losses.mean(), loss, atol=1e-6, rtol=0)
@@ -87,5 +95,5 @@ def test_gathered_mnrl_equals_single_process_full_batch(tmp_path):
                 torch.testing.assert_close(got, p.grad, atol=1e-6 * max(1.0, p.grad.abs().max().item()), rtol=0)
     # and the gathering did happen: rank 0 alone, with only its own candidates, has a different loss
     with torch.no_grad():
-        local_only = MultipleNegativesRankingLoss()(encoder()(q[:B]), encoder()(d[:B]))
+        local_only = mnrl(scale=20.0)(encoder()(q[:B]), encoder()(d[:B]))
     assert (ranks[0]["mnrl"][0] - local_only).abs() > 1e-3

@@ -95,7 +95,7 @@ def test_wandb_ran_offline_and_recorded_the_validation_curve(trained):
 
 @pytest.mark.parametrize("args,expect", [
     (["model=nope"], ["Available options", "minilm", "tiny"]),
-    (["model=tiny", "loss=ce_mse"], ["loss=ce_mse", "model=tiny", "cross-encoder"]),
+    (["model=tiny_ce", "loss=margin_mse_cos"], ["loss=margin_mse_cos", "model=tiny_ce", "cross-encoder"]),
     (["model=tiny", "data.hard_negatives=/nowhere/hn.jsonl.gz", "paths.cache_dir=/tmp/marco-empty-cache"],
      ["data.hard_negatives", "/nowhere/hn.jsonl.gz"]),
 ])

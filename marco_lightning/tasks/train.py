@@ -19,7 +19,6 @@ def main(cfg: DictConfig) -> dict:
     from marco_lightning.data.datamodule import store_path
     from marco_lightning.data.sources import build_source
     from marco_lightning.loggers import build_callbacks, build_loggers
-    from marco_lightning.losses import negatives_per_query
     from marco_lightning.module import RetrieverModule
 
     callbacks = build_callbacks(cfg)  # one per callbacks.* node (conf/callbacks/default.yaml), before any data loads
@@ -37,7 +36,8 @@ def main(cfg: DictConfig) -> dict:
         source.fetch_store_files()  # the raw files are needed only to build the store: missing ones fail now
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    model, loss = instantiate(cfg.model), instantiate(cfg.loss)
+    model = instantiate(cfg.model)
+    loss = build_loss(cfg.loss, model)
     start = starting_model(cfg, model) if cfg.task.validate_before else None
     # partial, then called: instantiate would turn the collator (a dataclass) into a config node
     datamodule = instantiate(cfg.datamodule, _partial_=True)(
@@ -57,8 +57,8 @@ def main(cfg: DictConfig) -> dict:
                                       gradient_clip_val=None if grad_cache else cfg.trainer.gradient_clip_val,
                                       plugins=[AtomicCheckpointIO()], callbacks=callbacks)
     batch_info = {"global_batch_size": cfg.batch_size * trainer.world_size * trainer.accumulate_grad_batches,
-                  "negatives_per_query": negatives_per_query(loss, cfg.batch_size, 1 + cfg.num_negatives,
-                                                             trainer.world_size)}
+                  "negatives_per_query": loss.negatives_per_query(cfg.batch_size, 1 + cfg.num_negatives,
+                                                                  trainer.world_size)}
     for logger in trainer.loggers:
         logger.log_hyperparams(batch_info)
     if trainer.is_global_zero:
@@ -74,6 +74,20 @@ def main(cfg: DictConfig) -> dict:
         raise
     finish_wandb(trainer, exit_code=0)  # its offline file is complete when main() returns
     return metrics
+
+
+def build_loss(loss_cfg: DictConfig, model):
+    """The loss, for the model built: `loss.scale: null` is the loss's recipe scale for the model's similarity
+    (cos 20, dot 1, a cross-encoder's logits 1: losses.default_scale). The one place where model and loss meet;
+    the similarity itself is the model's alone."""
+    from hydra.utils import get_class
+
+    from marco_lightning.losses import default_scale
+
+    scale = loss_cfg.get("scale")
+    if scale is None:
+        scale = default_scale(get_class(loss_cfg._target_), model.similarity)
+    return instantiate(loss_cfg, scale=scale)
 
 
 def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, run_dir) -> dict:
@@ -116,7 +130,7 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
         if source.val_teacher_run:
             metrics["teacher"] = compute_metrics(judged, read_run(source.val_teacher_run),
                                                  rel_level=source.val_rel_level, measures=module.val_measures)
-        export(cfg, source, module.model, metrics, trainer.global_step, run_dir / "final_model")
+        export(cfg, source, module.model, module.loss, metrics, trainer.global_step, run_dir / "final_model")
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         print(format_table({k: metrics[k] for k in ("before", "after", "teacher") if k in metrics}))
         print_run_summary(cfg, run_dir)
@@ -125,7 +139,7 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
     return metrics
 
 
-def export(cfg, source, model, metrics: dict, steps: int, path) -> None:
+def export(cfg, source, model, loss, metrics: dict, steps: int, path) -> None:
     """final_model/ with a model card that says how it was made; never from non-finite weights."""
     from marco_lightning.model_card import card_data, training_section
 
@@ -134,7 +148,7 @@ def export(cfg, source, model, metrics: dict, steps: int, path) -> None:
     card_data(model, cfg)
     model.save(path)
     with open(path / "README.md", "a", encoding="utf-8") as card:
-        card.write(training_section(cfg, source, metrics, steps))
+        card.write(training_section(cfg, source, metrics, steps, model, loss))
 
 
 def push_to_hub(repo_id: str, path) -> None:
