@@ -34,7 +34,7 @@ def encode_input_order(model, texts, batch_size: int, queries: bool = False) -> 
 
 @torch.no_grad()
 def rerank_input_order(model, run, queries, passages, top_k: int, batch_size: int) -> dict:
-    """`tasks.evaluate.rerank` as it was before it adopted length order: pairs in run order."""
+    """`retrieval.rerank` as it was before it adopted length order: pairs in run order."""
     rows = [(q, p) for q, docs in run.items() for p, _ in sorted(docs.items(), key=lambda kv: -kv[1])[:top_k]]
     collate, out = model.collator().pairs, {}
     for i in range(0, len(rows), batch_size):
@@ -65,8 +65,7 @@ def run(num_passages: int = 256, num_pairs: int = 256, batch_size: int = 32, bud
     from benchmarks.training import st_bi_encoder
     from marco_lightning.inference import compile_model
     from marco_lightning.models import BiEncoder, CrossEncoder
-    from marco_lightning.retrieval import encode
-    from marco_lightning.tasks.evaluate import rerank
+    from marco_lightning.retrieval import encode, rerank
 
     texts = list(passages(limit=num_passages).values())
     depth = 8
@@ -232,12 +231,12 @@ Retrieval: encode {res['passages']} real MS MARCO passages (128 tokens max), add
 {r_ratio}
 Cross-encoder re-ranking: {res['pairs']} (query, BM25 top-8 passage) pairs of TREC DL queries, 160 tokens max;
 the all-MiniLM-L6-v2 backbone with a random one-logit head, built by `marco_lightning.models.CrossEncoder`,
-exported with `.save()` and loaded by both sides. Project: `marco_lightning.tasks.evaluate.rerank` (the
+exported with `.save()` and loaded by both sides. Project: `marco_lightning.retrieval.rerank` (the
 Collator's `pairs` and `CrossEncoder.score_pairs`); sentence-transformers: `CrossEncoder.predict`.
 
 | contender | pairs/s |
 |---|---|
-| project: `tasks.evaluate.rerank` (length-ordered batches) | {fmt(c['project'])} |
+| project: `retrieval.rerank` (length-ordered batches) | {fmt(c['project'])} |
 | the same loop, pairs in run order (`rerank` before it adopted length order) | {fmt(c['input_order'])} |
 | sentence-transformers `CrossEncoder.predict` | {fmt(c['st'])} |
 | project with `task.precision=bf16` | {fmt(c['project_bf16'])} |

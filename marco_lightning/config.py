@@ -29,6 +29,7 @@ def _check_arguments(cfg: DictConfig, group: str) -> None:
 
 def check_training_config(cfg: DictConfig) -> None:
     """Incompatible choices fail here, naming both config choices, before anything heavy happens."""
+    # here, not at the top: losses imports torch, and every run.py start (resolvers, --help) imports this module
     from marco_lightning.losses import Loss
 
     model_cls, loss_cls = get_class(cfg.model._target_), get_class(cfg.loss._target_)

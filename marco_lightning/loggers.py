@@ -9,6 +9,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from marco_lightning.errors import ConfigError
+
 
 def run_choices(cfg: DictConfig) -> dict[str, str]:
     try:
@@ -41,8 +43,6 @@ def wandb_offline(setting) -> bool:
 
 def config_nodes(cfg: DictConfig, group: str) -> dict[str, DictConfig]:
     """The switched-on nodes of `callbacks` or `logger`: each one a `_target_` with its arguments; a null one is off."""
-    from marco_lightning.config import ConfigError
-
     nodes = {name: node for name, node in (cfg.get(group) or {}).items() if node is not None}
     for name, node in nodes.items():
         if not isinstance(node, DictConfig) or "_target_" not in node:

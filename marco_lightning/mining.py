@@ -3,12 +3,27 @@ among them as sentence-transformers' `util.mine_hard_negatives` makes it."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import Counter
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from marco_lightning.data.formats import file_stamp
+from marco_lightning.data.texts import iter_collection
+from marco_lightning.errors import ConfigError
+from marco_lightning.inference import compile_model
+from marco_lightning.models import BiEncoder
+from marco_lightning.retrieval import (
+    _progress,
+    build_index,
+    collection_ids,
+    encode,
+    model_fingerprint,
+    search,
+)
 
 Ranking = tuple[list[str], list[float]]  # passage ids best first, and their scores
 
@@ -68,14 +83,9 @@ class BM25:
     """bm25s (Lucene's BM25, k1=1.5, b=0.75) over stemmed, stopword-free English tokens, kept in `cache_dir`."""
 
     def __init__(self, collection, cache_dir: Path):
-        import logging
-
-        import bm25s
+        import bm25s  # bm25s and PyStemmer: only when BM25 mines (a second of imports)
         import Stemmer
 
-        from marco_lightning.data.formats import file_stamp
-        from marco_lightning.data.texts import iter_collection
-        from marco_lightning.retrieval import _progress, collection_ids
 
         logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs each step at DEBUG
         self.cache_dir = cache_dir = Path(cache_dir)
@@ -119,15 +129,11 @@ class Dense:
     """A bi-encoder's exact inner-product search (faiss Flat) over its memory-mapped collection embeddings."""
 
     def __init__(self, model, collection, cache_dir: Path, batch_size: int = 64, precision: str = "auto"):
-        from marco_lightning.retrieval import build_index
-
         self.model, self.batch_size, self.cache_dir, self.precision = model.eval(), batch_size, Path(cache_dir), precision
         self.index, self.ids = build_index(model, collection, cache_dir, "Flat", batch_size, precision)
         self._queries: dict[str, np.ndarray] = {}
 
     def search(self, queries: dict[str, str], k: int) -> dict[str, Ranking]:
-        from marco_lightning.retrieval import encode, search
-
         qids = list(queries)
         vectors = encode(self.model, [queries[q] for q in qids], self.batch_size, self.precision)
         self._queries = dict(zip(qids, vectors))  # for pair_scores (margins)
@@ -135,8 +141,6 @@ class Dense:
         return {q: (list(docs), list(docs.values())) for q, docs in run.items()}
 
     def pair_scores(self, qid: str, query: str, rows: list[int]) -> list[float]:
-        from marco_lightning.retrieval import encode
-
         if qid not in self._queries:  # runs reused from an earlier task=mine: this query was not encoded now
             self._queries[qid] = encode(self.model, [query], 1, self.precision)[0]
         return [float(self._queries[qid] @ self.index.reconstruct(int(r))) for r in rows]
@@ -147,19 +151,12 @@ def dense(model, collection, cache_root, batch_size: int = 64, device="cpu", pre
     """The bi-encoder systems of task.systems (`model`, a sentence-transformers folder or hub id): Dense with `model`
     (a folder or hub id, or a built bi-encoder: a `_target_` node is built first) on `device`, compiled with
     task.compile, its collection embeddings in cache_root/dense-<digest of its weights> (whatever name it has)."""
-    from marco_lightning.errors import ConfigError
-    from marco_lightning.retrieval import model_fingerprint
-
     if isinstance(model, (str, os.PathLike)):
-        from marco_lightning.models import BiEncoder
-
         model = BiEncoder(str(model))
     if getattr(model, "kind", None) != "bi":
         raise ConfigError(f"task.systems: marco_lightning.mining.dense searches with a bi-encoder, but its model is "
                           f"a {type(model).__name__} (kind {getattr(model, 'kind', None)!r}); give it a bi-encoder")
     model = model.to(device)
     if compile:
-        from marco_lightning.inference import compile_model
-
         compile_model(model)
     return Dense(model, collection, Path(cache_root) / f"dense-{model_fingerprint(model)[:12]}", batch_size, precision)

@@ -10,6 +10,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from marco_lightning.errors import UserError
 from marco_lightning.evaluation import DEFAULT_MEASURES, compute_metrics
+from marco_lightning.grad_cache import cached_loss_backward
 from marco_lightning.losses import Loss
 from marco_lightning.models import pair_similarity
 
@@ -63,8 +64,6 @@ class RetrieverModule(pl.LightningModule):
         return loss
 
     def _grad_cache_step(self, batch):
-        from marco_lightning.grad_cache import cached_loss_backward
-
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         optimizer.zero_grad()
         wrapped = self.trainer.strategy.model  # DDP's wrapper under DDP: one all-reduce per step, not per mini-batch

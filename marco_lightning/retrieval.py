@@ -14,7 +14,11 @@ from marco_lightning.data.formats import file_stamp
 from marco_lightning.data.texts import iter_collection, read_texts
 from marco_lightning.data.trec import top_candidates
 from marco_lightning.errors import DataFormatError
-from marco_lightning.inference import encode, score, uses_bf16  # the one inference path (also as retrieval.encode)
+from marco_lightning.inference import (  # the one inference path (also as retrieval.encode)
+    encode,
+    score,
+    uses_bf16,
+)
 
 CHUNK = 2048  # passages read, encoded, written and counted done at a time: memory stays flat for 8.8M passages
 

@@ -153,6 +153,23 @@ def test_imports_run_down_the_floors_and_never_in_a_circle():
     assert not problems, "\n".join(problems)
 
 
+def test_the_package_imports_itself_at_module_top():
+    """An import of the package inside a function hides the layering; the few that must wait (they would pull a heavy
+    library into a path that must stay fast) say why in a comment on the line or just above it."""
+    hidden = []
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PACKAGE):
+                    above = lines[max(0, node.lineno - 3):node.lineno]
+                    if not any("#" in line for line in above):
+                        hidden.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not hidden, f"move these imports to the module's top, or say why they wait: {hidden}"
+
+
 def test_every_floor_entry_names_a_module():
     files = module_files(ROOT, PACKAGE)
     for entry in (e for entries in FLOORS for e in entries if e != "run"):

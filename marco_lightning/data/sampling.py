@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from marco_lightning.data.trec import top_candidates
+
 
 class EpochShardSampler(Sampler):
     """Shuffles all examples with (seed, epoch), then gives rank r every world_size-th one.
@@ -137,8 +139,6 @@ class RerankPairs(Dataset):
     """
 
     def __init__(self, store, run: dict[str, dict[str, float]], top_k: int):
-        from marco_lightning.data.trec import top_candidates
-
         rows = [(int(qid), int(pid)) for qid, docs in run.items()
                 for pid in top_candidates(qid, docs, top_k, key="data.val_top_k")]
         rows = np.array(rows, dtype=np.int64).reshape(-1, 2)

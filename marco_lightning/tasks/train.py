@@ -5,21 +5,27 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from marco_lightning.config import ConfigError, check_training_config
+from marco_lightning.data.sources import build_source
+from marco_lightning.data.trec import read_run, write_run
+from marco_lightning.evaluation import compute_metrics, format_table
+from marco_lightning.loggers import build_callbacks, build_loggers, print_run_summary
+from marco_lightning.losses import default_scale
+from marco_lightning.model_card import card_data, training_section
 
 
 def main(cfg: DictConfig) -> dict:
     check_training_config(cfg)  # before anything heavy: a wrong combination fails in a second
+    # Lightning and the modules built on it only now: an 8 s import the config check above does not wait for
     import pytorch_lightning as pl
 
-    from marco_lightning.checkpointing import AtomicCheckpointIO
-    from marco_lightning.data.datamodule import store_path
-    from marco_lightning.data.sources import build_source
-    from marco_lightning.loggers import build_callbacks, build_loggers
-    from marco_lightning.module import RetrieverModule
+    from marco_lightning.checkpointing import AtomicCheckpointIO  # (Lightning)
+    from marco_lightning.data.datamodule import store_path  # (Lightning)
+    from marco_lightning.module import RetrieverModule  # (Lightning)
 
     callbacks = build_callbacks(cfg)  # one per callbacks.* node (conf/callbacks/default.yaml), before any data loads
     # final_model/ and metrics["after"] come from the checkpoint that follows ${monitor}
@@ -80,10 +86,6 @@ def build_loss(loss_cfg: DictConfig, model):
     """The loss, for the model built: `loss.scale: null` is the loss's recipe scale for the model's similarity
     (cos 20, dot 1, a cross-encoder's logits 1: losses.default_scale). The one place where model and loss meet;
     the similarity itself is the model's alone."""
-    from hydra.utils import get_class
-
-    from marco_lightning.losses import default_scale
-
     scale = loss_cfg.get("scale")
     if scale is None:
         scale = default_scale(get_class(loss_cfg._target_), model.similarity)
@@ -91,10 +93,7 @@ def build_loss(loss_cfg: DictConfig, model):
 
 
 def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, run_dir) -> dict:
-    from marco_lightning.checkpointing import resolve_ckpt_path
-    from marco_lightning.data.trec import read_run, write_run
-    from marco_lightning.evaluation import compute_metrics, format_table
-    from marco_lightning.loggers import print_run_summary
+    from marco_lightning.checkpointing import resolve_ckpt_path  # Lightning: see main
 
     # what is reported and written carries the data's own ids (a BEIR store keys queries and passages by row), and
     # is measured by the very function validation logs with
@@ -141,8 +140,6 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
 
 def export(cfg, source, model, loss, metrics: dict, steps: int, path) -> None:
     """final_model/ with a model card that says how it was made; never from non-finite weights."""
-    from marco_lightning.model_card import card_data, training_section
-
     if not all(p.isfinite().all() for p in model.parameters()):
         raise FloatingPointError("the trained weights are not finite: final_model/ not exported")
     card_data(model, cfg)
@@ -173,17 +170,14 @@ def starting_model(cfg: DictConfig, model):
     """The model as its users have it before training: its own similarity and max_seq_length. The model being
     trained is that model unless the training similarity or length differs (then it is built again, from the
     same seed, so even a random_init model starts from the same weights)."""
-    import torch
-    from hydra.utils import instantiate
-
     if model.kind != "bi" or (model.similarity == model.own_similarity and cfg.model.get("max_doc_length") is None):
         return model
-    with torch.random.fork_rng(devices=[]):  # CPU only: no CUDA context before the Trainer picks devices  # the training run's RNG stream stays as if this model were never built
+    # the training run's RNG stream stays as if this model were never built; CPU only: no CUDA context before the
+    # Trainer picks devices
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return instantiate(cfg.model, similarity=None, max_doc_length=None)
 
 
 def checkpoint_step(path: str) -> int | None:
-    import torch
-
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"] if path else None
