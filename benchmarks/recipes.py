@@ -1,0 +1,112 @@
+"""Recipes for your own collection, measured side by side on several BEIR folders: sentence-transformers' two paths
+(in-batch MNRL; mine_hard_negatives + MNRL) at 1 and 2 epochs against the project's recipe and its levers, each a
+row, each timed. Every test number: ir-measures on the folder's qrels/test.tsv, by full retrieval.
+
+Each cell is written to the JSON as soon as it is done, so a killed run continues where it stopped (--out).
+
+    python -m benchmarks.recipes --folders /work/classic/cranfield,/work/classic/cisi [--variants a,b] [--out F]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import ROOT
+from benchmarks.scifact import cli, st_fine_tune, st_test_metrics
+
+# project variants: name -> (mined-dir variant, training overrides). Mining variants: name -> task=mine overrides.
+MINING = {"default": [], "own_rel05": ["task.systems=[model]", "task.relative_margin=0.05"]}
+VARIANTS = {
+    "beir_mnrl": ("default", ["experiment=beir_mnrl"]),
+    "in_batch": ("default", ["experiment=beir_mnrl", "loss.num_hard_negatives=0"]),
+}
+
+
+def project_cell(folder: Path, work: Path, mining: str, overrides: list[str], epochs: int, log) -> dict:
+    mined_dir = work / f"mined-{mining}"
+    data = ["data=beir", f"data.root={folder}", f"data.mined_dir={mined_dir}"]
+    seconds = {}
+    if not (mined_dir / "manifest.json").exists():
+        seconds["mine"] = cli(["task=mine", *data, *MINING[mining]], log)
+    run_dir = Path(tempfile.mkdtemp(dir=work, prefix="train-"))
+    seconds["train"] = cli([*data, *overrides, f"trainer.max_epochs={epochs}", f"hydra.run.dir={run_dir}"], log)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    eval_dir = run_dir / "eval"
+    seconds["evaluate"] = cli(["task=evaluate", *data, "task.mode=retrieve", "task.split=test",
+                               f"task.model_path={run_dir / 'final_model'}", f"hydra.run.dir={eval_dir}"], log)
+    best = metrics.get("best_checkpoint") or ""
+    return {"test": json.loads((eval_dir / "metrics.json").read_text()), "val": metrics.get("after"),
+            "val_before": metrics.get("before"), "best": best, "seconds": seconds}
+
+
+def st_cell(folder: Path, work: Path, mined: bool, epochs: int, log) -> dict:
+    from marco_lightning.data.beir import BeirFolder
+
+    metrics, seconds = st_fine_tune(BeirFolder(folder), epochs, mined, work / "st", log)
+    return {"test": metrics, "seconds": {"train": seconds}}
+
+
+def run(folders: list[Path], variants: list[str], epochs: list[int], out: Path, log=print) -> dict:
+    res = json.loads(out.read_text()) if out.exists() else {}
+
+    def cell(key: str, make, *args):
+        if key not in res:
+            log(f"{key} ...")
+            start = time.time()
+            res[key] = make(*args)
+            res[key]["wall_s"] = round(time.time() - start, 1)
+            out.write_text(json.dumps(res, indent=2))
+        return res[key]
+
+    for folder in folders:
+        work = ROOT / "cache" / "recipes" / folder.name
+        work.mkdir(parents=True, exist_ok=True)
+        cell(f"{folder.name}/zero_shot", zero_shot, folder)
+        for n in epochs:
+            cell(f"{folder.name}/st_in_batch@{n}", st_cell, folder, work, False, n, log)
+            cell(f"{folder.name}/st_mined@{n}", st_cell, folder, work, True, n, log)
+            for v in variants:
+                cell(f"{folder.name}/{v}@{n}", project_cell, folder, work, *VARIANTS[v], n, log)
+    return res
+
+
+def zero_shot(folder: Path) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    from marco_lightning.data.beir import BeirFolder
+    from marco_lightning.models import resolve_backbone
+
+    st = SentenceTransformer(resolve_backbone("sentence-transformers/all-MiniLM-L6-v2"), device="cpu")
+    return {"test": st_test_metrics(st, BeirFolder(folder))}
+
+
+def markdown(res: dict) -> str:
+    folders = list(dict.fromkeys(k.split("/")[0] for k in res))
+    rows = list(dict.fromkeys(k.split("/")[1] for k in res))
+    lines = ["| recipe | " + " | ".join(folders) + " |", "|---|" + "---:|" * len(folders)]
+    for r in rows:
+        cells = []
+        for f in folders:
+            c = res.get(f"{f}/{r}")
+            cells.append("-" if c is None else f"{c['test']['ndcg@10']:.4f} ({c.get('wall_s', 0) / 60:.0f} min)")
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--folders", required=True, help="comma-separated BEIR folders")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--epochs", default="1,2")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "recipes.json")
+    args = p.parse_args()
+    res = run([Path(f) for f in args.folders.split(",")], args.variants.split(","),
+              [int(e) for e in args.epochs.split(",")], args.out)
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
