@@ -11,7 +11,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import CompactHydraException
+from hydra.errors import CompactHydraException, InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
@@ -26,12 +26,21 @@ class Refused(CompactHydraException):
     and a CompactHydraException, so Hydra prints it without a stack."""
 
 
+def refusal(error: BaseException) -> UserError | None:
+    """The UserError an exception is: itself, or the one a constructor raised inside Hydra's instantiate (which
+    wraps it in an InstantiationException raised from it, nested once per node); None for a bug."""
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    return error if isinstance(error, UserError) else None
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
     try:
         result = hydra.utils.get_method(cfg.task._target_)(cfg)
-    except UserError as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # as Hydra reads it
+    except Exception as caught:
+        error = refusal(caught)
+        if error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":  # a bug; or the stack, as Hydra reads it
             raise
         print(f"Error: {error}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # each refused job says why; the sweep goes on

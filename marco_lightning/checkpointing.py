@@ -6,6 +6,8 @@ from pathlib import Path
 
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from marco_lightning.errors import MissingFileError
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """os.replace is atomic on POSIX: a reader (or a resume) sees the old complete file or the new complete one."""
@@ -26,5 +28,6 @@ def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
         return ckpt_path
     last = Path(ckpt_path) / "checkpoints" / "last.ckpt"
     if not last.exists():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no checkpoints/last.ckpt in that run folder")
+        raise MissingFileError(f"ckpt_path={ckpt_path}: no checkpoints/last.ckpt in that run folder; give a .ckpt file "
+                               "or ckpt_path=null to train from the start")
     return str(last)

@@ -7,7 +7,7 @@ from pathlib import Path
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from marco_lightning.errors import ConfigError  # defined at the bottom floor, re-exported here
+from marco_lightning.errors import ConfigError, MissingFileError  # ConfigError: re-exported here
 
 ROOT = Path(__file__).resolve().parents[1]
 OmegaConf.register_new_resolver("marco_root", lambda: str(ROOT), replace=True)
@@ -54,6 +54,8 @@ def check_training_config(cfg: DictConfig) -> None:
     _check_arguments(cfg, "model")
     _check_arguments(cfg, "loss")
     if cfg.get("mini_batch_size"):
+        if int(cfg.mini_batch_size) < 1:
+            raise ConfigError(f"mini_batch_size={cfg.mini_batch_size} (GradCache) must be >= 1, or null for none")
         if model_cls.kind != "bi":
             raise ConfigError(f"mini_batch_size (GradCache) caches embeddings of a bi-encoder; model={model_choice} "
                               "is a cross-encoder: set mini_batch_size=null")
@@ -66,6 +68,19 @@ def check_training_config(cfg: DictConfig) -> None:
     if 1 + int(cfg.num_negatives) < loss_cls.min_candidates:
         raise ConfigError(f"loss={loss_choice} needs {loss_cls.min_candidates} candidates per query (the positive "
                           f"and hard negatives): set num_negatives >= {loss_cls.min_candidates - 1}")
+    check_ckpt_path(cfg.get("ckpt_path"))
+
+
+def check_ckpt_path(ckpt_path) -> None:
+    """ckpt_path (resume): a .ckpt file, or a run folder holding checkpoints/last.ckpt (checkpointing.resolve_ckpt_path
+    reads it); Lightning's own names (last, hpc) pass. Checked before any data or model loads."""
+    if ckpt_path is None or str(ckpt_path) in ("last", "hpc"):
+        return
+    path = Path(str(ckpt_path))
+    if not path.exists() or (path.is_dir() and not (path / "checkpoints" / "last.ckpt").is_file()):
+        what = "no checkpoints/last.ckpt in that run folder" if path.is_dir() else "no such checkpoint file or folder"
+        raise MissingFileError(f"ckpt_path={ckpt_path}: {what}; give a .ckpt file or a run folder (outputs/DATE/TIME) "
+                               "holding checkpoints/last.ckpt, or ckpt_path=null to train from the start")
 
 
 def check_files(cfg: DictConfig, keys) -> None:

@@ -21,3 +21,13 @@ class ConfigError(UserError):
 class DataFormatError(UserError):
     """A data file does not have the expected format; the message names file:line and what was expected.
     (Also importable as marco_lightning.data.formats.DataFormatError.)"""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """An input file or folder the config names is not there; the message names the key and how to make it or
+    point at it. Still a FileNotFoundError (an OSError), so `except FileNotFoundError` catches it."""
+
+
+class ExistingFileError(UserError, FileExistsError):
+    """An output file or folder is there already and holds something else; the message says how to replace it or
+    where else to write. Still a FileExistsError (an OSError)."""

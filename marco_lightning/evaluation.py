@@ -17,6 +17,8 @@ import re
 
 import ir_measures
 
+from marco_lightning.errors import ConfigError
+
 DEFAULT_MEASURES = ("ndcg@10", "mrr@10", "recall@100")
 _IR_MEASURES = {
     "ndcg": lambda rel: ir_measures.nDCG,
@@ -30,8 +32,8 @@ def parse_measure(name: str) -> tuple[str, int | None]:
     """'ndcg@10' -> ('ndcg', 10); 'map' -> ('map', None)."""
     m = re.fullmatch(r"(ndcg|mrr|recall|map)(?:@([1-9]\d*))?", name)
     if m is None or (m[1] == "recall" and not m[2]):
-        raise ValueError(
-            f"unknown measure {name!r}: use ndcg, mrr, map, optionally with @K (ndcg@10), or recall@K"
+        raise ConfigError(
+            f"unknown measure {name!r} (task.measures): use ndcg, mrr, map, optionally with @K (ndcg@10), or recall@K"
         )
     return m[1], int(m[2]) if m[2] else None
 
@@ -54,8 +56,10 @@ def compute_metrics(
 ) -> dict[str, float]:
     """Mean over all qrels queries of each measure, e.g. {'ndcg@10': 0.5058, ...}."""
     if not qrels or rel_level < 1:
-        raise ValueError(
-            f"need non-empty qrels and rel_level >= 1, got {len(qrels)} queries, rel_level={rel_level}"
+        raise ConfigError(
+            f"need non-empty qrels and rel_level >= 1, got {len(qrels)} queries, rel_level={rel_level}: point the "
+            "qrels (task.qrels, data.val_qrels) at a file of judgements, and set the rel_level (task.rel_level, "
+            "data.val_rel_level) to the lowest relevant grade"
         )
     ours = {}
     for name in measures:

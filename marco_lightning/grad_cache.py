@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch.utils.checkpoint import get_device_states, set_device_states
 
+from marco_lightning.errors import ConfigError
+
 
 class RandContext:
     """Snapshot of the CPU and CUDA RNG states; `with ctx:` replays them (then restores the outer RNG), so the
@@ -69,7 +71,7 @@ def cached_loss_backward(embed: Callable[[dict], torch.Tensor], query_inputs: Ma
     Returns the (detached) loss; the parameters' .grad hold its gradient when this returns.
     """
     if mini_batch_size < 1:
-        raise ValueError(f"GradCache: mini_batch_size={mini_batch_size} must be >= 1")
+        raise ConfigError(f"GradCache: mini_batch_size={mini_batch_size} must be >= 1 (null: no GradCache)")
     n_queries, n_docs = _num_rows(query_inputs), _num_rows(doc_inputs)
     if n_docs % n_queries:
         raise ValueError(f"GradCache: {n_docs} document rows for {n_queries} queries; expected B * (1+k) rows")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from marco_lightning.errors import ConfigError
+
 
 def device(name: str) -> torch.device:
     """task.device: "auto" is CUDA when there is one, else the CPU; any other name as torch spells it."""
@@ -26,10 +28,16 @@ def _device(model) -> torch.device:
 PRECISIONS = ("auto", "bf16", "32")
 
 
-def uses_bf16(model, precision) -> bool:
+def check_precision(precision) -> str:
+    """task.precision as one of PRECISIONS; a task calls this before loading anything, inference on every call."""
     precision = str(precision)  # Hydra reads task.precision=32 as an int
     if precision not in PRECISIONS:
-        raise ValueError(f"task.precision={precision!r}: use one of {PRECISIONS}")
+        raise ConfigError(f"task.precision={precision!r}: use one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def uses_bf16(model, precision) -> bool:
+    precision = check_precision(precision)
     return precision == "bf16" or (precision == "auto" and _device(model).type == "cuda")
 
 

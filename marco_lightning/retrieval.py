@@ -13,7 +13,7 @@ import torch
 from marco_lightning.data.formats import file_stamp
 from marco_lightning.data.texts import iter_collection, read_texts
 from marco_lightning.data.trec import top_candidates
-from marco_lightning.errors import DataFormatError
+from marco_lightning.errors import ConfigError, DataFormatError
 from marco_lightning.inference import (  # the one inference path (also as retrieval.encode)
     encode,
     score,
@@ -139,7 +139,7 @@ def search(index, ids: np.ndarray, qids: list[str], vectors: np.ndarray, top_k: 
 def retrieve(model, collection, queries: dict[str, str], top_k: int, index_dir, index_factory: str = "Flat",
              batch_size: int = 64, precision: str = "auto") -> dict[str, dict[str, float]]:
     if model.kind != "bi":
-        raise ValueError("task.mode=retrieve needs a bi-encoder (a cross-encoder can only re-rank: task.mode=rerank)")
+        raise ConfigError("task.mode=retrieve needs a bi-encoder (a cross-encoder can only re-rank: task.mode=rerank)")
     index, ids = build_index(model, collection, index_dir, index_factory, batch_size, precision)
     qids = list(queries)
     return search(index, ids, qids, encode(model, [queries[q] for q in qids], batch_size, precision), top_k)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from marco_lightning.data.formats import DataFormatError, Lines, file_stamp, iter_qrels
+from marco_lightning.errors import ConfigError, MissingFileError
 
 SPLITS = ("train", "val", "test")
 
@@ -24,8 +25,8 @@ def _find(root: Path, name: str) -> Path:
     if (root / name).is_file():
         return root / name
     gz = " (gunzip it: the files are read by name)" if (root / f"{name}.gz").is_file() else ""
-    raise FileNotFoundError(f"BEIR folder {root}: no {name}{gz} (data.root should hold corpus.jsonl, "
-                            "queries.jsonl and qrels/<split>.tsv)")
+    raise MissingFileError(f"BEIR folder {root}: no {name}{gz} (data.root should hold corpus.jsonl, "
+                           "queries.jsonl and qrels/<split>.tsv)")
 
 
 def _checked_id(id_: str, path: Path, n: int) -> str:
@@ -40,10 +41,11 @@ class BeirFolder:
                  val_fraction: float = 0.1):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"data.root={root}: no such folder (a BEIR folder)")
+            raise MissingFileError(f"data.root={root}: no such folder; point data.root at a BEIR folder "
+                                   "(corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
         self.corpus_path, self.queries_path = _find(self.root, "corpus.jsonl"), _find(self.root, "queries.jsonl")
         if not (0 < val_fraction < 1):
-            raise ValueError(f"data.val_fraction={val_fraction}: use a share in (0, 1)")
+            raise ConfigError(f"data.val_fraction={val_fraction}: use a share in (0, 1)")
         self.split_names = {"train": train_split, "val": val_split, "test": test_split}
         self.val_fraction = val_fraction
         self._queries: dict[str, str] | None = None
@@ -53,7 +55,7 @@ class BeirFolder:
     @classmethod
     def from_config(cls, data: Mapping) -> BeirFolder:
         if not data.get("root"):
-            raise ValueError("data.root is required: the BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
+            raise ConfigError("data.root is required: the BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
         return cls(data["root"], data.get("train_split", "train"), data.get("val_split", "dev"),
                    data.get("test_split", "test"), data.get("val_fraction", 0.1))
 
@@ -115,7 +117,8 @@ class BeirFolder:
         path = self.root / "qrels" / f"{name}.tsv"
         if not path.is_file():
             have = sorted(p.stem for p in (self.root / "qrels").glob("*.tsv"))
-            raise FileNotFoundError(f"{path}: no such split file; {self.root / 'qrels'} has {have or 'nothing'}")
+            raise MissingFileError(f"{path}: no such split file; {self.root / 'qrels'} has {have or 'nothing'}: "
+                                   "name one of those (task.split, data.train_split, data.val_split, data.test_split)")
         qrels: dict[str, dict[str, int]] = {}
         unknown_q, unknown_p = set(), set()
         queries, pids = self.queries, self.pid_rows
@@ -140,7 +143,8 @@ class BeirFolder:
         train = sorted(self._read_qrels(self.split_names["train"]))
         n = max(1, math.ceil(self.val_fraction * len(train)))
         if n >= len(train):
-            raise ValueError(f"data.val_fraction={self.val_fraction} leaves no training query of {len(train)}")
+            raise ConfigError(f"data.val_fraction={self.val_fraction} leaves no training query of {len(train)}: lower "
+                              f"it, or add a qrels/{self.split_names['val']}.tsv to {self.root}")
         order = np.random.default_rng(0).permutation(len(train))[:n]
         return {train[i] for i in order}
 

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
-from marco_lightning.errors import UserError
+from marco_lightning.errors import ConfigError, UserError
 
 CHUNK = 1 << 20
 TIMEOUT_S = 60
@@ -63,7 +63,8 @@ def _source(name: str, entry) -> tuple[str, str | None]:
     """(url, sha256 or None) of a `downloads` entry: a URL, or {url: ..., sha256: ...}."""
     if isinstance(entry, Mapping):
         if not entry.get("url"):
-            raise ValueError(f"data.downloads.{name} needs a url (or is a plain URL string)")
+            raise ConfigError(f"data.downloads.{name} needs a url: give {{url: URL, sha256: ...}} or a plain URL "
+                              "string")
         return str(entry["url"]), entry.get("sha256")
     return str(entry), None
 
@@ -75,7 +76,7 @@ def missing_downloads(data_cfg, keys: Iterable[str] | None = None) -> dict[str, 
     if not downloads:
         return {}
     if data.get("root") is None:
-        raise ValueError("data.downloads needs data.root: the folder the files are downloaded into")
+        raise ConfigError("data.downloads needs data.root: set data.root=DIR, the folder the files are downloaded into")
     root = Path(data["root"]).absolute()
     keys = [k for k in data if k not in ("root", "name", "downloads")] if keys is None else list(keys)
     wanted = {os.path.normpath(Path(p).absolute()) for k in keys for p in _paths(data.get(k))}
@@ -107,7 +108,7 @@ def ensure_files(data_cfg, keys: Iterable[str] | None = None) -> list[Path]:
         if sha256:
             hashes.setdefault(url, set()).add(sha256.lower())
     if clash := {u: h for u, h in hashes.items() if len(h) > 1}:
-        raise ValueError(f"data.downloads: different sha256 for one URL: {clash}")
+        raise ConfigError(f"data.downloads: different sha256 for one URL: {clash}; give each URL one sha256")
     root.mkdir(parents=True, exist_ok=True)
     written = []
     for url, names in todo.items():
@@ -128,7 +129,8 @@ def fetch(url: str, root: Path, names: list[str], sha256: str | None = None) -> 
     """Make root/<name> for each name from one URL (see the module docstring)."""
     kinds = {_kind(url, n) for n in names}
     if len(kinds) > 1 or (kinds != {"tar"} and len(names) > 1):
-        raise ValueError(f"data.downloads: {names} share the URL {url} but it is not a tar archive")
+        raise ConfigError(f"data.downloads: {names} share the URL {url} but it is not a tar archive; give each file "
+                          "its own URL")
     kind = kinds.pop()
     if kind == "file":
         download(url, root / names[0], sha256)

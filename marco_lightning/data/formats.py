@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from marco_lightning.errors import DataFormatError  # defined at the bottom floor, re-exported here
+from marco_lightning.errors import DataFormatError, MissingFileError  # DataFormatError: re-exported here
 
 GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)  # a truncated or corrupt .gz
 
@@ -26,7 +26,8 @@ GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)  # a truncated or corrupt
 def open_binary(path):
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise MissingFileError(f"data file not found: {path}; fix the config key that names it (data.* or task.*) or "
+                               "set data.root=DIR to the folder holding it")
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
     return gzip.open(path, "rb") if gz else open(path, "rb")

@@ -5,6 +5,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from marco_lightning.data.formats import DataFormatError
+from marco_lightning.errors import MissingFileError
 
 
 def is_parquet(path) -> bool:
@@ -25,7 +26,8 @@ def iter_parquet(path, columns=None, num_columns=None, batch_size=65_536) -> Ite
     path = Path(path)
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files:
-        raise FileNotFoundError(f"no parquet files in {path}")
+        raise MissingFileError(f"no parquet files in {path}: point the config key at a .parquet file or a folder of "
+                               "them")
     for file in files:
         pf = pq.ParquetFile(file)
         names = list(columns or pf.schema_arrow.names[:num_columns])

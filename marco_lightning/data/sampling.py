@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from marco_lightning.data.trec import top_candidates
+from marco_lightning.errors import ConfigError
 
 
 class EpochShardSampler(Sampler):
@@ -75,10 +76,10 @@ def check_teacher_coverage(store) -> None:
             missing += [(int(lists.qids[i]), int(p)) for p in np.asarray(pids)[np.isnan(scores)]]
     if missing:
         examples = ", ".join(f"(query {q}, passage {p})" for q, p in missing[:5])
-        raise ValueError(f"{len(missing)} training pairs of the data store have no teacher score, e.g. "
-                         f"{examples}: a distillation loss needs one for every pair. Add them to "
-                         "data.teacher_scores, set negatives.ce_score_margin (drops unscored negatives), or pick "
-                         "a loss without a teacher (loss=mnrl)")
+        raise ConfigError(f"{len(missing)} training pairs of the data store have no teacher score, e.g. "
+                          f"{examples}: a distillation loss needs one for every pair. Add them to "
+                          "data.teacher_scores, set negatives.ce_score_margin (drops unscored negatives), or pick "
+                          "a loss without a teacher (loss=mnrl)")
 
 
 class TrainDataset(Dataset):
@@ -125,9 +126,9 @@ class TrainDataset(Dataset):
         if self.with_teacher:
             if np.isnan(scores).any():
                 missing = [int(p) for p, s in zip(pids, scores) if np.isnan(s)]
-                raise ValueError(f"no teacher score for query {qid}, passages {missing}: the loss needs one for "
-                                 "every pair; set negatives.ce_score_margin (drops unscored negatives) or fix "
-                                 "data.teacher_scores")
+                raise ConfigError(f"no teacher score for query {qid}, passages {missing}: the loss needs one for "
+                                  "every pair; set negatives.ce_score_margin (drops unscored negatives) or fix "
+                                  "data.teacher_scores")
             teacher = scores.tolist()
         return self.store.queries.text(qid), self.store.passages.texts(pids), teacher
 

@@ -30,7 +30,7 @@ from marco_lightning.data.msmarco import (
     iter_teacher_score_chunks,
 )
 from marco_lightning.data.trec import read_qrels, read_run
-from marco_lightning.errors import ConfigError
+from marco_lightning.errors import ConfigError, MissingFileError
 
 # The MS MARCO keys whose files decide a store's content (validation files are read directly, not stored).
 MARCO_STORE_KEYS = ("collection", "queries", "train_queries", "train_qrels", "hard_negatives", "teacher_scores")
@@ -147,17 +147,17 @@ class MarcoSource(Source):
             v = self._settings()[key]
             if v is None:
                 if required:
-                    raise ValueError(f"data.{key} is required (a path)")
+                    raise ConfigError(f"data.{key} is required (a path)")
                 return None
             if not Path(str(v)).exists():
-                raise FileNotFoundError(f"data.{key}: {v} does not exist")
+                raise MissingFileError(f"data.{key}: {v} does not exist; fix the path or set data.root=DIR")
             return str(Path(str(v)).resolve())
 
         if not self.queries_files:
-            raise ValueError("data.queries is required (a path or a list of paths)")
+            raise ConfigError("data.queries is required (a path or a list of paths)")
         for q in self.queries_files:
             if not Path(str(q)).exists():
-                raise FileNotFoundError(f"data.queries: {q} does not exist")
+                raise MissingFileError(f"data.queries: {q} does not exist; fix the path or set data.root=DIR")
         return {"collection": path("collection"), "queries": [str(Path(str(q)).resolve()) for q in self.queries_files],
                 "train_qrels": path("train_qrels", False), "train_queries": path("train_queries", False),
                 "hard_negatives": path("hard_negatives"), "teacher_scores": path("teacher_scores", False)}
@@ -269,8 +269,8 @@ class BeirSource(Source):
     def store_inputs(self) -> dict:
         folder, hard_negatives = self.folder, self.hard_negatives_file
         if not hard_negatives or not Path(str(hard_negatives)).is_file():
-            raise FileNotFoundError(f"data.hard_negatives={hard_negatives}: no mined negatives; run `python run.py "
-                                    f"task=mine data=beir data.root={folder.root}` first")
+            raise MissingFileError(f"data.hard_negatives={hard_negatives}: no mined negatives; run `python run.py "
+                                   f"task=mine data=beir data.root={folder.root}` first")
         teacher = self.teacher_scores
         return {"format": "beir", "root": str(folder.root.resolve()), "splits": folder.settings(),
                 "hard_negatives": str(Path(str(hard_negatives)).resolve()),

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from marco_lightning.data.msmarco import iter_teacher_score_chunks
 from marco_lightning.data.negatives import SKIP_REASONS, skip_reasons, take_negatives
+from marco_lightning.errors import ConfigError, DataFormatError, ExistingFileError, MissingFileError
 
 FORMAT_VERSION = 1
 TRAIN_ARRAYS = ("qids", "pos_offsets", "pos_pids", "pos_scores", "neg_offsets", "neg_pids", "neg_scores")
@@ -45,8 +46,8 @@ class TextTable:
         blob = self.folder / f"{name}.text.bin"
         self.blob = np.memmap(blob, np.uint8, "r") if blob.stat().st_size else np.empty(0, np.uint8)
         if len(self.offsets) != len(self.ids) + 1 or int(self.offsets[-1]) != len(self.blob):
-            raise ValueError(f"store {self.folder}: {name} files are inconsistent (damaged store?); "
-                             "delete the folder and run prepare again")
+            raise DataFormatError(f"store {self.folder}: {name} files are inconsistent (damaged store?); "
+                                  "delete the folder and run prepare again")
 
     def __reduce__(self):  # pickled (DataLoader workers, ddp_spawn) by path, never by content
         return TextTable, (self.folder, self.name)
@@ -92,8 +93,8 @@ class TrainLists:
         q = len(self.qids)
         if len(self.pos_offsets) != q + 1 or len(self.neg_offsets) != q + 1 or \
                 self.pos_offsets[-1] != len(self.pos_pids) or self.neg_offsets[-1] != len(self.neg_pids):
-            raise ValueError(f"store {self.folder}: training lists are inconsistent (damaged store?); "
-                             "delete the folder and run prepare again")
+            raise DataFormatError(f"store {self.folder}: training lists are inconsistent (damaged store?); "
+                                  "delete the folder and run prepare again")
 
     def __reduce__(self):
         return TrainLists, (self.folder,)
@@ -116,14 +117,14 @@ class Store:
     def __init__(self, path):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise FileNotFoundError(f"no data store at {self.path}: run prepare (python run.py task=prepare)")
+            raise MissingFileError(f"no data store at {self.path}: run prepare (python run.py task=prepare)")
         if not (self.path / "manifest.json").is_file():
-            raise FileNotFoundError(f"{self.path} is not a complete data store (no manifest.json): an interrupted "
-                                    "prepare? Delete it and run prepare again")
+            raise MissingFileError(f"{self.path} is not a complete data store (no manifest.json): an interrupted "
+                                   "prepare? Delete it and run prepare again")
         self.manifest = json.loads((self.path / "manifest.json").read_text())
         if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{self.path}: store format {self.manifest.get('format_version')}, this code reads "
-                             f"{FORMAT_VERSION}; run prepare again with force=True")
+            raise DataFormatError(f"{self.path}: store format {self.manifest.get('format_version')}, this code reads "
+                                  f"{FORMAT_VERSION}; run prepare again with force=True (task=prepare task.force=true)")
         self.passages = TextTable(self.path, "passages")
         self.queries = TextTable(self.path, "queries")
         self.train = TrainLists(self.path)
@@ -175,7 +176,8 @@ def write_text_table(pairs: Iterable[tuple[int, str]], folder, name: str, droppe
 def _pair_keys(qids, pids, check=True) -> np.ndarray:
     qids, pids = np.asarray(qids, np.int64), np.asarray(pids, np.int64)
     if check and len(qids) and (min(qids.min(), pids.min()) < 0 or max(qids.max(), pids.max()) >= 1 << 32):
-        raise ValueError("teacher scores: query and passage ids must be in [0, 2^32)")
+        raise DataFormatError("teacher scores: query and passage ids must be in [0, 2^32) to be paired with their "
+                              "scores; renumber the data's ids or train without data.teacher_scores")
     return (qids.astype(np.uint64) << np.uint64(32)) | pids.astype(np.uint64)
 
 
@@ -247,15 +249,16 @@ def _negatives_config(negatives: Mapping, inputs: dict) -> dict:
     systems = negatives.get("systems")
     if systems != "all":
         if isinstance(systems, str) or systems is None or not len(systems):
-            raise ValueError(f"negatives.systems must be a list of system names or 'all', got {systems!r}")
+            raise ConfigError(f"negatives.systems must be a list of system names or 'all', got {systems!r}")
         systems = [str(s) for s in systems]
     k, margin = negatives.get("num_per_system"), negatives.get("ce_score_margin")
     if not isinstance(k, int) or k < 1:
-        raise ValueError(f"negatives.num_per_system must be a positive integer, got {k!r}")
+        raise ConfigError(f"negatives.num_per_system must be a positive integer, got {k!r}")
     if margin is not None:
         margin = float(margin)
         if inputs["teacher_scores"] is None:
-            raise ValueError("negatives.ce_score_margin needs teacher scores: set data.teacher_scores")
+            raise ConfigError("negatives.ce_score_margin needs teacher scores: set data.teacher_scores (or "
+                              "negatives.ce_score_margin=null)")
     return {"systems": systems, "num_per_system": k, "ce_score_margin": margin,
             "require_positive": bool(negatives.get("require_positive", True))}
 
@@ -272,10 +275,11 @@ def prepare(source, negatives: Mapping, out_dir, force: bool = False) -> Path:
         old = json.loads(manifest.read_text())
         if old.get("inputs") == inputs and old.get("negatives") == neg and old.get("format_version") == FORMAT_VERSION:
             return out_dir
-        raise FileExistsError(f"{out_dir} holds a store made from other settings; pass force=True to replace it "
-                              "or choose another folder")
+        raise ExistingFileError(f"{out_dir} holds a store made from other settings; pass force=True to replace it "
+                                "(task=prepare task.force=true) or choose another folder (paths.cache_dir)")
     if out_dir.exists() and not manifest.is_file() and any(out_dir.iterdir()) and not force:
-        raise FileExistsError(f"{out_dir} exists and is not a data store; pass force=True to replace it")
+        raise ExistingFileError(f"{out_dir} exists and is not a data store; pass force=True to replace it "
+                                "(task=prepare task.force=true) or choose another folder (paths.cache_dir)")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.parent.glob(f".{out_dir.name}.partial-*"):  # left by a prepare that was killed
@@ -412,8 +416,8 @@ def _candidates(src, neg: dict, qrels_pos: dict, train_qids, file_name, path: Pa
     row_pos.append(n), row_seg.append(len(seg_sys))
     dropped["query_not_in_hard_negatives"] += len(set(qrels_pos) - seen_qids)
     if wanted is not None and wanted - set(systems_seen):
-        raise ValueError(f"negatives.systems: unknown system(s) {sorted(wanted - set(systems_seen))}; "
-                         f"{file_name} has: {list(systems_seen)}")
+        raise ConfigError(f"negatives.systems: unknown system(s) {sorted(wanted - set(systems_seen))}; "
+                          f"{file_name} has: {list(systems_seen)}")
     systems = list(systems_seen) if wanted is None else neg["systems"]
     return _Candidates(path, np.frombuffer(row_qid, np.int64), np.frombuffer(row_pos, np.int64), row_npos,
                        row_seg, seg_sys, seg_start, seg_len, list(systems_seen), systems,

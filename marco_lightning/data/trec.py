@@ -59,6 +59,8 @@ def read_run(path) -> dict[str, dict[str, float]]:
             continue
         if pid in run[qid]:
             raise DataFormatError(f"{lines.path}:{n}: passage {pid} listed twice for query {qid}")
+        if math.isnan(score):
+            raise DataFormatError(f"{lines.path}:{n}: score is NaN; drop the line or rescore the run")
         run[qid][pid] = score
     return dict(run)
 

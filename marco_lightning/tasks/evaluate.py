@@ -13,8 +13,8 @@ from marco_lightning.config import ConfigError, check_files
 from marco_lightning.data.sources import build_source
 from marco_lightning.data.texts import read_texts
 from marco_lightning.data.trec import read_qrels, read_run, unranked, write_run
-from marco_lightning.evaluation import compute_metrics, format_table
-from marco_lightning.inference import compile_model, device
+from marco_lightning.evaluation import compute_metrics, format_table, parse_measure
+from marco_lightning.inference import check_precision, compile_model, device
 from marco_lightning.models import load_model
 from marco_lightning.retrieval import rerank, retrieve
 
@@ -25,6 +25,9 @@ def main(cfg: DictConfig) -> dict:
     task, out = cfg.task, Path(cfg.paths.output_dir)
     if task.mode not in MODES:
         raise ConfigError(f"task.mode={task.mode!r}: use one of {', '.join(MODES)}")
+    check_precision(task.precision)  # these settings fail before anything loads
+    for measure in task.measures:
+        parse_measure(measure)
     split = build_source(cfg.data).split(task.split)  # the data's judged queries; task.* files override its files
     run_path, queries, collection = task.run or split.run, task.queries or split.queries, \
         task.collection or split.collection

@@ -27,7 +27,7 @@ from marco_lightning.data.beir import SPLITS
 from marco_lightning.data.sources import build_source
 from marco_lightning.data.trec import read_run, write_run
 from marco_lightning.evaluation import compute_metrics
-from marco_lightning.inference import device
+from marco_lightning.inference import check_precision, device
 from marco_lightning.mining import candidate_depth, select_negatives
 
 # What task=mine hands a system's _target_ when its signature names it (a node in YAML stays short):
@@ -144,6 +144,7 @@ def main(cfg: DictConfig) -> dict:
     if int(task.depth) < 1 or lo < 0 or (hi is not None and int(hi) <= lo):
         raise ConfigError(f"task.depth={task.depth}, task.range=[{lo}, {hi}]: need depth >= 1 and "
                           "0 <= range_min < range_max")
+    check_precision(task.precision)
     names = {}  # name -> (the entry as given: runs are reused for the same entry, node)
     for entry in task.systems:
         node = system_node(entry, cfg)

@@ -19,7 +19,7 @@ from marco_lightning.data.formats import file_stamp
 from marco_lightning.data.msmarco import iter_hard_negatives
 from marco_lightning.data.sources import build_source
 from marco_lightning.data.texts import read_texts
-from marco_lightning.inference import compile_model, device, score
+from marco_lightning.inference import check_precision, compile_model, device, score
 from marco_lightning.models import BiEncoder, CrossEncoder, resolve_backbone
 from marco_lightning.retrieval import write_json
 
@@ -60,6 +60,7 @@ def _complete_lines(path: Path) -> list[str]:
 
 def main(cfg: DictConfig) -> dict:
     build_source(cfg.data).mining_folder("score")  # a mined BEIR folder (MS MARCO's teacher scores are published)
+    check_precision(cfg.task.precision)
     mined = Path(cfg.data.hard_negatives)
     if not mined.is_file():
         raise ConfigError(f"data.hard_negatives={mined}: not found; run `python run.py task=mine data=beir "
