@@ -342,9 +342,10 @@ class BeirSource(Source):
         return data, folder.describe_split("val")
 
     def run_record(self) -> dict:
-        """What task=mine chose and filtered (its manifest), recorded with the metrics of the model trained on it."""
+        """What task=mine chose, filtered and left out (its manifest), recorded with the metrics of the model trained
+        on it."""
         manifest = Path(self.mined_dir) / "manifest.json"
         if not manifest.is_file():
             return {"mining": None}
         m = json.loads(manifest.read_text())
-        return {"mining": {k: m.get(k) for k in ("selection", "skipped", "systems")}}
+        return {"mining": {k: m.get(k) for k in ("selection", "skipped", "systems", "left_out")}}
