@@ -1,7 +1,8 @@
 """The one entry point: `python run.py [task=train|prepare|evaluate|report] [group=option ...] [key=value ...]`.
 
-A refusal (a `marco_lightning.errors.UserError`: a setting or a file that cannot work) prints its one sentence and
-exits with status 2; HYDRA_FULL_ERROR=1 shows its stack instead. Any other exception is a bug and keeps Hydra's
+A refusal (a `marco_lightning.errors.UserError`: a setting or a file that cannot work, also one raised while a
+config value resolves, e.g. data=beir's data.root) prints its one sentence and exits with status 2;
+HYDRA_FULL_ERROR=1 shows its stack instead. Any other exception is a bug and keeps Hydra's
 traceback (status 1). In a multirun a refused job fails like any other (the sweep goes on and Hydra ends it with the
 first failure), and the sweep ends with the sentence alone and status 2.
 """
@@ -14,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 import marco_lightning.config  # noqa: F401  (registers the ${marco_root:} resolver)
 from marco_lightning.errors import UserError
@@ -26,12 +28,21 @@ class Refused(CompactHydraException):
     and a CompactHydraException, so Hydra prints it without a stack."""
 
 
+def refusal(error: BaseException) -> UserError | None:
+    """The UserError `error` is: itself, or the one a config resolver raised (marco_lightning.config.beir_root),
+    which OmegaConf wraps in its own errors."""
+    while isinstance(error, OmegaConfBaseException):
+        error = error.__cause__ or error.__context__
+    return error if isinstance(error, UserError) else None
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
     try:
         result = hydra.utils.get_method(cfg.task._target_)(cfg)
-    except UserError as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # as Hydra reads it
+    except (UserError, OmegaConfBaseException) as raised:
+        error = refusal(raised)
+        if error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":  # as Hydra reads it
             raise
         print(f"Error: {error}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # each refused job says why; the sweep goes on
