@@ -1,7 +1,8 @@
 """The one entry point: `python run.py [task=train|prepare|evaluate|report] [group=option ...] [key=value ...]`.
 
-A refusal (a `marco_lightning.errors.UserError`: a setting or a file that cannot work) prints its one sentence and
-exits with status 2; HYDRA_FULL_ERROR=1 shows its stack instead. Any other exception is a bug and keeps Hydra's
+A refusal (a `marco_lightning.errors.UserError`: a setting or a file that cannot work, also one raised while a
+config value resolves, e.g. data=beir's data.root) prints its one sentence and exits with status 2;
+HYDRA_FULL_ERROR=1 shows its stack instead. Any other exception is a bug and keeps Hydra's
 traceback (status 1). In a multirun a refused job fails like any other (the sweep goes on and Hydra ends it with the
 first failure), and the sweep ends with the sentence alone and status 2.
 """
@@ -14,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 import marco_lightning.config  # noqa: F401  (registers the ${marco_root:} resolver)
 from marco_lightning.errors import UserError
@@ -27,10 +29,14 @@ class Refused(CompactHydraException):
 
 
 def refusal(error: BaseException) -> UserError | None:
-    """The UserError an exception is: itself, or the one a constructor raised inside Hydra's instantiate (which
-    wraps it in an InstantiationException raised from it, nested once per node); None for a bug."""
-    while isinstance(error, InstantiationException) and error.__cause__ is not None:
-        error = error.__cause__
+    """The UserError an exception is: itself, or the one it wraps: a constructor's inside Hydra's instantiate (an
+    InstantiationException raised from it, nested once per node), a config resolver's inside OmegaConf's errors
+    (marco_lightning.config.beir_root); None for a bug."""
+    while isinstance(error, (InstantiationException, OmegaConfBaseException)):
+        inner = error.__cause__ or error.__context__
+        if inner is None:
+            break
+        error = inner
     return error if isinstance(error, UserError) else None
 
 

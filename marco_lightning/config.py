@@ -7,11 +7,25 @@ from pathlib import Path
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from marco_lightning.data.download import beir_repo, fetch_beir
 from marco_lightning.errors import ConfigError, MissingFileError  # ConfigError: re-exported here
 
 ROOT = Path(__file__).resolve().parents[1]
 OmegaConf.register_new_resolver("marco_root", lambda: str(ROOT), replace=True)
-OmegaConf.register_new_resolver("basename", lambda path: Path(str(path)).name, replace=True)  # data=beir names
+
+
+def beir_root(name, cache_dir) -> str:
+    """data=beir's `data.root` when only `data.name` is given (`${beir_root:${.name},${paths.cache_dir}}`): the
+    public BEIR dataset of that name fetched once into cache_dir/beir/<hub id> (data/download.fetch_beir). A
+    `data.root=DIR` on the command line replaces the interpolation: nothing is fetched."""
+    if name is None or not str(name).strip():
+        raise ConfigError("data=beir needs data.root=DIR (a BEIR folder: corpus.jsonl, queries.jsonl, qrels/) or "
+                          "data.name=NAME (a public BEIR dataset, e.g. scifact or a hub id such as BeIR/scifact, "
+                          "fetched into paths.cache_dir/beir)")
+    return str(fetch_beir(name, Path(cache_dir) / "beir" / beir_repo(name)))
+
+
+OmegaConf.register_new_resolver("beir_root", beir_root, replace=True)
 
 
 def _check_arguments(cfg: DictConfig, group: str) -> None:

@@ -62,9 +62,8 @@ def test_folder_reads_splits_with_string_ids_and_a_fixed_held_out_val(tmp_path):
     (lambda r: (r / "queries.jsonl").unlink(), "no queries.jsonl"),
     (lambda r: _append(r / "corpus.jsonl", {"_id": "MED-0", "title": "", "text": "again"}),
      "_id 'MED-0' occurs twice (documents 1 and 81)"),
-    (lambda r: _append(r / "corpus.jsonl", {"_id": "empty", "title": "", "text": " "}),
-     "document 81 (_id 'empty') has neither title nor text"),
-    (lambda r: _append(r / "queries.jsonl", {"_id": "blank", "text": ""}), "query 34 (_id 'blank') has an empty text"),
+    (lambda r: _append(r / "corpus.jsonl", {"_id": "MED-0", "title": "", "text": ""}),  # without text, still twice
+     "_id 'MED-0' occurs twice (documents 1 and 81)"),
     (lambda r: (r / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nnope\tMED-0\t1\n"),
      "the split has no queries"),
     (lambda r: (r / "corpus.jsonl").write_text('{"_id": "a", "text": 3}\n'), "corpus.jsonl:1: expected a JSON object"),
@@ -85,6 +84,51 @@ def test_qrels_naming_unknown_ids_are_counted_and_dropped(tmp_path):
     _append_line(root / "qrels" / "test.tsv", "claim_0\tno-such-doc\t1")
     with pytest.warns(UserWarning, match=r"1 query id\(s\) not in queries.jsonl .*'ghost'.* 1 document id\(s\)"):
         assert len(BeirFolder(root).qrels("test")) == 8
+
+
+def _with_textless_entries(root: Path) -> Path:
+    """make_folder's folder plus a document with neither title nor text (line 5: the rows after it shift), judged
+    in the train and test qrels beside real positives, and a query with an empty text, judged in both too."""
+    lines = (root / "corpus.jsonl").read_text().splitlines()
+    lines.insert(4, json.dumps({"_id": "no-text", "title": "", "text": "  ", "metadata": {}}))
+    (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    _append(root / "queries.jsonl", {"_id": "blank", "text": " "})
+    _append_line(root / "qrels" / "train.tsv", "claim_0\tno-text\t1")  # claim_0 keeps MED-0
+    _append_line(root / "qrels" / "train.tsv", "blank\tMED-3\t1")
+    _append_line(root / "qrels" / "test.tsv", "claim_24\tno-text\t1")
+    _append_line(root / "qrels" / "test.tsv", "blank\t01\t1")
+    return root
+
+
+LEFT_OUT = {"documents_without_text": 1, "queries_without_text": 1, "qrels": {
+    split: {"queries_without_text": 1, "judgements_of_documents_without_text": 1, "unknown_query_ids": 0,
+            "unknown_document_ids": 0} for split in ("train", "test")}}
+
+
+def test_documents_and_queries_without_text_are_left_out_and_counted(tmp_path):
+    """Left out, not refused: every reader of the files skips them alike (the rows of BM25, faiss and the store
+    are the rows of BeirFolder.pid_rows), and judgements naming them are dropped and counted per split file."""
+    from marco_lightning.data.texts import iter_collection, read_texts
+    from marco_lightning.retrieval import collection_ids
+
+    root = _with_textless_entries(make_folder(tmp_path / "f"))
+    folder = BeirFolder(root)
+    with pytest.warns(UserWarning, match=r"left out 1 document\(s\) with neither title nor text \(e.g. document 5, "
+                                         r"_id 'no-text'\)"):
+        rows = folder.pid_rows
+    assert "no-text" not in rows and len(rows) == 80
+    assert list(rows) == [pid for pid, _ in iter_collection(root / "corpus.jsonl")] == \
+        list(collection_ids(root / "corpus.jsonl", tmp_path))  # BM25's and the dense index's row -> id
+    with pytest.warns(UserWarning, match=r"left out 1 query\(ies\) with an empty text \(e.g. query 34"):
+        assert "blank" not in folder.queries
+    assert "blank" not in read_texts(root / "queries.jsonl") and len(read_texts(root / "queries.jsonl")) == 33
+    with pytest.warns(UserWarning, match=r"test.tsv: dropped the judgements of 1 query\(ies\) without text .*'blank'"
+                                         r".* and 1 judgement\(s\) of documents without text"):
+        test = folder.qrels("test")
+    assert len(test) == 8 and "blank" not in test and "no-text" not in test["claim_24"]
+    train = {**folder.qrels("train"), **folder.qrels("val")}
+    assert train["claim_0"] == {"MED-0": 1} and "blank" not in train
+    assert folder.left_out() == LEFT_OUT
 
 
 def _hard_negatives(mined: Path) -> list[dict]:
@@ -253,6 +297,41 @@ def test_score_resumes_after_a_kill_and_training_and_evaluation_run(tmp_path):
                  f"hydra.run.dir={tmp_path / 'eval'}"])
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_equals_sentence_transformers(root, tmp_path / "mnrl" / "final_model", tmp_path / "eval")
+
+
+def test_a_folder_with_textless_entries_mines_trains_and_evaluates(tmp_path):
+    """Collection A's case: a document with neither title nor text (judged), a query with an empty text: task=mine
+    runs and its manifest counts them, the document is never a candidate or a negative (bm25 and the dense
+    model), training and full-retrieval evaluation run on the folder."""
+    from marco_lightning.data.trec import read_run
+
+    root = _with_textless_entries(make_folder(tmp_path / "f"))
+    r = _mine(root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "left out 1 document(s) with neither title nor text" in r.stderr
+    mined = root / "mined"
+    manifest = json.loads((mined / "manifest.json").read_text())
+    assert manifest["left_out"] == LEFT_OUT and manifest["splits"]["test"]["queries"] == 8
+    runs = sorted((mined / "runs").glob("*.trec"))
+    assert {p.name for p in runs} >= {"train.bm25.trec", "test.all-MiniLM-L6-v2.trec"}
+    for path in runs:
+        run = read_run(path)
+        assert "blank" not in run and not any("no-text" in docs for docs in run.values()), path
+    for d in _hard_negatives(mined):
+        assert d["qid"] != "blank" and "no-text" not in d["pos"]
+        assert all("no-text" not in negs for negs in d["neg"].values())
+
+    fast = [x for x in FAST if not x.startswith("data.val_top_k")]
+    r = run_cli(["data=beir", f"data.root={root}", "loss=mnrl", *fast, "logger=none", f"hydra.run.dir={tmp_path / 't'}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert set(metrics["after"]) >= {"ndcg@10"} and metrics["mining"]["left_out"] == LEFT_OUT
+    r = run_cli(["task=evaluate", "task.mode=retrieve", "data=beir", f"data.root={root}", "task.split=test",
+                 f"task.model_path={tmp_path / 't' / 'final_model'}", "logger=none", f"hydra.run.dir={tmp_path / 'e'}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = read_run(tmp_path / "e" / "run.trec")
+    assert set(run) == set(BeirFolder(root).qrels("test")) and not any("no-text" in docs for docs in run.values())
+    assert "ndcg@10" in json.loads((tmp_path / "e" / "metrics.json").read_text())
 
 
 def _assert_equals_sentence_transformers(root, model_dir, eval_dir):

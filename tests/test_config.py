@@ -22,7 +22,7 @@ def bind(node):
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes(group, option, tmp_path):
-    beir = ["data.root=/a/beir/folder"] if option == "beir" or option.startswith("beir_") else []  # data.root: ???
+    beir = ["data.root=/a/beir/folder"] if option == "beir" or option.startswith("beir_") else []  # or data.name
     # a cross-encoder trains with a cross-encoder loss: the default one is a bi-encoder recipe (it sets a similarity)
     cross = ["loss=ce_mse"] if group == "model" and option.endswith("_ce") else []
     cfg = compose([f"{group}={option}", *beir, *cross], tmp_path)

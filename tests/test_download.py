@@ -1,9 +1,11 @@
 """data.downloads: files fetched from a local HTTP server (127.0.0.1, a thread of the test; nothing leaves the
 machine) through pooch: download, atomic rename, checksums, archive extraction, clear errors; huggingface.co
-URLs go to hf_hub_download (faked)."""
+URLs go to hf_hub_download (faked); a public BEIR dataset by name through snapshot_download (faked by a local
+folder shaped like the hub's repos)."""
 import gzip
 import hashlib
 import io
+import json
 import shutil
 import socket
 import tarfile
@@ -14,10 +16,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from conftest import compose
+from conftest import compose, run_cli
 
 from marco_lightning.data import download
 from marco_lightning.data.download import DownloadError, ensure_files, missing_downloads
+from marco_lightning.errors import ConfigError
 
 PAYLOAD = b"".join(b"%d\t0\t%d\t1\n" % (i, 7 * i) for i in range(20_000))  # ~250 kB of qrels
 
@@ -248,3 +251,116 @@ def test_msmarco_config_lists_a_source_for_its_files(tmp_path):
     assert all(urlparse(u).scheme == "https" for u in todo)
     assert todo["https://msmarco.z22.web.core.windows.net/msmarcoranking/queries.tar.gz"] == [
         "queries.train.tsv", "queries.dev.tsv"]
+
+
+# --- a public BEIR dataset by name (data=beir data.name=scifact): snapshot_download faked by a local "hub" --------
+
+def beir_hub(tmp_path) -> Path:
+    """A stand-in for the hub, shaped as it is: BeIR/scifact holds corpus.jsonl.gz and queries.jsonl.gz (and files
+    not fetched), BeIR/scifact-qrels holds train.tsv and test.tsv; mteb/tiny holds a whole plain folder."""
+    from test_beir import make_folder
+
+    folder = make_folder(tmp_path / "original")
+    hub = tmp_path / "hub"
+    for repo, files in {"BeIR/scifact": {"corpus.jsonl.gz": gzip.compress((folder / "corpus.jsonl").read_bytes()),
+                                         "queries.jsonl.gz": gzip.compress((folder / "queries.jsonl").read_bytes()),
+                                         "README.md": b"# SciFact", "scifact.py": b"# a loading script"},
+                        "BeIR/scifact-qrels": {f"{s}.tsv": (folder / "qrels" / f"{s}.tsv").read_bytes()
+                                               for s in ("train", "test")},
+                        "mteb/tiny": {"corpus.jsonl": (folder / "corpus.jsonl").read_bytes(),
+                                      "queries.jsonl": (folder / "queries.jsonl").read_bytes(),
+                                      "qrels/test.tsv": (folder / "qrels" / "test.tsv").read_bytes()}}.items():
+        for name, data in files.items():
+            (hub / repo / name).parent.mkdir(parents=True, exist_ok=True)
+            (hub / repo / name).write_bytes(data)
+    return hub
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """huggingface_hub.snapshot_download over beir_hub: the files matching allow_patterns (the hub's own filter)
+    copied into local_dir; each call recorded. `fake_hub.fail` names a repo whose fetch fails."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    hub = beir_hub(tmp_path)
+    calls = []
+
+    def snapshot_download(repo_id, *, repo_type=None, local_dir=None, allow_patterns=None, **kwargs):
+        calls.append((repo_id, repo_type))
+        if repo_id == snapshot_download.fail or not (hub / repo_id).is_dir():
+            raise OSError(f"404 for {repo_id}")
+        files = [p.relative_to(hub / repo_id).as_posix() for p in (hub / repo_id).rglob("*") if p.is_file()]
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns):
+            (Path(local_dir) / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(hub / repo_id / name, Path(local_dir) / name)
+        return str(local_dir)
+
+    snapshot_download.calls, snapshot_download.fail, snapshot_download.hub = calls, None, hub
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    return snapshot_download
+
+
+def test_a_beir_dataset_by_name_is_fetched_once_into_the_cache(tmp_path, fake_hub):
+    from marco_lightning.data.beir import BeirFolder
+    from marco_lightning.data.sources import build_source
+
+    cfg = compose(["task=mine", "data=beir", "data.name=scifact"], tmp_path)
+    root = tmp_path / "cache" / "beir" / "BeIR" / "scifact"
+    assert cfg.data.root == str(root)  # resolving data.root fetches
+    assert fake_hub.calls == [("BeIR/scifact", "dataset"), ("BeIR/scifact-qrels", "dataset")]
+    original = tmp_path / "original"
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels/train.tsv", "qrels/test.tsv"):
+        assert (root / name).read_bytes() == (original / name).read_bytes(), name  # decompressed, in place
+    assert sorted(p.name for p in root.iterdir()) == [".fetched.json", "corpus.jsonl", "qrels", "queries.jsonl"]
+    assert sorted(p.name for p in root.parent.iterdir()) == ["scifact"]  # staging and partial folders gone
+    assert len(BeirFolder(root).qrels("test")) == 8
+    assert cfg.data.mined_dir == str(root / "mined") and cfg.data.collection == str(root / "corpus.jsonl")
+    source = build_source(cfg.data)
+    assert source.name == "beir-scifact"  # the stores' prefix, as for data.root=.../scifact
+    assert source.spelling == "data.name=scifact"  # what its messages tell to run (task=mine data=beir ...)
+
+    again = compose(["task=mine", "data=beir", "data.name=BeIR/scifact"], tmp_path)  # the hub id: the same folder
+    assert again.data.root == str(root) and len(fake_hub.calls) == 2  # reused: no hub call
+    mine = compose(["task=mine", "data=beir", "data.name=scifact", "model=tiny", "task.systems=[bm25]",
+                    "task.depth=5", "task.run_depth=20"], tmp_path)
+    from marco_lightning.tasks.mine import main
+
+    assert main(mine)["root"] == str(root)
+    assert (root / "mined" / "hard-negatives.jsonl.gz").is_file() and len(fake_hub.calls) == 2
+
+    given = compose(["task=mine", "data=beir", "data.name=nfcorpus", f"data.root={original}"], tmp_path)
+    assert given.data.root == str(original) and given.data.mined_dir == str(original / "mined")
+    assert build_source(given.data).spelling == f"data.root={original}"
+    assert len(fake_hub.calls) == 2  # data.root wins: nothing fetched
+
+
+def test_an_interrupted_fetch_leaves_no_folder_that_looks_complete(tmp_path, fake_hub):
+    into = tmp_path / "cache" / "beir" / "BeIR" / "scifact"
+    fake_hub.fail = "BeIR/scifact-qrels"
+    with pytest.raises(DownloadError, match=r"cannot fetch the hub dataset BeIR/scifact-qrels \(data.name=scifact\)"
+                                            r": OSError: 404.*Run again to resume.*data.root=DIR"):
+        download.fetch_beir("scifact", into)
+    assert not (into / download.BEIR_FETCHED).exists()
+    fake_hub.fail = None
+    assert download.fetch_beir("scifact", into) == into and (into / download.BEIR_FETCHED).is_file()
+    assert [r for r, _ in fake_hub.calls] == ["BeIR/scifact", "BeIR/scifact-qrels"] * 2
+    assert json.loads((into / download.BEIR_FETCHED).read_text())["files"] == [
+        "corpus.jsonl", "queries.jsonl", "qrels/test.tsv", "qrels/train.tsv"]
+
+
+def test_a_hub_dataset_holding_its_qrels_and_names_that_cannot_work(tmp_path, fake_hub):
+    into = download.fetch_beir("mteb/tiny", tmp_path / "tiny")
+    assert fake_hub.calls == [("mteb/tiny", "dataset")]  # qrels/ in the dataset itself: no -qrels repo
+    assert sorted(p.name for p in (into / "qrels").iterdir()) == ["test.tsv"]
+    with pytest.raises(DownloadError, match="the hub dataset BeIR/nothing .* has no corpus.jsonl"):
+        (fake_hub.hub / "BeIR" / "nothing").mkdir()
+        download.fetch_beir("nothing", tmp_path / "nothing")
+    with pytest.raises(ConfigError, match=r"data.name='../up': a BEIR dataset name"):
+        download.beir_repo("../up")
+
+
+def test_data_beir_without_root_or_name_says_to_set_one(tmp_path):
+    r = run_cli(["task=mine", "data=beir", "logger=none", f"hydra.run.dir={tmp_path / 'run'}",
+                 f"paths.cache_dir={tmp_path / 'cache'}"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "data=beir needs data.root=DIR" in r.stderr and "data.name=NAME" in r.stderr

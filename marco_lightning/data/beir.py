@@ -4,6 +4,15 @@ Ids stay the folder's strings in everything written; inside a data store a passa
 a query its row in queries.jsonl (dense ints, so ids of any shape fit the store's int64 arrays).
 The validation split is `qrels/<val_split>.tsv` when the folder has one, else a fixed share of the training
 queries drawn by a seeded permutation of their sorted ids: the same queries on every machine, never trained on.
+
+Real collections are messy. A document with neither title nor text, or a query with an empty text, is left out
+(counted, warned, `BeirFolder.left_out()`), not encoded as BEIR's " ": it has nothing a model or BM25 could match,
+so it could only ever be a false candidate (a dense model ranks an empty text near many queries) or a positive
+without text. The rule is `has_text`, and every reader of the files applies it (`BeirFolder`, and
+`data/texts.iter_collection`, which BM25, the dense index, re-ranking and scoring read): row numbers (the store's,
+BM25's, faiss's, IdRows') are the rows of the documents kept, the same everywhere. Judgements naming a left-out
+document or query are dropped and counted per split file, as judgements naming unknown ids are. Duplicate ids and
+ids with whitespace stay refusals: they would corrupt every file written.
 """
 from __future__ import annotations
 
@@ -29,6 +38,20 @@ def _find(root: Path, name: str) -> Path:
                            "queries.jsonl and qrels/<split>.tsv)")
 
 
+def has_text(text: str) -> bool:
+    """Whether a document's text (`beir_text`) or a query's is kept: anything but whitespace."""
+    return bool(text.strip())
+
+
+def iter_texts(path) -> Iterator[tuple[str, str]]:
+    """(id, text) of a BEIR corpus.jsonl or queries.jsonl in file order, the entries without text left out (as
+    BeirFolder leaves them out: the same rows)."""
+    for d in iter_jsonl(path, "raise", None):
+        text = beir_text(d)
+        if has_text(text):
+            yield d["_id"], text
+
+
 def _checked_id(id_: str, path: Path, n: int) -> str:
     if not id_ or any(c.isspace() for c in id_):
         raise DataFormatError(f"{path}: line {n}: _id {id_!r} is empty or holds whitespace, which TREC run and qrels "
@@ -51,6 +74,8 @@ class BeirFolder:
         self._queries: dict[str, str] | None = None
         self._pids: dict[str, int] | None = None
         self._qrels: dict[str, dict] = {}  # split file name -> its checked judgements
+        self._no_text = {"documents": None, "queries": None}  # ids left out for want of text, once read
+        self._dropped: dict[str, dict[str, int]] = {}  # split file name -> judgements dropped, by reason
 
     @classmethod
     def from_config(cls, data: Mapping) -> BeirFolder:
@@ -69,17 +94,24 @@ class BeirFolder:
 
     # --- texts ---------------------------------------------------------------------------------------------
     def corpus(self) -> Iterator[tuple[str, str]]:
-        """(id, "title text") in file order; a duplicate id or an empty document is an error naming its line."""
+        """(id, "title text") in file order, documents without text left out (counted and warned); a duplicate
+        id is an error naming its line."""
         seen: dict[str, int] = {}
+        empty: list[tuple[int, str]] = []
         for n, d in enumerate(iter_jsonl(self.corpus_path, "raise", None), 1):
             pid = _checked_id(d["_id"], self.corpus_path, n)
             if seen.setdefault(pid, n) != n:
                 raise DataFormatError(f"{self.corpus_path}: _id {pid!r} occurs twice (documents {seen[pid]} and {n})")
             text = beir_text(d)
-            if not text.strip():
-                raise DataFormatError(f"{self.corpus_path}: document {n} (_id {pid!r}) has neither title nor text; "
-                                      "drop it or give it a text")
+            if not has_text(text):
+                empty.append((n, pid))
+                continue
             yield pid, text
+        self._no_text["documents"] = {pid for _, pid in empty}
+        if empty:
+            warnings.warn(f"{self.corpus_path}: left out {len(empty)} document(s) with neither title nor text "
+                          f"(e.g. document {empty[0][0]}, _id {empty[0][1]!r}); judgements naming them are dropped",
+                          stacklevel=2)
 
     @property
     def pid_rows(self) -> dict[str, int]:
@@ -94,15 +126,28 @@ class BeirFolder:
     def queries(self) -> dict[str, str]:
         if self._queries is None:
             queries: dict[str, str] = {}
+            empty: dict[str, int] = {}  # id -> line
             for n, d in enumerate(iter_jsonl(self.queries_path, "raise", None), 1):
                 _checked_id(d["_id"], self.queries_path, n)
-                if d["_id"] in queries:
+                if d["_id"] in queries or d["_id"] in empty:
                     raise DataFormatError(f"{self.queries_path}: _id {d['_id']!r} occurs twice (query {n})")
-                if not d["text"].strip():
-                    raise DataFormatError(f"{self.queries_path}: query {n} (_id {d['_id']!r}) has an empty text")
-                queries[d["_id"]] = d["text"]
-            self._queries = queries
+                if has_text(d["text"]):
+                    queries[d["_id"]] = d["text"]
+                else:
+                    empty[d["_id"]] = n
+            if empty:
+                qid, n = next(iter(empty.items()))
+                warnings.warn(f"{self.queries_path}: left out {len(empty)} query(ies) with an empty text (e.g. "
+                              f"query {n}, _id {qid!r}); judgements of them are dropped", stacklevel=2)
+            self._queries, self._no_text["queries"] = queries, set(empty)
         return self._queries
+
+    def left_out(self) -> dict:
+        """What the folder's files hold that nothing uses, as read so far: the documents and queries without text,
+        and per split file read (`qrels/<name>.tsv`, by name) the judgements dropped, by reason."""
+        return {"documents_without_text": len(self._no_text["documents"] or ()),
+                "queries_without_text": len(self._no_text["queries"] or ()),
+                "qrels": {name: dict(counts) for name, counts in self._dropped.items()}}
 
     # --- splits --------------------------------------------------------------------------------------------
     def has_split_file(self, name: str) -> bool:
@@ -122,17 +167,30 @@ class BeirFolder:
         qrels: dict[str, dict[str, int]] = {}
         unknown_q, unknown_p = set(), set()
         queries, pids = self.queries, self.pid_rows
+        no_text_q, no_text_p = self._no_text["queries"], self._no_text["documents"]
+        textless_q, textless_judgements = set(), 0
         for qid, pid, grade in iter_qrels(path, id_type=str):
-            if qid not in queries:
+            if qid in no_text_q:
+                textless_q.add(qid)
+            elif qid not in queries:
                 unknown_q.add(qid)
+            elif pid in no_text_p:
+                textless_judgements += 1
             elif pid not in pids:
                 unknown_p.add(pid)
             else:
                 qrels.setdefault(qid, {})[pid] = grade
+        self._dropped[name] = {"queries_without_text": len(textless_q),
+                               "judgements_of_documents_without_text": textless_judgements,
+                               "unknown_query_ids": len(unknown_q), "unknown_document_ids": len(unknown_p)}
         if unknown_q or unknown_p:
             warnings.warn(f"{path}: dropped judgements of {len(unknown_q)} query id(s) not in {self.queries_path.name}"
                           f" (e.g. {sorted(unknown_q)[:3]}) and {len(unknown_p)} document id(s) not in "
                           f"{self.corpus_path.name} (e.g. {sorted(unknown_p)[:3]})", stacklevel=2)
+        if textless_q or textless_judgements:
+            warnings.warn(f"{path}: dropped the judgements of {len(textless_q)} query(ies) without text (e.g. "
+                          f"{sorted(textless_q)[:3]}) and {textless_judgements} judgement(s) of documents without "
+                          "text", stacklevel=2)
         if not qrels:
             raise DataFormatError(f"{path}: no judgement names a query of {self.queries_path.name} and a document "
                                   f"of {self.corpus_path.name}: the split has no queries")

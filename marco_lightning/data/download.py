@@ -14,11 +14,18 @@ The transfer is left to kept libraries: `huggingface_hub.hf_hub_download` for hu
 into the config). pooch does not resume: an interrupted download starts over next run, the price of not
 keeping an HTTP client here. Both write a temporary file and rename it, as the extraction does, so a file
 under its real name is always whole.
+
+A public BEIR dataset by name (`data=beir data.name=scifact`, or a hub dataset id): `fetch_beir` makes a plain
+BEIR folder of the hub's copy in the cache, with one hub call (`hub_snapshot`, huggingface_hub's
+snapshot_download: it resumes an interrupted transfer), and a marker written last, so a folder without it is
+never taken for complete.
 """
 from __future__ import annotations
 
 import gzip
+import json
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -33,6 +40,8 @@ from marco_lightning.errors import ConfigError, UserError
 CHUNK = 1 << 20
 TIMEOUT_S = 60
 HF_STAGING = ".hf-download"  # hf_hub_download's local_dir in data.root: its partial files resume from there
+BEIR_ORG = "BeIR"  # a short name (scifact) is this organisation's dataset (BeIR/scifact; qrels: BeIR/scifact-qrels)
+BEIR_FETCHED = ".fetched.json"  # written last into a fetched BEIR folder: its presence means complete
 
 
 class DownloadError(UserError, RuntimeError):
@@ -245,3 +254,107 @@ def extract(archive: Path, root: Path, names: list[str], url: str = "") -> None:
                             "download it again") from None
     if wanted:
         raise DownloadError(f"{archive} ({url}) has no member(s) {sorted(wanted)}: check data.downloads")
+
+
+# --- a public BEIR dataset, by name ---------------------------------------------------------------------------
+
+def beir_repo(name: str) -> str:
+    """The hub dataset id of `data.name`: a short BEIR name (scifact) is BeIR's (BeIR/scifact); an id is itself."""
+    name = str(name).strip().strip("/")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?", name):
+        raise ConfigError(f"data.name={name!r}: a BEIR dataset name (scifact) or a hub dataset id (BeIR/scifact), "
+                          "letters, digits, '.', '_' and '-'; or set data.root=DIR to a BEIR folder on disk")
+    return name if "/" in name else f"{BEIR_ORG}/{name}"
+
+
+def hub_snapshot(repo_id: str, local_dir: Path, patterns: list[str]) -> Path:
+    """The one hub call: the files of dataset `repo_id` matching `patterns`, into local_dir (resumed there)."""
+    import huggingface_hub
+
+    return Path(huggingface_hub.snapshot_download(repo_id, repo_type="dataset", local_dir=local_dir,
+                                                  allow_patterns=patterns))
+
+
+def _one(files: list[Path], what: str, repo: str) -> Path | None:
+    if len(files) > 1:
+        raise DownloadError(f"{repo} holds several {what} ({[str(f) for f in files]}); fetch the one you want by "
+                            "hand and set data.root=DIR")
+    return files[0] if files else None
+
+
+def fetch_beir(name: str, into) -> Path:
+    """`into` as a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) of hub dataset `name`
+    (`beir_repo`), fetched once: a folder with its marker is returned as it is.
+
+    The corpus and queries (`corpus.jsonl[.gz]`, `queries.jsonl[.gz]`: BeIR's layout) come from the dataset repo,
+    decompressed; the qrels (`*.tsv`) from it too when it has them (a plain BEIR folder on the hub), else from
+    `<repo>-qrels` (BeIR's). The hub's files wait in `.<name>.download` beside `into` (an interrupted fetch resumes
+    there), the folder is built in `.<name>.partial`, its files are moved into `into` and the marker written last.
+    """
+    into = Path(into).absolute()
+    marker = into / BEIR_FETCHED
+    if marker.is_file():
+        return into
+    repo = beir_repo(name)
+    rank = next((int(os.environ[v]) for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID") if os.environ.get(v)), 0)
+    if rank:  # as ensure_files: one process fetches (run.py task=mine on one process first)
+        raise DownloadError(f"rank {rank}: the BEIR dataset {repo} is not fetched into {into} yet; fetch it once "
+                            f"first (python run.py task=mine data=beir data.name={name} on one process)")
+    into.parent.mkdir(parents=True, exist_ok=True)
+    staging, partial = into.parent / f".{into.name}.download", into.parent / f".{into.name}.partial"
+    print(f"Fetching the BEIR dataset {repo} into {into}", file=sys.stderr)
+
+    def snapshot(repo_id, folder, patterns):
+        try:
+            return hub_snapshot(repo_id, staging / folder, patterns)
+        except Exception as e:  # noqa: BLE001 - its HTTP client (and so its errors) changes between hub versions
+            raise DownloadError(f"cannot fetch the hub dataset {repo_id} (data.name={name}): {type(e).__name__}: "
+                                f"{e}. Run again to resume, or put a BEIR folder on disk and set data.root=DIR"
+                                ) from None
+
+    got = snapshot(repo, "dataset", ["*corpus.jsonl", "*corpus.jsonl.gz", "*queries.jsonl", "*queries.jsonl.gz",
+                                     "*.tsv"])
+    files = {}
+    for kind in ("corpus", "queries"):
+        found = _one(sorted(got.rglob(f"{kind}.jsonl")), f"{kind}.jsonl files", repo) or \
+            _one(sorted(got.rglob(f"{kind}.jsonl.gz")), f"{kind}.jsonl.gz files", repo)
+        if found is None:
+            raise DownloadError(f"the hub dataset {repo} (data.name={name}) has no {kind}.jsonl[.gz]: not a BEIR "
+                                "dataset? Name one (scifact, nfcorpus, ... or a hub id), or set data.root=DIR")
+        files[kind] = found
+    qrels_repo, qrels = repo, sorted(got.rglob("*.tsv"))
+    if not qrels:
+        qrels_repo = f"{repo}-qrels"
+        qrels = sorted(snapshot(qrels_repo, "qrels", ["*.tsv"]).rglob("*.tsv"))
+    if not qrels:
+        raise DownloadError(f"no qrels for {repo}: neither it nor {qrels_repo} holds <split>.tsv files; set "
+                            "data.root=DIR to a BEIR folder with qrels/")
+    if len({q.stem for q in qrels}) < len(qrels):
+        raise DownloadError(f"{qrels_repo} holds several qrels files of one split name ({[str(q) for q in qrels]});"
+                            " fetch the ones you want by hand and set data.root=DIR")
+
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "qrels").mkdir(parents=True)
+    for kind, src in files.items():
+        dest = partial / f"{kind}.jsonl"
+        if src.name.endswith(".gz"):
+            try:
+                with gzip.open(src, "rb") as f, open(dest, "wb") as out:
+                    _copy(f, out, f"gunzip {src.name}")
+            except (OSError, EOFError, zlib.error) as e:
+                shutil.rmtree(staging, ignore_errors=True)  # a damaged transfer: fetched afresh next time
+                raise DownloadError(f"cannot decompress {src.name} of {repo}: {e}; run again to fetch it afresh"
+                                    ) from None
+        else:
+            shutil.copyfile(src, dest)
+    for q in qrels:
+        shutil.copyfile(q, partial / "qrels" / q.name)
+    written = ["corpus.jsonl", "queries.jsonl", *(f"qrels/{q.name}" for q in qrels)]
+    (into / "qrels").mkdir(parents=True, exist_ok=True)  # a folder task=mine wrote into (mined/) keeps its files
+    for rel in written:
+        os.replace(partial / rel, into / rel)
+    (partial / BEIR_FETCHED).write_text(json.dumps({"repo": repo, "qrels_repo": qrels_repo, "files": written}))
+    os.replace(partial / BEIR_FETCHED, marker)  # last: the folder is complete
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    return into

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from marco_lightning.data.beir import BeirFolder, IdRows, iter_pair_scores, teacher_scores_complete
-from marco_lightning.data.download import ensure_files
+from marco_lightning.data.download import BEIR_FETCHED, ensure_files
 from marco_lightning.data.formats import iter_qrels
 from marco_lightning.data.msmarco import (
     chunk_from_rows,
@@ -211,13 +211,18 @@ class MarcoSource(Source):
 
 class BeirSource(Source):
     """A BEIR folder (conf/data/beir.yaml) and what task=mine and task=score wrote for it: string ids, stored as
-    rows (IdRows). Validation re-ranks `val_top_k` of the mined `val_system` run of the val split."""
+    rows (IdRows). Validation re-ranks `val_top_k` of the mined `val_system` run of the val split.
 
-    def __init__(self, name: str, root: str, mined_dir: str, hard_negatives: str, teacher_scores: str,
+    `data.name` is the public dataset the folder was fetched from (`data.root` then resolves to the fetched folder,
+    marco_lightning.config.beir_root), or None; the source's `name`, its stores' prefix, is `beir-<folder name>`
+    either way."""
+
+    def __init__(self, name: str | None, root: str, mined_dir: str, hard_negatives: str, teacher_scores: str,
                  collection: str, queries: str, val_run: str, val_top_k: int, val_rel_level: int = 1,
                  val_system: str = "bm25", train_split: str = "train", val_split: str = "dev",
                  test_split: str = "test", val_fraction: float = 0.1, eval_top_k: int | None = None):
-        self.name, self.root, self.mined_dir = name, root, mined_dir
+        self.dataset, self.root, self.mined_dir = name, root, mined_dir
+        self.name = f"beir-{Path(str(root)).name}" if root else "beir"
         self.collection, self.queries_file, self.val_run = collection, queries, val_run
         self.hard_negatives_file, self.teacher_scores = hard_negatives, teacher_scores
         self.val_top_k, self.val_rel_level, self.val_system, self.eval_top_k = val_top_k, val_rel_level, \
@@ -230,9 +235,16 @@ class BeirSource(Source):
     def folder(self) -> BeirFolder:
         if self._folder is None:
             if not self.root:
-                raise ConfigError("data.root is required: the BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
+                raise ConfigError("data.root is required: the BEIR folder (corpus.jsonl, queries.jsonl, qrels/); or "
+                                  "data.name=NAME, a public BEIR dataset (scifact, or a hub id) fetched into the cache")
             self._folder = BeirFolder(self.root, **self.split_names)
         return self._folder
+
+    @property
+    def spelling(self) -> str:
+        """How the command line names this folder: data.name=NAME when it was fetched by that name, else data.root."""
+        fetched = self.dataset and self.root and (Path(str(self.root)) / BEIR_FETCHED).is_file()
+        return f"data.name={self.dataset}" if fetched else f"data.root={self.root}"
 
     @property
     def rows(self) -> IdRows:
@@ -262,7 +274,7 @@ class BeirSource(Source):
                 hint = (f" (data.val_system={self.val_system}: the mined system whose val run is re-ranked; it "
                         "must be one of task=mine's task.systems)" if key == "val_run" else "")
                 raise ConfigError(f"data.{key}={path}: not found, not complete or made for other mined negatives; "
-                                  f"run `python run.py task={task} data=beir data.root={self.root}` (it resumes; "
+                                  f"run `python run.py task={task} data=beir {self.spelling}` (it resumes; "
                                   f"README \"Your own collection\"){hint}")
 
     # --- the store's inputs ------------------------------------------------------------------------------------
@@ -270,7 +282,7 @@ class BeirSource(Source):
         folder, hard_negatives = self.folder, self.hard_negatives_file
         if not hard_negatives or not Path(str(hard_negatives)).is_file():
             raise MissingFileError(f"data.hard_negatives={hard_negatives}: no mined negatives; run `python run.py "
-                                   f"task=mine data=beir data.root={folder.root}` first")
+                                   f"task=mine data=beir {self.spelling}` first")
         teacher = self.teacher_scores
         return {"format": "beir", "root": str(folder.root.resolve()), "splits": folder.settings(),
                 "hard_negatives": str(Path(str(hard_negatives)).resolve()),
@@ -332,7 +344,7 @@ class BeirSource(Source):
         name = name or "test"
         return EvalSplit(lambda: self.folder.qrels(name), self.run_path(name), self.queries_file,
                          self.collection,
-                         hint=f"\n  Mine it first: python run.py task=mine data=beir data.root={self.root}")
+                         hint=f"\n  Mine it first: python run.py task=mine data=beir {self.spelling}")
 
     def describe(self) -> tuple[str, str]:
         folder = self.folder
@@ -342,9 +354,10 @@ class BeirSource(Source):
         return data, folder.describe_split("val")
 
     def run_record(self) -> dict:
-        """What task=mine chose and filtered (its manifest), recorded with the metrics of the model trained on it."""
+        """What task=mine chose, filtered and left out (its manifest), recorded with the metrics of the model trained
+        on it."""
         manifest = Path(self.mined_dir) / "manifest.json"
         if not manifest.is_file():
             return {"mining": None}
         m = json.loads(manifest.read_text())
-        return {"mining": {k: m.get(k) for k in ("selection", "skipped", "systems")}}
+        return {"mining": {k: m.get(k) for k in ("selection", "skipped", "systems", "left_out")}}

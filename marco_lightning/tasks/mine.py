@@ -2,7 +2,8 @@
 queries' hard negatives in the layout of msmarco-hard-negatives.jsonl.gz.
 
 Writes under data.mined_dir: runs/<split>.<system>.trec, hard-negatives.jsonl.gz, manifest.json (settings, what
-the margins skipped, seconds per stage). Encodings, the BM25 index and each system's finished runs are kept in
+the margins skipped, what the folder holds that was left out: documents and queries without text, judgements
+naming them or unknown ids, per split file; seconds per stage). Encodings, the BM25 index and each system's finished runs are kept in
 cache/ and runs/, so a killed run resumes where it stopped and a rerun with new selection settings searches
 nothing again.
 """
@@ -157,7 +158,7 @@ def main(cfg: DictConfig) -> dict:
     clock, seconds = time.time(), {}
     qrels = {s: folder.qrels(s) for s in SPLITS if s != "test" or folder.has_split_file(folder.split_names["test"])}
     queries = {q: folder.queries[q] for split in qrels.values() for q in split}
-    rows = folder.pid_rows  # also checks the corpus: duplicate ids and empty documents fail here
+    rows = folder.pid_rows  # checks the corpus: duplicate ids fail here, documents without text are left out
     seconds["read"] = round(time.time() - clock, 1)
     max_pos = max(len(d) for split in qrels.values() for d in split.values())
     depth = max(candidate_depth(task.depth, lo, hi, margins, max_pos), int(task.run_depth))
@@ -224,6 +225,7 @@ def main(cfg: DictConfig) -> dict:
         "root": str(folder.root.resolve()), "splits": {s: {"queries": len(qrels[s]), "source": folder.describe_split(s)}
                                                        for s in qrels},
         "queries_without_judgements": len(set(folder.queries) - set(queries)),  # in no split: not mined
+        "left_out": folder.left_out(),  # documents and queries without text; judgements dropped, per split file
         "systems": summary,
         "selection": {"depth": int(task.depth), "range": [lo, hi], "relative_margin": task.relative_margin,
                       "absolute_margin": task.absolute_margin, "candidates_per_query": depth},
