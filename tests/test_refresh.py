@@ -64,7 +64,7 @@ def reference_negatives(passages, queries, store, candidates: int, relative_marg
 
 
 def test_refreshed_lists_are_the_models_own_ranking_under_the_positive_aware_rule(sample, tmp_path):
-    cfg, model, dm = sample
+    _, model, dm = sample
     store = dm.store
     old = [set(np.asarray(store.train.negatives(i)[0]).tolist()) for i in range(len(store.train))]
     settings = RefreshSettings(every_n_epochs=1, depth=3, relative_margin=MARGIN)
