@@ -65,6 +65,17 @@ def check_training_config(cfg: DictConfig) -> None:
         raise ConfigError(f"negatives.require_positive=false trains queries without a positive, which only a "
                           f"distillation loss can (the teacher ranks their candidates); loss={loss_choice} needs a "
                           "positive per query: set negatives.require_positive=true or a distillation loss")
+    refresh = (cfg.negatives.get("refresh") or {}).get("every_n_epochs")
+    if refresh is not None:
+        if not isinstance(refresh, int) or refresh < 1:
+            raise ConfigError(f"negatives.refresh.every_n_epochs={refresh}: use a positive number of epochs, or null "
+                              "(off)")
+        if model_cls.kind != "bi":
+            raise ConfigError(f"negatives.refresh.every_n_epochs re-mines negatives with the model's own dense "
+                              f"ranking, but model={model_choice} is a cross-encoder: set it to null")
+        if loss_cls.needs_teacher:
+            raise ConfigError(f"negatives.refresh.every_n_epochs gives negatives no teacher has scored, but "
+                              f"loss={loss_choice} distils teacher scores: set it to null or use loss=mnrl")
     _check_arguments(cfg, "model")
     _check_arguments(cfg, "loss")
     if cfg.get("mini_batch_size"):

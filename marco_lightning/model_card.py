@@ -57,8 +57,17 @@ def training_section(cfg: DictConfig, source, metrics: dict, steps: int, model, 
         f"- Loss: `{cfg.loss._target_}` with {settings}; {scores}",
         f"- Data: {data}",
         (f"- Hard negatives: systems {systems}, up to {neg.num_per_system} per system, ce_score_margin "
-         f"{neg.ce_score_margin}, {cfg.num_negatives} per query per step"),
+         f"{neg.ce_score_margin}, {cfg.num_negatives} per query per step" + refreshed(metrics.get("refresh"))),
         (f"- Steps: {steps}, batch size {cfg.batch_size} per device, lr {cfg.optimizer.lr}, seed {cfg.seed}, "
          f"precision {cfg.trainer.precision}"),
         f"- marco-lightning commit: `{git_commit()}`",
         "", "### Validation", "", protocol, "", *table, ""])
+
+
+def refreshed(refresh: dict | None) -> str:
+    """The refreshes of the run's negatives (negatives.refresh), in a clause."""
+    if not refresh:
+        return ""
+    done = ", ".join(f"before epoch {h['epoch']} ({h['changed_share']:.0%} new)" for h in refresh["history"])
+    return (f"; re-mined by the model itself every {refresh['every_n_epochs']} epoch(s) (ANCE-style): "
+            f"{done or 'none was due'}")

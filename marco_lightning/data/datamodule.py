@@ -18,6 +18,10 @@ from marco_lightning.data.sampling import (
     worker_init,
 )
 from marco_lightning.data.store import Store, prepare
+from marco_lightning.errors import ConfigError
+from marco_lightning.refresh import RefreshSettings
+from marco_lightning.refresh import load as refresh_lists
+from marco_lightning.refresh import refresh as refresh_negatives
 
 
 def negatives_inputs(negatives) -> dict:
@@ -26,6 +30,7 @@ def negatives_inputs(negatives) -> dict:
     keyed by the full names they stand for, not by the map: a new alias changes no store."""
     neg = OmegaConf.to_container(negatives, resolve=True) if OmegaConf.is_config(negatives) else dict(negatives)
     aliases = neg.pop("aliases", None) or {}
+    neg.pop("refresh", None)  # what happens to the lists during training, not what the store holds
     if neg["systems"] != "all":
         neg["systems"] = [aliases.get(s, s) for s in neg["systems"]]
     return neg
@@ -58,7 +63,8 @@ class MarcoDataModule(pl.LightningDataModule):
 
     def __init__(self, source, negatives: DictConfig, collator, cache_dir: str | Path, batch_size: int,
                  num_negatives: int, with_teacher: bool, seed: int, num_workers: int = 2,
-                 val_batch_size: int | None = None, pin_memory: bool = False, group_by_length: bool = False):
+                 val_batch_size: int | None = None, pin_memory: bool = False, group_by_length: bool = False,
+                 refresh: dict | None = None, refresh_dir: str | Path | None = None):
         super().__init__()
         self.source, self.negatives, self.collator, self.cache_dir = source, negatives, collator, cache_dir
         self.batch_size, self.num_negatives, self.with_teacher = batch_size, num_negatives, with_teacher
@@ -66,6 +72,11 @@ class MarcoDataModule(pl.LightningDataModule):
         self.group_by_length = group_by_length
         self.val_batch_size = val_batch_size or 4 * batch_size
         self.store = None
+        # negatives.refresh: the model re-mines its own negatives every few epochs (refresh.py); which refreshed
+        # lists are in use is this module's state, so it travels in every checkpoint
+        self.refresh = RefreshSettings(**refresh) if refresh and refresh.get("every_n_epochs") else None
+        self.refresh_dir = Path(refresh_dir) if refresh_dir else None
+        self.refreshed: dict = {"epoch": None, "dir": None, "history": []}
 
     @property
     def store_dir(self) -> Path:
@@ -97,7 +108,37 @@ class MarcoDataModule(pl.LightningDataModule):
                           num_workers=self.num_workers, pin_memory=self.pin_memory, worker_init_fn=worker_init,
                           persistent_workers=False)
 
+    def state_dict(self) -> dict:
+        return {"refreshed": self.refreshed} if self.refresh else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        fitting = self.trainer is None or self.trainer.state.fn == "fit"  # validate(ckpt_path=...) keeps the lists
+        if self.refresh and state.get("refreshed") and fitting:
+            self.refreshed = state["refreshed"]
+            if self.refreshed["dir"] and self.store is not None:
+                self.train_set.lists = refresh_lists(Path(self.refreshed["dir"]))
+
+    def negatives_for_epoch(self, epoch: int, model) -> dict | None:
+        """Point the training set at the lists `epoch` samples from (negatives.refresh), refreshing them with
+        `model` when this epoch starts a new period; returns the new refresh's stats, else None."""
+        due = self.refresh.due(epoch) if self.refresh else None
+        if due is None or due == self.refreshed["epoch"]:
+            return None
+        if self.refresh_dir is None:
+            raise ConfigError("negatives.refresh needs the datamodule's refresh_dir (the run folder's refresh/)")
+        strategy = self.trainer.strategy if self.trainer is not None and self.trainer.world_size > 1 else None
+        val_qrels = self.source.validation_set()[0]
+        stats = refresh_negatives(model, self.store, self.refresh_dir, self.refresh, due, val_qrels,
+                                  self.source.val_rel_level, strategy)
+        folder = self.refresh_dir / f"epoch-{due}"
+        self.train_set.lists = refresh_lists(folder)
+        self.refreshed = {"epoch": due, "dir": str(folder), "history": [*self.refreshed["history"], stats]}
+        return stats
+
     def train_dataloader(self):
+        if self.refresh and self.trainer is not None:  # also a resumed run: the lists of the epoch it resumes in
+            self.negatives_for_epoch(self.trainer.fit_loop.epoch_progress.current.processed,
+                                     self.trainer.lightning_module.model)
         rank, world = self._rank()
         sampler = EpochShardSampler(len(self.train_set), shuffle=True, seed=self.seed, rank=rank, world_size=world,
                                     resume_at=self._resume_position, batch_size=self.batch_size,
@@ -122,3 +163,18 @@ class MarcoDataModule(pl.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         collate = module.model.collator().pairs if module is not None else self.collator.pairs
         return self._loader(self.val_set, sampler, self.val_batch_size, collate)
+
+
+class RefreshNegatives(pl.Callback):
+    """negatives.refresh.every_n_epochs: at the start of each period's first epoch (before its DataLoader workers
+    start), the model re-mines its training queries' negatives; the refresh is logged (refresh/*)."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        stats = trainer.datamodule.negatives_for_epoch(trainer.current_epoch, pl_module.model)
+        if stats and trainer.is_global_zero:
+            numbers = {f"refresh/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}
+            for logger in trainer.loggers:
+                logger.log_metrics(numbers, step=trainer.global_step)
+            print(f"Refreshed the hard negatives before epoch {stats['epoch']}: {stats['seconds']} s, "
+                  f"{stats['changed_share']:.0%} of them new, val nDCG@10 of the model's own ranking "
+                  f"{stats.get('val_ndcg@10')}")

@@ -24,10 +24,12 @@ def main(cfg: DictConfig) -> dict:
     import pytorch_lightning as pl
 
     from marco_lightning.checkpointing import AtomicCheckpointIO  # (Lightning)
-    from marco_lightning.data.datamodule import store_path  # (Lightning)
+    from marco_lightning.data.datamodule import RefreshNegatives, store_path  # (Lightning)
     from marco_lightning.module import RetrieverModule  # (Lightning)
 
     callbacks = build_callbacks(cfg)  # one per callbacks.* node (conf/callbacks/default.yaml), before any data loads
+    if cfg.negatives.refresh.every_n_epochs:  # the model re-mines its negatives (data/datamodule, refresh.py)
+        callbacks.append(RefreshNegatives())
     # final_model/ and metrics["after"] come from the checkpoint that follows ${monitor}
     checkpoint = next((c for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint)
                        and c.monitor == cfg.monitor), None)
@@ -124,6 +126,9 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
         write_run(named(module.last_val_run), run_dir / "val_run.trec", tag=f"marco-lightning-{run_dir.name}")
         source = datamodule.source
         metrics.update(source.run_record())
+        if datamodule.refresh:
+            metrics["refresh"] = {"every_n_epochs": datamodule.refresh.every_n_epochs,
+                                  "history": datamodule.refreshed["history"]}
         metrics["best_checkpoint"] = os.path.relpath(checkpoint.best_model_path, run_dir) \
             if checkpoint.best_model_path else None
         if source.val_teacher_run:
