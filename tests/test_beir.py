@@ -441,12 +441,12 @@ def test_mine_with_task_compile_compiles_the_model_system(tmp_path, monkeypatch)
     """task.compile=true reaches the `model` system of task=mine (the compiling itself: tests/test_inference)."""
     from conftest import compose
 
-    from marco_lightning import inference
+    from marco_lightning import mining
     from marco_lightning.tasks.mine import load_system
 
     root = make_folder(tmp_path / "f")
     seen = []
-    monkeypatch.setattr(inference, "compile_model", lambda model: seen.append(model) or model)
+    monkeypatch.setattr(mining, "compile_model", lambda model: seen.append(model) or model)  # as mining.dense calls it
     overrides = ["task=mine", "data=beir", f"data.root={root}", "model=tiny", "task.device=cpu"]
     load_system("model", compose(overrides), tmp_path / "a")
     assert seen == []
