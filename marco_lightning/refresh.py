@@ -42,6 +42,7 @@ class RefreshSettings:
     relative_margin: float | None = 0.05
     absolute_margin: float | None = None
     index_factory: str = "Flat"
+    nprobe: int = 64  # lists an IVF index searches (faiss' default, 1, misses most neighbours)
     batch_size: int = 64
 
     def due(self, epoch: int) -> int | None:
@@ -75,6 +76,8 @@ def mine(model, store, emb: np.ndarray, settings: RefreshSettings) -> tuple[dict
         index.train(np.ascontiguousarray(emb[sample]))
     for start in range(0, len(emb), 8 * CHUNK):
         index.add(np.ascontiguousarray(emb[start:start + 8 * CHUNK]))
+    if "IVF" in settings.index_factory:
+        faiss.extract_index_ivf(index).nprobe = settings.nprobe
     lists, ids = store.train, store.passages.ids
     positives = [np.asarray(lists.positives(i)[0]) for i in range(len(lists))]
     margins = settings.relative_margin is not None or settings.absolute_margin is not None
@@ -150,7 +153,7 @@ def refresh(model, store, out_dir, settings: RefreshSettings, epoch: int, val_qr
                     np.save(work / f"train.{name}.npy", arrays[name])
                 if val_qrels:
                     stats["val_ndcg@10"] = val_ndcg(model, store, emb, val_qrels, val_rel_level, settings.batch_size)
-                stats.update(epoch=epoch, seconds=round(time.time() - start, 1))
+                stats.update(epoch=epoch, seconds=round(time.time() - start, 1), encoded_by_ranks=world)
                 del emb
                 (work / "embeddings.npy").unlink()  # the lists are what is kept; the matrix is as big as the store
                 (work / "stats.json").write_text(json.dumps(stats, indent=2))  # last: the folder is complete

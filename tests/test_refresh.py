@@ -179,3 +179,18 @@ def test_resume_after_a_kill_past_a_refresh_ends_like_an_unbroken_run(tmp_path):
         torch.testing.assert_close(b["state_dict"][name], a["state_dict"][name], atol=1e-6, rtol=0)
     history = json.loads((resumed / "metrics.json").read_text())["refresh"]["history"]
     assert [h["epoch"] for h in history] == [1, 2]  # epoch 1's came with the checkpoint; epoch 2's made anew
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_under_ddp_the_ranks_split_the_encoding_and_train_on_one_set_of_lists(tmp_path):
+    root = make_folder(tmp_path / "f")
+    assert _mine(root).returncode == 0
+    run = tmp_path / "run"
+    result = run_cli([*FAST, *MNRL, *beir(root), "logger=none", "trainer=ddp_cpu", "trainer.devices=2",
+                      "trainer.max_epochs=2", "negatives.refresh.every_n_epochs=1",
+                      "negatives.refresh.relative_margin=null", f"hydra.run.dir={run}"], timeout=800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((run / "metrics.json").read_text())["refresh"]["history"]
+    assert [(h["epoch"], h["encoded_by_ranks"]) for h in history] == [(1, 2)]
+    assert [p.name for p in (run / "refresh").iterdir()] == ["epoch-1"]  # one set of lists, written once
