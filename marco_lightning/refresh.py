@@ -28,6 +28,7 @@ from marco_lightning.inference import encode
 from marco_lightning.mining import candidate_depth, select_negatives
 
 CHUNK = 4096  # passages encoded and written at a time: memory stays flat in the collection's size
+QUERY_CHUNK = 16384  # training queries encoded and searched at a time
 
 
 @dataclass
@@ -83,30 +84,29 @@ def mine(model, store, emb: np.ndarray, settings: RefreshSettings) -> tuple[dict
     margins = settings.relative_margin is not None or settings.absolute_margin is not None
     k = candidate_depth(settings.depth, settings.range_min, settings.range_max, margins,
                         max((len(p) for p in positives), default=1))
-    queries = encode(model, [store.queries.text(int(q)) for q in lists.qids], settings.batch_size)
-    scores, rows = index.search(queries, min(k, len(ids))) if len(queries) else (np.zeros((0, 0)), np.zeros((0, 0)))
-    new, changed, total, skipped = [], 0, 0, {}
-    for i, (pos, srow, rrow) in enumerate(zip(positives, scores, rows)):
-        keep = rrow >= 0
-        ranked, ranked_scores = ids[rrow[keep]].tolist(), srow[keep].tolist()
-        pos_scores = (emb[store.passages.positions(pos)] @ queries[i]).tolist() if margins else []
-        counter = Counter()
-        negs = select_negatives(ranked, ranked_scores, pos.tolist(), pos_scores, settings.depth,
-                                settings.range_min, settings.range_max, settings.absolute_margin,
-                                settings.relative_margin, counter)
-        for reason, n in counter.items():
-            skipped[reason] = skipped.get(reason, 0) + n
-        if not negs:  # nothing left after the rule (a tiny store): keep the query's lists as they were
-            negs = np.asarray(lists.negatives(i)[0]).tolist()
-        old = set(np.asarray(lists.negatives(i)[0]).tolist())
-        changed += sum(n not in old for n in negs)
-        total += len(negs)
-        new.append(np.asarray(negs, np.int64))
+    new, changed, total, skipped = [], 0, 0, Counter()
+    for first in range(0, len(lists), QUERY_CHUNK):  # encoded and searched a chunk at a time: memory flat in queries
+        chunk = range(first, min(first + QUERY_CHUNK, len(lists)))
+        queries = encode(model, [store.queries.text(int(lists.qids[i])) for i in chunk], settings.batch_size)
+        scores, rows = index.search(queries, min(k, len(ids)))
+        for i, query, srow, rrow in zip(chunk, queries, scores, rows):
+            keep = rrow >= 0
+            pos = positives[i]
+            pos_scores = (emb[store.passages.positions(pos)] @ query).tolist() if margins else []
+            negs = select_negatives(ids[rrow[keep]].tolist(), srow[keep].tolist(), pos.tolist(), pos_scores,
+                                    settings.depth, settings.range_min, settings.range_max, settings.absolute_margin,
+                                    settings.relative_margin, skipped)
+            old = np.asarray(lists.negatives(i)[0]).tolist()
+            if not negs:  # the rule left nothing in the candidates: the query keeps the lists it had
+                negs = old
+            changed += len(set(negs) - set(old))
+            total += len(negs)
+            new.append(np.asarray(negs, np.int64))
     arrays = {name: np.asarray(getattr(lists, name)) for name in ("qids", "pos_offsets", "pos_pids", "pos_scores")}
     arrays["neg_offsets"] = np.concatenate([[0], np.cumsum([len(n) for n in new])]).astype(np.int64)
     arrays["neg_pids"] = np.concatenate(new) if new else np.empty(0, np.int64)
     arrays["neg_scores"] = np.full(len(arrays["neg_pids"]), np.nan, np.float32)
-    return arrays, {"negatives": total, "changed_share": round(changed / max(total, 1), 4), "skipped": skipped,
+    return arrays, {"negatives": total, "changed_share": round(changed / max(total, 1), 4), "skipped": dict(skipped),
                     "candidates_per_query": int(k)}
 
 
