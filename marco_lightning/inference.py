@@ -64,10 +64,11 @@ BLOCK = 4096  # rows tokenised at once, then batched in length order: one tokeni
 
 def _cut(features: dict, rows: torch.Tensor) -> dict:
     """These rows of tokenised features, each group of token tensors cut to the columns its rows use
-    (padding is contiguous, so this works for right and left padding alike)."""
+    (padding is contiguous, so this works for right and left padding alike); one value per row (a prompt's
+    prompt_length) is only picked by rows."""
     if "attention_mask" in features:
         used = features["attention_mask"][rows].any(0)
-        return {k: v[rows][:, used] for k, v in features.items()}
+        return {k: v[rows][:, used] if v.ndim > 1 else v[rows] for k, v in features.items()}
     return {k: _cut(v, rows) if isinstance(v, dict) else v[rows] if torch.is_tensor(v) else v
             for k, v in features.items()}
 
@@ -94,12 +95,15 @@ def _to(features: dict, dev: torch.device) -> dict:
 
 
 @torch.inference_mode()
-def encode(model, texts: list[str], batch_size: int, precision: str = "auto") -> np.ndarray:
-    """Vectors whose inner product is the bi-encoder's similarity (unit length for cos): `encode` of
-    sentence-transformers, queries and passages alike cut at max_seq_length."""
+def encode(model, texts: list[str], batch_size: int, precision: str = "auto", role: str = "document") -> np.ndarray:
+    """Vectors whose inner product is the bi-encoder's similarity (unit length for cos) of `texts` embedded as
+    `role`: "query" is sentence-transformers' `encode_query`, "document" its `encode_document` (the model's query
+    or document prompt prepended; a model without prompts: `encode`), cut at max_seq_length. Every caller says
+    which: a query searches, a document is searched."""
     collator, dev = model.collator(), _device(model)
+    collator.prompt(role)  # an unknown role fails here, even for no texts
     embeddings = np.empty((len(texts), model.dim), np.float32)
-    batches = _batches(lambda block: collator.texts(texts[block]), lambda f: f["attention_mask"].sum(1),
+    batches = _batches(lambda block: collator.texts(texts[block], role), lambda f: f["attention_mask"].sum(1),
                        len(texts), batch_size)
     for rows, features in batches:
         with _autocast(model, precision):
@@ -110,7 +114,8 @@ def encode(model, texts: list[str], batch_size: int, precision: str = "auto") ->
 @torch.inference_mode()
 def score(model, queries: list[str], passages: list[str], batch_size: int, progress: str | None = None,
           precision: str = "auto") -> np.ndarray:
-    """The model's score of each (query, passage): a cross-encoder's logit, a bi-encoder's similarity."""
+    """The model's score of each (query, passage): a cross-encoder's logit, a bi-encoder's similarity (of the query
+    embedded with its query prompt and the passage with its document prompt, Collator.pairs)."""
     import sys
 
     from tqdm import tqdm

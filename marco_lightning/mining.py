@@ -2,6 +2,7 @@
 among them as sentence-transformers' `util.mine_hard_negatives` makes it."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from marco_lightning.retrieval import (
     encode,
     model_fingerprint,
     search,
+    write_json,
 )
 
 Ranking = tuple[list[str], list[float]]  # passage ids best first, and their scores
@@ -132,17 +134,24 @@ class Dense:
         self.model, self.batch_size, self.cache_dir, self.precision = model.eval(), batch_size, Path(cache_dir), precision
         self.index, self.ids = build_index(model, collection, cache_dir, "Flat", batch_size, precision)
         self._queries: dict[str, np.ndarray] = {}
+        if model.query_prompt:  # the runs depend on it, the collection's vectors (cache_dir's meta.json) do not:
+            # a folder of its own whose meta.json says both, so task=mine reuses runs of this query prompt only
+            meta = {**json.loads((self.cache_dir / "meta.json").read_text()), "query_prompt": model.query_prompt}
+            digest = hashlib.sha1(model.query_prompt.encode()).hexdigest()[:12]
+            self.cache_dir = self.cache_dir / f"query-prompt-{digest}"
+            self.cache_dir.mkdir(exist_ok=True)
+            write_json(self.cache_dir / "meta.json", meta)
 
     def search(self, queries: dict[str, str], k: int) -> dict[str, Ranking]:
         qids = list(queries)
-        vectors = encode(self.model, [queries[q] for q in qids], self.batch_size, self.precision)
+        vectors = encode(self.model, [queries[q] for q in qids], self.batch_size, self.precision, role="query")
         self._queries = dict(zip(qids, vectors))  # for pair_scores (margins)
         run = search(self.index, self.ids, qids, vectors, k)
         return {q: (list(docs), list(docs.values())) for q, docs in run.items()}
 
     def pair_scores(self, qid: str, query: str, rows: list[int]) -> list[float]:
         if qid not in self._queries:  # runs reused from an earlier task=mine: this query was not encoded now
-            self._queries[qid] = encode(self.model, [query], 1, self.precision)[0]
+            self._queries[qid] = encode(self.model, [query], 1, self.precision, role="query")[0]
         return [float(self._queries[qid] @ self.index.reconstruct(int(r))) for r in rows]
 
 

@@ -34,11 +34,16 @@ def card_data(model, cfg: DictConfig) -> None:
 
 
 def training_section(cfg: DictConfig, source, metrics: dict, steps: int, model, loss) -> str:
-    """Markdown: recipe, data, negatives, steps, seed, commit, and before/after with their protocol. The similarity
-    and scale are the trained model's and loss's own (a null in the config stands for a resolved value)."""
+    """Markdown: recipe, data, negatives, steps, seed, commit, and before/after with their protocol. The similarity,
+    prompts and scale are the trained model's and loss's own (a null in the config stands for a resolved value)."""
     settings = {**{k: v for k, v in cfg.loss.items() if k != "_target_"}, "scale": loss.scale}
     scores = (f"similarity `{model.similarity}` (declared in config_sentence_transformers.json, used by "
               "`model.similarity`)" if model.similarity else "scores: the cross-encoder's logit")
+    prompts = getattr(model, "prompts", None) or {}
+    prompt_line = (f"- Prompts: query {prompts.get('query')!r}, document {prompts.get('document')!r}, as trained "
+                   "(declared in config_sentence_transformers.json `prompts`: `encode_query` / `encode_document` "
+                   "apply them)")
+    prompt_lines = [prompt_line] if any(prompts.values()) else []
     neg = cfg.negatives
     rows = [(name, metrics[name]) for name in ("before", "after", "teacher") if name in metrics]
     measures = list(dict.fromkeys(m for _, values in rows for m in values))
@@ -54,7 +59,7 @@ def training_section(cfg: DictConfig, source, metrics: dict, steps: int, model, 
                 f"`{cfg.monitor}`).")
     return "\n".join([
         "", "## How this model was made (marco-lightning)", "", base,
-        f"- Loss: `{cfg.loss._target_}` with {settings}; {scores}",
+        f"- Loss: `{cfg.loss._target_}` with {settings}; {scores}", *prompt_lines,
         f"- Data: {data}",
         (f"- Hard negatives: systems {systems}, up to {neg.num_per_system} per system, ce_score_margin "
          f"{neg.ce_score_margin}, {cfg.num_negatives} per query per step" + refreshed(metrics.get("refresh"))),

@@ -9,6 +9,7 @@ import copy
 import importlib
 import importlib.util
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,15 +52,26 @@ def fresh_model(path: str, auto_class, random_init: dict, attn_implementation: s
 _ENCODING_FIELDS = {"input_ids": "ids", "token_type_ids": "type_ids", "attention_mask": "attention_mask"}
 
 
+ROLES = ("query", "document")  # what a bi-encoder embeds a text as: its prompt (sentence-transformers' encode_*)
+
+
 @dataclass
 class Collator:
-    """Turns sampled texts into padded tensors (dynamic padding: to the longest in the batch)."""
+    """Turns sampled texts into padded tensors (dynamic padding: to the longest in the batch).
+
+    A bi-encoder's prompts travel with it (it runs in DataLoader workers): a query is embedded as query_prompt +
+    query, a passage as document_prompt + passage, tokenised together as sentence-transformers' encode_query /
+    encode_document do, their features carrying `prompt_length` (a Pooling with include_prompt=False leaves those
+    tokens out). "" = no prompt: the features are exactly those of a model without prompts."""
 
     tokenizer: object
     kind: str  # "bi" or "cross"
     max_query_length: int
     max_doc_length: int
+    query_prompt: str = ""
+    document_prompt: str = ""
     _backend_tokenizer: object = field(default=None, init=False, repr=False)  # a copy: padding/truncation are state
+    _prompt_sizes: dict = field(default_factory=dict, init=False, repr=False)
 
     def _tok(self, texts, max_length, pairs=None):
         if not getattr(self.tokenizer, "is_fast", False):
@@ -82,6 +94,31 @@ class Collator:
                                                    direction=self.tokenizer.padding_side)
         return self._backend_tokenizer
 
+    def prompt(self, role: str) -> str:
+        if role not in ROLES:
+            raise ValueError(f"role={role!r}: a text is embedded as one of {ROLES}")
+        return self.query_prompt if role == "query" else self.document_prompt
+
+    def _prompt_size(self, prompt: str) -> tuple[int, int]:
+        """(prompt_length as sentence-transformers counts it: the prompt tokenised alone, less a trailing special
+        token, so leading ones such as [CLS] count; the prompt's own tokens, without special tokens)."""
+        if prompt not in self._prompt_sizes:
+            ids = self._tok([prompt], self.max_doc_length)["input_ids"][0].tolist()
+            special = set(getattr(self.tokenizer, "all_special_ids", ()))
+            own = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            self._prompt_sizes[prompt] = (len(ids) - (1 if ids and ids[-1] in special else 0), own)
+        return self._prompt_sizes[prompt]
+
+    def embedded(self, texts, role: str, max_length: int) -> dict:
+        """Texts a bi-encoder embeds alone, as `role`: prompt + text, cut at max_length (prompt included)."""
+        prompt = self.prompt(role)
+        if not prompt:
+            return self._tok(texts, max_length)
+        features = self._tok([prompt + t for t in texts], max_length)
+        # one value per row (Pooling reads the first): batches can then be cut by rows like any other feature
+        features["prompt_length"] = torch.full((len(texts),), self._prompt_size(prompt)[0], dtype=torch.int64)
+        return features
+
     def train(self, examples):
         """examples: (query, [positive, negative, ...], teacher scores or None) -> model inputs."""
         queries = [q for q, _, _ in examples]
@@ -89,25 +126,26 @@ class Collator:
         group = len(examples[0][1])
         batch = {"group_size": group}
         if self.kind == "bi":
-            batch["query"] = self._tok(queries, self.max_query_length)
-            batch["docs"] = self._tok(docs, self.max_doc_length)
+            batch["query"] = self.embedded(queries, "query", self.max_train_query_length)
+            batch["docs"] = self.embedded(docs, "document", self.max_doc_length)
         else:
             batch["pairs"] = self._tok([q for q in queries for _ in range(group)], self.max_cross_length, docs)
         if examples[0][2] is not None:
             batch["teacher"] = torch.tensor([t for _, _, t in examples], dtype=torch.float32)
         return batch
 
-    def texts(self, texts):
-        """Texts embedded alone (bi-encoder inference): cut at max_seq_length, as sentence-transformers' encode."""
-        return self._tok(texts, self.max_doc_length)
+    def texts(self, texts, role: str = "document"):
+        """Texts embedded alone (bi-encoder inference) as `role`: cut at max_seq_length, prompt included, as
+        sentence-transformers' encode_query / encode_document."""
+        return self.embedded(texts, role, self.max_doc_length)
 
     def pairs(self, rows):
         """rows: (qid, pid, query, passage) -> model inputs for scoring each pair."""
         batch = {"qid": torch.tensor([r[0] for r in rows]), "pid": torch.tensor([r[1] for r in rows])}
         queries, docs = [r[2] for r in rows], [r[3] for r in rows]
-        if self.kind == "bi":  # queries as sentence-transformers' encode cuts them: at max_seq_length
-            batch["query"] = self._tok(queries, self.max_doc_length)
-            batch["doc"] = self._tok(docs, self.max_doc_length)
+        if self.kind == "bi":  # queries as sentence-transformers' encode_query cuts them: at max_seq_length
+            batch["query"] = self.texts(queries, "query")
+            batch["doc"] = self.texts(docs, "document")
         else:
             batch["pairs"] = self._tok(queries, self.max_cross_length, docs)
         return batch
@@ -115,6 +153,13 @@ class Collator:
     @property
     def max_cross_length(self):
         return self.max_query_length + self.max_doc_length
+
+    @property
+    def max_train_query_length(self):
+        """Training queries: max_query_length tokens of query; a query prompt's tokens come on top (within
+        max_seq_length), so a long instruction does not eat the query."""
+        extra = self._prompt_size(self.query_prompt)[1] if self.query_prompt else 0
+        return min(self.max_query_length + extra, max(self.max_doc_length, self.max_query_length))
 
 
 SIMILARITY_FN = {"cos": "cosine", "dot": "dot"}  # ours -> sentence-transformers' similarity_fn_name
@@ -139,11 +184,24 @@ def load_sentence_transformer(backbone: str, pooling: str | None = None, random_
     pools = [i for i, m in enumerate(st) if isinstance(m, Pooling)]
     if pools and (random_init is not None or (pooling and st[pools[0]].pooling_mode != pooling)):
         mode = pooling or st[pools[0]].pooling_mode
-        st[pools[0]] = Pooling(transformer.model.config.hidden_size, pooling_mode=mode)
+        st[pools[0]] = Pooling(transformer.model.config.hidden_size, pooling_mode=mode,
+                               include_prompt=st[pools[0]].include_prompt)
     pooler = getattr(transformer.model, "pooler", None)
     if pooler is not None:  # BERT's pooler is unused by sentence embeddings: frozen, so DDP sees no unused grads
         pooler.requires_grad_(False)
     return st
+
+
+def folder_prompt(st, role: str) -> str:
+    """The prompt sentence-transformers' encode_query / encode_document apply for this model: its `prompts` named
+    "query" (query), the first of "document", "passage", "corpus" (document), else its default_prompt_name's; ""
+    for none. (sentence-transformers 6 always holds a "document" entry, "" unless the folder declares one, so a
+    folder declaring only "passage", as e5's do, gets no document prompt from encode_document.)"""
+    names = ("query",) if role == "query" else ("document", "passage", "corpus")
+    name = next((n for n in names if n in st.prompts), None)
+    if name is not None:
+        return st.prompts[name] or ""
+    return (st.prompts.get(st.default_prompt_name) if st.default_prompt_name else None) or ""
 
 
 def by_length_chunks(forward, features: dict, chunks: int) -> torch.Tensor:
@@ -156,8 +214,8 @@ def by_length_chunks(forward, features: dict, chunks: int) -> torch.Tensor:
     order = torch.argsort(lengths, descending=True, stable=True)
     widths = lengths[order].tolist()  # one device sync for all chunks
     outputs, start = [], 0
-    for rows in order.chunk(chunks):
-        outputs.append(forward({k: v[rows, :widths[start]] for k, v in features.items()}))
+    for rows in order.chunk(chunks):  # token tensors cut to the chunk's width; per-row values (prompt_length) not
+        outputs.append(forward({k: v[rows, :widths[start]] if v.ndim > 1 else v[rows] for k, v in features.items()}))
         start += len(rows)
     return torch.cat(outputs)[torch.argsort(order)]
 
@@ -186,28 +244,47 @@ class BiEncoder(nn.Module):
 
     similarity=None keeps the model's own (its folder's similarity_fn_name). Training with another one adapts the
     modules the way sentence-transformers scores: cos appends Normalize, dot drops a Normalize module.
+
+    Queries are embedded with query_prompt, passages with document_prompt, everywhere (training, validation,
+    inference): None keeps the folder's own, the prompts its encode_query / encode_document apply (`folder_prompt`);
+    "" is none. `save` declares them as the folder's "query" and "document" prompts.
     """
 
     kind = "bi"
 
     def __init__(self, backbone: str, similarity: str | None = None, pooling: str | None = None,
                  max_query_length: int = 32, max_doc_length: int | None = None, random_init: dict | None = None,
-                 attn_implementation: str = "sdpa", length_chunks: int = 4):
+                 attn_implementation: str = "sdpa", length_chunks: int = 4, query_prompt: str | None = None,
+                 document_prompt: str | None = None):
         super().__init__()
         from sentence_transformers.sentence_transformer.modules import Normalize
 
         if similarity not in (None, *SIMILARITY_FN):
             raise ConfigError(f"model.similarity={similarity!r}: use 'cos', 'dot' or null (the model's own)")
+        for key, value in (("query_prompt", query_prompt), ("document_prompt", document_prompt)):
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"model.{key}={value!r}: a string (prepended to every text), '' for none, or null "
+                                  "(the model folder's own)")
         self.st = load_sentence_transformer(backbone, pooling, random_init, attn_implementation)
         native = {v: k for k, v in SIMILARITY_FN.items()}.get(self.st.similarity_fn_name)
         if native is None and similarity is None:
             raise ConfigError(f"{backbone} scores by {self.st.similarity_fn_name!r}, which these losses do not train: "
                               "set model.similarity=cos or dot")
         self.own_similarity, self.similarity = native, similarity or native
+        self.own_prompts = (folder_prompt(self.st, "query"), folder_prompt(self.st, "document"))
+        self.query_prompt = self.own_prompts[0] if query_prompt is None else query_prompt
+        self.document_prompt = self.own_prompts[1] if document_prompt is None else document_prompt
+        unused = {n: self.st.prompts[n] for n in ("passage", "corpus") if self.st.prompts.get(n)}
+        if document_prompt is None and not self.document_prompt and unused:
+            logging.getLogger(__name__).warning(
+                "%s declares the prompts %s, but sentence-transformers' encode_document applies its \"document\" "
+                "prompt, which is empty, and so does this model; to embed passages with one of them, set "
+                "model.document_prompt (the exported folder then declares it as \"document\")", backbone, unused)
         if self.similarity != native:
             kept = [m for m in self.st if not isinstance(m, Normalize)]
             modules = kept + [Normalize()] if self.similarity == "cos" else kept
-            self.st = type(self.st)(modules=modules, device="cpu", similarity_fn_name=SIMILARITY_FN[self.similarity])
+            self.st = type(self.st)(modules=modules, device="cpu", similarity_fn_name=SIMILARITY_FN[self.similarity],
+                                    prompts=dict(self.st.prompts), default_prompt_name=self.st.default_prompt_name)
         if max_doc_length:
             self.st.max_seq_length = max_doc_length
         # Evaluation tokenises queries like sentence-transformers' encode (up to max_seq_length); training batches
@@ -224,7 +301,13 @@ class BiEncoder(nn.Module):
         return self.st.get_embedding_dimension()
 
     def collator(self) -> Collator:
-        return Collator(self.tokenizer, self.kind, self.max_query_length, self.max_doc_length)
+        return Collator(self.tokenizer, self.kind, self.max_query_length, self.max_doc_length, self.query_prompt,
+                        self.document_prompt)
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        """The prompts this model embeds with, as its saved folder declares them ("" = none)."""
+        return {"query": self.query_prompt, "document": self.document_prompt}
 
     def embed(self, features: dict) -> torch.Tensor:
         """Every module of the sentence-transformers model: what `encode` returns, with gradients."""
@@ -254,8 +337,10 @@ class BiEncoder(nn.Module):
         return (q * d).sum(-1)
 
     def save(self, path: str | Path) -> None:
-        """Write a folder that `sentence_transformers.SentenceTransformer(path)` loads, declaring its similarity."""
+        """Write a folder that `sentence_transformers.SentenceTransformer(path)` loads, declaring its similarity and
+        the prompts it was trained with (its encode_query / encode_document then embed as this model does)."""
         self.st.similarity_fn_name = SIMILARITY_FN[self.similarity]
+        self.st.prompts = {**self.st.prompts, **self.prompts}  # "document" is encode_document's first choice
         self.st.save(str(path))
 
 
@@ -322,8 +407,11 @@ def load_model(model_cfg, path: str | None = None) -> BiEncoder | CrossEncoder:
         return from_exported(path)
     if not path:
         return instantiate(model_cfg)
-    # the similarity it was trained with (Normalize has no weights: the state dict alone cannot tell)
+    # the similarity and prompts it was trained with (Normalize and prompts have no weights: the state dict alone
+    # cannot tell); a prompt may be "" (none), so None alone means "not recorded"
     ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     trained = {"similarity": ckpt.get("similarity"), "max_doc_length": ckpt.get("max_seq_length")}
-    model = instantiate(model_cfg, **{k: v for k, v in trained.items() if v and k in model_cfg})
+    trained = {k: v for k, v in trained.items() if v}
+    trained.update({f"{role}_prompt": p for role, p in (ckpt.get("prompts") or {}).items() if p is not None})
+    model = instantiate(model_cfg, **{k: v for k, v in trained.items() if k in model_cfg})
     return load_checkpoint_weights(model, path)

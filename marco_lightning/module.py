@@ -141,9 +141,10 @@ class RetrieverModule(pl.LightningModule):
             raise NonFiniteLossError(f"the weights are not finite at step {self.global_step}: not checkpointed. "
                                      "Lower optimizer.lr or keep trainer.gradient_clip_val set.")
         checkpoint["rng_states"] = _collect_rng_states()
-        # a .ckpt is scored as it was trained (Normalize and max_seq_length have no weights to tell)
+        # a .ckpt is scored as it was trained (Normalize, max_seq_length and prompts have no weights to tell)
         checkpoint["similarity"] = getattr(self.model, "similarity", None)
         checkpoint["max_seq_length"] = getattr(self.model, "max_doc_length", None)
+        checkpoint["prompts"] = getattr(self.model, "prompts", None)
 
     def on_load_checkpoint(self, checkpoint):
         if "rng_states" in checkpoint:

@@ -61,7 +61,7 @@ def encode_passages(model, store, path, rank: int = 0, world: int = 1, batch_siz
     for start in tqdm(starts, desc=f"refresh: encoding passages (rank {rank})", unit="chunk", file=sys.stderr,
                       mininterval=2, disable=rank != 0):
         chunk = ids[start:start + CHUNK]
-        emb[start:start + len(chunk)] = encode(model, store.passages.texts(chunk), batch_size)
+        emb[start:start + len(chunk)] = encode(model, store.passages.texts(chunk), batch_size, role="document")
     emb.flush()
     return emb
 
@@ -87,7 +87,8 @@ def mine(model, store, emb: np.ndarray, settings: RefreshSettings) -> tuple[dict
     new, changed, total, skipped = [], 0, 0, Counter()
     for first in range(0, len(lists), QUERY_CHUNK):  # encoded and searched a chunk at a time: memory flat in queries
         chunk = range(first, min(first + QUERY_CHUNK, len(lists)))
-        queries = encode(model, [store.queries.text(int(lists.qids[i])) for i in chunk], settings.batch_size)
+        queries = encode(model, [store.queries.text(int(lists.qids[i])) for i in chunk], settings.batch_size,
+                         role="query")
         scores, rows = index.search(queries, min(k, len(ids)))
         for i, query, srow, rrow in zip(chunk, queries, scores, rows):
             keep = rrow >= 0
@@ -120,7 +121,7 @@ def val_ndcg(model, store, emb: np.ndarray, qrels: dict, rel_level: int, batch_s
     index = faiss.IndexFlatIP(emb.shape[1])
     for start in range(0, len(emb), 8 * CHUNK):
         index.add(np.ascontiguousarray(emb[start:start + 8 * CHUNK]))
-    vectors = encode(model, [store.queries.text(int(q)) for q in qids], batch_size)
+    vectors = encode(model, [store.queries.text(int(q)) for q in qids], batch_size, role="query")
     scores, rows = index.search(vectors, min(10, len(emb)))
     run = {q: {str(store.passages.ids[r]): float(s) for s, r in zip(srow, rrow) if r >= 0}
            for q, srow, rrow in zip(qids, scores, rows)}

@@ -24,9 +24,12 @@ CHUNK = 2048  # passages read, encoded, written and counted done at a time: memo
 
 
 def model_fingerprint(model) -> str:
-    """Digest of what decides the vectors: every weight, the module stack, similarity and max_seq_length."""
+    """Digest of what decides the collection's vectors: every weight, the module stack, similarity, max_seq_length
+    and the document prompt (digested only when there is one: a model without prompts keeps its old caches)."""
     digest = hashlib.sha1(repr([type(m).__name__ for m in model.st]).encode())
     digest.update(f"{model.similarity} {model.max_doc_length}".encode())
+    if model.document_prompt:
+        digest.update(f"document_prompt={model.document_prompt!r}".encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -97,7 +100,7 @@ def encode_collection(model, collection, cache_dir, batch_size: int = 64,
                 continue
             chunk.append(text)
             if len(chunk) == CHUNK or row == len(ids):
-                emb[done:done + len(chunk)] = encode(model, chunk, batch_size, precision)
+                emb[done:done + len(chunk)] = encode(model, chunk, batch_size, precision, "document")  # role
                 emb.flush()
                 done += len(chunk)
                 write_json(progress, {"done": done})
@@ -142,7 +145,8 @@ def retrieve(model, collection, queries: dict[str, str], top_k: int, index_dir, 
         raise ConfigError("task.mode=retrieve needs a bi-encoder (a cross-encoder can only re-rank: task.mode=rerank)")
     index, ids = build_index(model, collection, index_dir, index_factory, batch_size, precision)
     qids = list(queries)
-    return search(index, ids, qids, encode(model, [queries[q] for q in qids], batch_size, precision), top_k)
+    vectors = encode(model, [queries[q] for q in qids], batch_size, precision, role="query")
+    return search(index, ids, qids, vectors, top_k)
 
 
 def rerank(model, run, queries: dict[str, str], collection, top_k: int, batch_size: int,

@@ -72,8 +72,8 @@ def test_refreshed_lists_are_the_models_own_ranking_under_the_positive_aware_rul
     stats = refresh(model, store, tmp_path, settings, epoch=1, val_qrels=qrels, val_rel_level=1)
     new = TrainLists(tmp_path / "epoch-1")
     st = model.st  # sentence-transformers' own encode: the reference vectors
-    passages = st.encode(store.passages.texts(store.passages.ids), normalize_embeddings=True)
-    queries = st.encode([store.queries.text(int(q)) for q in store.train.qids], normalize_embeddings=True)
+    passages = st.encode_document(store.passages.texts(store.passages.ids), normalize_embeddings=True)
+    queries = st.encode_query([store.queries.text(int(q)) for q in store.train.qids], normalize_embeddings=True)
     reference = reference_negatives(passages, queries, store, stats["candidates_per_query"], MARGIN)
     changed = total = refreshed = 0
     for i, eligible in enumerate(reference):
@@ -97,7 +97,7 @@ def test_refreshed_lists_are_the_models_own_ranking_under_the_positive_aware_rul
     # the val queries' nDCG@10 of the model's own full ranking, by ir-measures on ST's vectors
     run = []
     for q in qrels:
-        scores = passages @ model.st.encode(store.queries.text(int(q)), normalize_embeddings=True)
+        scores = passages @ model.st.encode_query(store.queries.text(int(q)), normalize_embeddings=True)
         run += [ir_measures.ScoredDoc(q, str(store.passages.ids[r]), float(scores[r])) for r in np.argsort(-scores)[:10]]
     judged = [ir_measures.Qrel(q, d, g) for q, docs in qrels.items() for d, g in docs.items()]
     expected = ir_measures.calc_aggregate([ir_measures.nDCG @ 10], judged, run)[ir_measures.nDCG @ 10]

@@ -172,16 +172,18 @@ def finish_wandb(trainer, exit_code: int) -> None:
 
 
 def starting_model(cfg: DictConfig, model):
-    """The model as its users have it before training: its own similarity and max_seq_length. The model being
-    trained is that model unless the training similarity or length differs (then it is built again, from the
-    same seed, so even a random_init model starts from the same weights)."""
-    if model.kind != "bi" or (model.similarity == model.own_similarity and cfg.model.get("max_doc_length") is None):
+    """The model as its users have it before training: its own similarity, max_seq_length and prompts (those its
+    folder's encode_query / encode_document apply). The model being trained is that model unless the training
+    similarity, length or prompts differ (then it is built again, from the same seed, so even a random_init model
+    starts from the same weights)."""
+    if model.kind != "bi" or (model.similarity == model.own_similarity and cfg.model.get("max_doc_length") is None
+                              and (model.query_prompt, model.document_prompt) == model.own_prompts):
         return model
     # the training run's RNG stream stays as if this model were never built; CPU only: no CUDA context before the
     # Trainer picks devices
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return instantiate(cfg.model, similarity=None, max_doc_length=None)
+        return instantiate(cfg.model, similarity=None, max_doc_length=None, query_prompt=None, document_prompt=None)
 
 
 def checkpoint_step(path: str) -> int | None:
