@@ -1,4 +1,6 @@
-"""Training losses, one nn.Module each, built by Hydra from `_target_`. Formulas: ../shared/REFERENCE.md.
+"""Training losses, one nn.Module each, built by Hydra from `_target_`. Formulas: MarginMSE, Hofstaetter et al. 2020
+(arXiv 2010.02666); MNRL, sentence-transformers' losses/MultipleNegativesRankingLoss.py (InfoNCE, van den Oord et al.
+2018); listwise KL and pointwise MSE, sentence-transformers' examples/training/ms_marco (cross-encoder distillation).
 
 Two call shapes, so neither the LightningModule nor a loss branches on the model kind or its similarity:
   score losses (`inputs = "scores"`, any model):  loss(scores [B, 1+k], teacher [B, 1+k] | None)
