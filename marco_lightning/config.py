@@ -60,6 +60,9 @@ def check_training_config(cfg: DictConfig) -> None:
         if cfg.trainer.accumulate_grad_batches != 1:
             raise ConfigError("mini_batch_size (GradCache) already gives a large batch in small memory; set "
                               "trainer.accumulate_grad_batches=1 or mini_batch_size=null")
+    if cfg.get("train_rows", "query") not in ("query", "positive"):
+        raise ConfigError(f"train_rows={cfg.train_rows}: use query (one example per training query) or positive (one "
+                          "per (training query, positive) pair, as sentence-transformers' datasets)")
     for key in ("batch_size", "num_negatives"):
         if int(cfg[key]) < 1:
             raise ConfigError(f"{key}={cfg[key]} must be >= 1")

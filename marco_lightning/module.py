@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import pytorch_lightning as pl
 import torch
@@ -56,7 +57,7 @@ class RetrieverModule(pl.LightningModule):
         # The model turns its batch into what the loss takes (scores, or the vectors for in-batch negatives), so
         # nothing here depends on the model kind or the loss.
         if self.loss_on_embeddings:
-            loss = self.loss(*self.model.embed_group(batch), batch.get("teacher"))
+            loss = self.loss(*self.model.embed_group(batch), batch.get("teacher"), **_query_ids(batch))
         else:
             loss = self.loss(self.model.candidate_scores(batch), batch.get("teacher"))
         self._check_finite(loss)
@@ -68,8 +69,9 @@ class RetrieverModule(pl.LightningModule):
         optimizer.zero_grad()
         wrapped = self.trainer.strategy.model  # DDP's wrapper under DDP: one all-reduce per step, not per mini-batch
         no_sync = getattr(wrapped, "no_sync", None) or contextlib.nullcontext
-        loss = cached_loss_backward(self.model.embed, batch["query"], batch["docs"], self._cached_loss,
-                                    self.mini_batch_size, self.manual_backward, batch.get("teacher"), no_sync=no_sync)
+        loss = cached_loss_backward(self.model.embed, batch["query"], batch["docs"],
+                                    functools.partial(self._cached_loss, **_query_ids(batch)), self.mini_batch_size,
+                                    self.manual_backward, batch.get("teacher"), no_sync=no_sync)
         self._check_finite(loss)  # before the step: the weights stay the last finite ones
         self.configure_gradient_clipping(optimizer, self.gradient_clip_val, "norm")
         optimizer.step()
@@ -77,11 +79,12 @@ class RetrieverModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=_num_queries(batch))
         return loss
 
-    def _cached_loss(self, query_emb, doc_emb, teacher):
+    def _cached_loss(self, query_emb, doc_emb, teacher, **query_ids):
         """The loss of GradCache's cached embeddings, as the plain step computes it: compared by the model's
         similarity (its vectors for an embedding loss, its scores for a score loss)."""
         if self.loss_on_embeddings:
-            return self.loss(self.model.similarity_vectors(query_emb), self.model.similarity_vectors(doc_emb), teacher)
+            return self.loss(self.model.similarity_vectors(query_emb), self.model.similarity_vectors(doc_emb), teacher,
+                             **query_ids)
         return self.loss(pair_similarity(query_emb, doc_emb, self.model.similarity), teacher)
 
     def _check_finite(self, loss):
@@ -177,6 +180,12 @@ def gather_run(rows: list[torch.Tensor]) -> dict[str, dict[str, float]]:
     for qid, pid, score in rows.tolist():
         run.setdefault(str(int(qid)), {})[str(int(pid))] = score
     return run
+
+
+def _query_ids(batch) -> dict:
+    """An embedding loss's `query_ids` (train_rows=positive batches carry them: one query has several rows);
+    nothing for batches without them, so a loss that never sees them need not take them."""
+    return {"query_ids": batch["query_ids"]} if "query_ids" in batch else {}
 
 
 def _num_queries(batch) -> int:
