@@ -24,7 +24,7 @@ class RetrieverModule(pl.LightningModule):
     def __init__(self, model, loss, optimizer, warmup_steps: float, val_qrels: dict | None = None,
                  val_rel_level: int = 2, val_measures=DEFAULT_MEASURES, val_ids=None,
                  mini_batch_size: int | None = None, gradient_clip_val: float | None = None,
-                 config: dict | None = None):
+                 config: dict | None = None, schedule_epochs: int | None = None):
         super().__init__()
         # the resolved run config travels in every checkpoint (checkpoint["hyper_parameters"]["config"]), so a .ckpt
         # alone says how it was made; the modules themselves are rebuilt from it, not pickled
@@ -33,6 +33,9 @@ class RetrieverModule(pl.LightningModule):
             raise TypeError(f"{type(loss).__name__} is not a marco_lightning.losses.Loss, which declares what a loss "
                             "takes (inputs, needs_teacher, min_candidates, model_kind): derive it from Loss or ScoreLoss")
         self.model, self.loss, self.optimizer_factory, self.warmup_steps = model, loss, optimizer, warmup_steps
+        # the LR schedule's length in epochs when it is not the run's (task.refit: the selection run's schedule,
+        # stopped after the epochs val chose); None: the run's own
+        self.schedule_epochs = schedule_epochs
         self.loss_on_embeddings = loss.inputs == "embeddings"  # the loss's declared contract (MNRL); others: scores
         # GradCache needs a backward per mini-batch, which only manual optimisation allows.
         self.mini_batch_size, self.gradient_clip_val = mini_batch_size, gradient_clip_val
@@ -162,6 +165,8 @@ class RetrieverModule(pl.LightningModule):
         optimizer = self.optimizer_factory([{"params": decay, "weight_decay": wd},
                                             {"params": no_decay, "weight_decay": 0.0}])
         total = max(int(self.trainer.estimated_stepping_batches), 1)
+        if self.schedule_epochs:
+            total = max(int(total * self.schedule_epochs / self.trainer.max_epochs), 1)
         # warmup_steps < 1 is a fraction of the run (handy for short runs), otherwise a step count.
         warmup = self.warmup_steps * total if self.warmup_steps < 1 else self.warmup_steps
         scheduler = get_linear_schedule_with_warmup(optimizer, int(min(warmup, total)), total)
