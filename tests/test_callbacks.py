@@ -202,5 +202,5 @@ def test_early_stop_ends_training_when_val_stops_improving_and_exports_the_best_
 
 
 def test_early_stop_is_off_by_default(tmp_path):
-    assert compose([], tmp_path).callbacks.early_stop is None
+    assert compose([], tmp_path).callbacks.get("early_stop") is None
     assert not any(isinstance(c, cb.EarlyStopping) for c in callbacks([], tmp_path))
