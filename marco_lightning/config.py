@@ -87,6 +87,20 @@ def check_training_config(cfg: DictConfig) -> None:
         if cfg.trainer.accumulate_grad_batches != 1:
             raise ConfigError("mini_batch_size (GradCache) already gives a large batch in small memory; set "
                               "trainer.accumulate_grad_batches=1 or mini_batch_size=null")
+    task = cfg.get("task") or {}
+    if task.get("refit"):  # the data's side (a BEIR folder, its val negatives): BeirSource.for_refit
+        if loss_cls.needs_teacher:
+            raise ConfigError(f"task.refit=true trains on the val queries too, which have no teacher scores (task=score "
+                              f"scores the training queries' pairs), and loss={loss_choice} distils them: use a "
+                              "supervised loss (loss=mnrl) or task.refit=false")
+        interval = cfg.trainer.get("val_check_interval", 1.0)  # a float is a share of the epoch, an int batches
+        if cfg.trainer.get("max_steps", -1) not in (-1, None) or not cfg.trainer.get("max_epochs") or \
+                not (isinstance(interval, float) and interval == 1.0):
+            raise ConfigError("task.refit=true repeats the whole epochs val chose: keep trainer.max_steps=-1, "
+                              "trainer.max_epochs set and trainer.val_check_interval=1.0 (validation at epoch ends)")
+    if cfg.get("train_rows", "query") not in ("query", "positive"):
+        raise ConfigError(f"train_rows={cfg.train_rows}: use query (one example per training query) or positive (one "
+                          "per (training query, positive) pair, as sentence-transformers' datasets)")
     for key in ("batch_size", "num_negatives"):
         if int(cfg[key]) < 1:
             raise ConfigError(f"{key}={cfg[key]} must be >= 1")

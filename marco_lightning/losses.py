@@ -5,9 +5,10 @@
 Two call shapes, so neither the LightningModule nor a loss branches on the model kind or its similarity:
   score losses (`inputs = "scores"`, any model):  loss(scores [B, 1+k], teacher [B, 1+k] | None)
       a cross-encoder's scores are its logits, a bi-encoder's its similarity (BiEncoder.candidate_scores);
-  MultipleNegativesRankingLoss (`inputs = "embeddings"`, bi-encoders): loss(query_emb [B, d], doc_emb [B, 1+k, d])
-      in-batch negatives need the vectors themselves (and their gathering across devices): the model hands over
-      vectors whose inner product is its similarity (BiEncoder.embed_group: unit length for cos).
+  MultipleNegativesRankingLoss (`inputs = "embeddings"`, bi-encoders): loss(query_emb [B, d], doc_emb [B, 1+k, d],
+      teacher, query_ids=None): in-batch negatives need the vectors themselves (and their gathering across devices):
+      the model hands over vectors whose inner product is its similarity (BiEncoder.embed_group: unit length for
+      cos); query_ids [B] (train_rows=positive: one query has several rows) tell rows of one query apart.
 Column 0 is the positive, the rest are that query's hard negatives. Every loss is a `Loss`, whose class attributes
 are its contract, read without building it (config.check_training_config, RetrieverModule, tasks/train).
 No loss knows the similarity, which is the model's (model.similarity). A loss multiplies what it gets by `scale`;
@@ -15,6 +16,7 @@ the config's `loss.scale: null` is its recipe's scale for the model's similarity
 the training task builds the loss for the model (tasks/train.build_loss).
 """
 
+import math
 from typing import ClassVar
 
 import torch
@@ -183,49 +185,108 @@ def _gather_with_grad(x):
     return torch.cat([_ContiguousGrad.apply(part) for part in dist_fn.all_gather(x.contiguous())], dim=0)
 
 
+GUARD_STRATEGIES = ("absolute", "relative")
+
+
+def _gather_ids(ids):
+    """Query ids [B] of every rank, concatenated (no gradient)."""
+    parts = [torch.empty_like(ids) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, ids.contiguous())
+    return torch.cat(parts)
+
+
 class MultipleNegativesRankingLoss(Loss):
     """InfoNCE with in-batch negatives: each query against every query's positive and hard negatives, scored by
     scale x inner product of the vectors the model hands over (unit vectors for a cosine model: scale x cos).
 
     Under torch.distributed the candidates of all ranks are gathered (with gradients), so the effective number of
     negatives grows with the number of devices; queries stay local and labels are offset by rank * B.
+
+    Two kinds of candidates can be left out of the softmax (logit -inf, as GISTEmbedLoss does), both decided inside
+    the loss from the vectors it is given, so the plain step, GradCache (its cached vectors) and DDP (the gathered
+    candidates) mask alike:
+    - with `query_ids` (train_rows=positive), the positive of another row of the same query: a true positive, not a
+      negative (what sentence-transformers' BatchSamplers.NO_DUPLICATES avoids by never batching a text twice);
+    - with `guard_margin` (a false-negative guard, GISTEmbedLoss's rule with the model being trained as its own
+      guide), every candidate whose detached similarity exceeds the positive's minus `guard_margin`
+      (`guard_strategy="absolute"`) or minus |positive's| x `guard_margin` ("relative"). Similarities are the
+      model's own (cos for a cosine model), before `scale`; the query's own positive is never left out.
+    The symmetric term (each positive against the queries) leaves out alike: another row of its query, and queries
+    scoring above the guard's threshold from its own query's score.
     """
 
     model_kind, inputs, needs_teacher = "bi", "embeddings", False
     recipe_scales = RECIPE_SCALES  # sentence-transformers' MNRL: cos_sim x 20
 
     def __init__(self, scale: float = 1.0, num_hard_negatives: int | None = None, symmetric: bool = False,
-                 gather_across_devices: bool = True):
+                 gather_across_devices: bool = True, guard_margin: float | None = None,
+                 guard_strategy: str = "absolute"):
         super().__init__(scale)  # 1/temperature
         if num_hard_negatives is not None and num_hard_negatives < 0:
             raise ConfigError(f"MultipleNegativesRankingLoss: loss.num_hard_negatives={num_hard_negatives} must be "
                               ">= 0 (null: all the batch carries)")
+        if guard_strategy not in GUARD_STRATEGIES:
+            raise ConfigError(f"MultipleNegativesRankingLoss: guard_strategy={guard_strategy!r}; use one of "
+                              f"{GUARD_STRATEGIES} (loss.guard_strategy)")
+        if guard_margin is not None and not math.isfinite(guard_margin):
+            raise ConfigError(f"MultipleNegativesRankingLoss: guard_margin={guard_margin}; a finite number, or null "
+                              "for no guard (loss.guard_margin)")
         self.num_hard_negatives, self.symmetric = num_hard_negatives, symmetric
         self.gather_across_devices = gather_across_devices
+        self.guard_margin, self.guard_strategy = guard_margin, guard_strategy
 
-    def forward(self, query_emb, doc_emb, teacher=None):
+    def forward(self, query_emb, doc_emb, teacher=None, query_ids=None):
         _check_bi(self, query_emb, doc_emb)
         k = doc_emb.shape[1] - 1 if self.num_hard_negatives is None else self.num_hard_negatives
         if k > doc_emb.shape[1] - 1:
             raise ConfigError(f"MultipleNegativesRankingLoss: loss.num_hard_negatives={k} but the batch carries only "
                               f"{doc_emb.shape[1] - 1} per query; lower loss.num_hard_negatives or set num_negatives "
                               f">= {k}")
+        if query_ids is not None and tuple(query_ids.shape) != (query_emb.shape[0],):
+            raise ValueError(f"MultipleNegativesRankingLoss: query_ids have shape {tuple(query_ids.shape)}, "
+                             f"expected ({query_emb.shape[0]},): one per query")
         queries, docs = query_emb, doc_emb[:, : 1 + k]
         rank, world = _world() if self.gather_across_devices else (0, 1)
-        all_queries, all_docs = queries, docs
+        all_queries, all_docs, all_ids = queries, docs, query_ids
         if world > 1:  # candidates from every rank; queries stay local (all of them only for the symmetric term)
             all_docs = _gather_with_grad(docs)
             all_queries = _gather_with_grad(queries) if self.symmetric else queries
+            all_ids = _gather_ids(query_ids) if query_ids is not None else None
         # Column-major candidates: all positives first, then each hard-negative column (sentence-transformers' order)
         cands = all_docs.transpose(0, 1).reshape(-1, docs.shape[-1])
         labels = rank * queries.shape[0] + torch.arange(queries.shape[0], device=queries.device)
-        loss = F.cross_entropy(self.scale * queries @ cands.T, labels)  # [B, world * B * (1+k)] scores
+        # [B, world * B]: column j (query j's positive; in the symmetric term query j) is another row of i's query
+        same = None
+        if query_ids is not None:
+            same = query_ids[:, None] == all_ids[None, :]
+            same[torch.arange(len(labels), device=labels.device), labels] = False
+        scores = self.scale * queries @ cands.T  # [B, world * B * (1+k)]
+        pad = None if same is None else torch.cat([same, same.new_zeros(same.shape[0], k * same.shape[1])], 1)
+        loss = F.cross_entropy(self._leave_out(scores, queries, cands, labels, pad), labels)
         if self.symmetric:  # each local positive against all queries (sentence-transformers' "doc_to_query")
-            loss = (loss + F.cross_entropy(self.scale * docs[:, 0] @ all_queries.T, labels)) / 2
+            # all_queries: gathered under DDP (labels offset by rank, as all_ids), else this rank's (rank 0)
+            scores = self.scale * docs[:, 0] @ all_queries.T
+            loss = (loss + F.cross_entropy(self._leave_out(scores, docs[:, 0], all_queries, labels, same),
+                                           labels)) / 2
         return loss
 
+    def _leave_out(self, scores, rows, columns, labels, same):
+        """scores [B, N] (scale x rows @ columns.T) with the left-out candidates at -inf: `same` (bool [B, N] or
+        None) and, with a guard, every column whose detached similarity is above row i's threshold from its
+        positive, column labels[i] (never left out itself). Unchanged when nothing is to be left out."""
+        leave_out = same
+        if self.guard_margin is not None:
+            with torch.no_grad():
+                similarity = rows.detach() @ columns.detach().T  # the model's similarity, before scale
+                positive = similarity.gather(1, labels[:, None])
+                margin = self.guard_margin if self.guard_strategy == "absolute" else positive.abs() * self.guard_margin
+                guard = similarity > positive - margin
+                guard[torch.arange(len(labels), device=labels.device), labels] = False
+            leave_out = guard if leave_out is None else leave_out | guard
+        return scores if leave_out is None else scores.masked_fill(leave_out, float("-inf"))
+
     def negatives_per_query(self, batch_size: int, group_size: int, world_size: int) -> int:
-        """Every candidate of the (gathered) batch but the query's own positive."""
+        """Every candidate of the (gathered) batch but the query's own positive (before any is left out)."""
         k = group_size - 1 if self.num_hard_negatives is None else self.num_hard_negatives
         devices = world_size if self.gather_across_devices else 1
         return batch_size * devices * (1 + k) - 1

@@ -45,7 +45,9 @@ def training_section(cfg: DictConfig, source, metrics: dict, steps: int, model, 
                    "apply them)")
     prompt_lines = [prompt_line] if any(prompts.values()) else []
     neg = cfg.negatives
-    rows = [(name, metrics[name]) for name in ("before", "after", "teacher") if name in metrics]
+    refit = metrics.get("refit")
+    shown = metrics["selection"] if refit else metrics  # a refit has no val numbers: its selection run's
+    rows = [(name, shown[name]) for name in ("before", "after", "teacher") if name in shown]
     measures = list(dict.fromkeys(m for _, values in rows for m in values))
     table = ["| | " + " | ".join(measures) + " |", "|---|" + "---:|" * len(measures)]
     table += [f"| {name} | " + " | ".join(f"{values[m]:.4f}" for m in measures) + " |" for name, values in rows]
@@ -57,6 +59,13 @@ def training_section(cfg: DictConfig, source, metrics: dict, steps: int, model, 
                 f"{source.val_rel_level} relevant; every judged query counts (ir-measures). \"before\" is the base "
                 "model as sentence-transformers loads it; \"after\" is this model (the checkpoint chosen by "
                 f"`{cfg.monitor}`).")
+    if refit:
+        protocol = (f"**This model has no held-out validation number.** It is a refit (`task.refit=true`): a fresh "
+                    f"model trained on the training and the validation queries for {refit['epochs']} epoch(s), the "
+                    f"budget validation chose in a run on the training queries alone. The table is that selection "
+                    f"run's: \"after\" is its model (the checkpoint chosen by `{cfg.monitor}`, epoch "
+                    f"{metrics['selection']['epochs']}), not this one. Measure this model on a test split.\n\n"
+                    + protocol.replace('"after" is this model', '"after" is the selection run\'s model'))
     return "\n".join([
         "", "## How this model was made (marco-lightning)", "", base,
         f"- Loss: `{cfg.loss._target_}` with {settings}; {scores}", *prompt_lines,

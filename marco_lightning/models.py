@@ -120,9 +120,10 @@ class Collator:
         return features
 
     def train(self, examples):
-        """examples: (query, [positive, negative, ...], teacher scores or None) -> model inputs."""
-        queries = [q for q, _, _ in examples]
-        docs = [d for _, ds, _ in examples for d in ds]
+        """examples: (query, [positive, negative, ...], teacher scores or None[, query id]) -> model inputs; the
+        query ids (train_rows=positive: one query has several rows) become batch["query_ids"]."""
+        queries = [e[0] for e in examples]
+        docs = [d for e in examples for d in e[1]]
         group = len(examples[0][1])
         batch = {"group_size": group}
         if self.kind == "bi":
@@ -131,7 +132,9 @@ class Collator:
         else:
             batch["pairs"] = self._tok([q for q in queries for _ in range(group)], self.max_cross_length, docs)
         if examples[0][2] is not None:
-            batch["teacher"] = torch.tensor([t for _, _, t in examples], dtype=torch.float32)
+            batch["teacher"] = torch.tensor([e[2] for e in examples], dtype=torch.float32)
+        if len(examples[0]) > 3:
+            batch["query_ids"] = torch.tensor([e[3] for e in examples], dtype=torch.int64)
         return batch
 
     def texts(self, texts, role: str = "document"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import pytorch_lightning as pl
 import torch
@@ -23,7 +24,7 @@ class RetrieverModule(pl.LightningModule):
     def __init__(self, model, loss, optimizer, warmup_steps: float, val_qrels: dict | None = None,
                  val_rel_level: int = 2, val_measures=DEFAULT_MEASURES, val_ids=None,
                  mini_batch_size: int | None = None, gradient_clip_val: float | None = None,
-                 config: dict | None = None):
+                 config: dict | None = None, schedule_epochs: int | None = None):
         super().__init__()
         # the resolved run config travels in every checkpoint (checkpoint["hyper_parameters"]["config"]), so a .ckpt
         # alone says how it was made; the modules themselves are rebuilt from it, not pickled
@@ -32,6 +33,9 @@ class RetrieverModule(pl.LightningModule):
             raise TypeError(f"{type(loss).__name__} is not a marco_lightning.losses.Loss, which declares what a loss "
                             "takes (inputs, needs_teacher, min_candidates, model_kind): derive it from Loss or ScoreLoss")
         self.model, self.loss, self.optimizer_factory, self.warmup_steps = model, loss, optimizer, warmup_steps
+        # the LR schedule's length in epochs when it is not the run's (task.refit: the selection run's schedule,
+        # stopped after the epochs val chose); None: the run's own
+        self.schedule_epochs = schedule_epochs
         self.loss_on_embeddings = loss.inputs == "embeddings"  # the loss's declared contract (MNRL); others: scores
         # GradCache needs a backward per mini-batch, which only manual optimisation allows.
         self.mini_batch_size, self.gradient_clip_val = mini_batch_size, gradient_clip_val
@@ -56,7 +60,7 @@ class RetrieverModule(pl.LightningModule):
         # The model turns its batch into what the loss takes (scores, or the vectors for in-batch negatives), so
         # nothing here depends on the model kind or the loss.
         if self.loss_on_embeddings:
-            loss = self.loss(*self.model.embed_group(batch), batch.get("teacher"))
+            loss = self.loss(*self.model.embed_group(batch), batch.get("teacher"), **_query_ids(batch))
         else:
             loss = self.loss(self.model.candidate_scores(batch), batch.get("teacher"))
         self._check_finite(loss)
@@ -68,8 +72,9 @@ class RetrieverModule(pl.LightningModule):
         optimizer.zero_grad()
         wrapped = self.trainer.strategy.model  # DDP's wrapper under DDP: one all-reduce per step, not per mini-batch
         no_sync = getattr(wrapped, "no_sync", None) or contextlib.nullcontext
-        loss = cached_loss_backward(self.model.embed, batch["query"], batch["docs"], self._cached_loss,
-                                    self.mini_batch_size, self.manual_backward, batch.get("teacher"), no_sync=no_sync)
+        loss = cached_loss_backward(self.model.embed, batch["query"], batch["docs"],
+                                    functools.partial(self._cached_loss, **_query_ids(batch)), self.mini_batch_size,
+                                    self.manual_backward, batch.get("teacher"), no_sync=no_sync)
         self._check_finite(loss)  # before the step: the weights stay the last finite ones
         self.configure_gradient_clipping(optimizer, self.gradient_clip_val, "norm")
         optimizer.step()
@@ -77,11 +82,12 @@ class RetrieverModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=_num_queries(batch))
         return loss
 
-    def _cached_loss(self, query_emb, doc_emb, teacher):
+    def _cached_loss(self, query_emb, doc_emb, teacher, **query_ids):
         """The loss of GradCache's cached embeddings, as the plain step computes it: compared by the model's
         similarity (its vectors for an embedding loss, its scores for a score loss)."""
         if self.loss_on_embeddings:
-            return self.loss(self.model.similarity_vectors(query_emb), self.model.similarity_vectors(doc_emb), teacher)
+            return self.loss(self.model.similarity_vectors(query_emb), self.model.similarity_vectors(doc_emb), teacher,
+                             **query_ids)
         return self.loss(pair_similarity(query_emb, doc_emb, self.model.similarity), teacher)
 
     def _check_finite(self, loss):
@@ -160,6 +166,8 @@ class RetrieverModule(pl.LightningModule):
         optimizer = self.optimizer_factory([{"params": decay, "weight_decay": wd},
                                             {"params": no_decay, "weight_decay": 0.0}])
         total = max(int(self.trainer.estimated_stepping_batches), 1)
+        if self.schedule_epochs:
+            total = max(int(total * self.schedule_epochs / self.trainer.max_epochs), 1)
         # warmup_steps < 1 is a fraction of the run (handy for short runs), otherwise a step count.
         warmup = self.warmup_steps * total if self.warmup_steps < 1 else self.warmup_steps
         scheduler = get_linear_schedule_with_warmup(optimizer, int(min(warmup, total)), total)
@@ -178,6 +186,12 @@ def gather_run(rows: list[torch.Tensor]) -> dict[str, dict[str, float]]:
     for qid, pid, score in rows.tolist():
         run.setdefault(str(int(qid)), {})[str(int(pid))] = score
     return run
+
+
+def _query_ids(batch) -> dict:
+    """An embedding loss's `query_ids` (train_rows=positive batches carry them: one query has several rows);
+    nothing for batches without them, so a loss that never sees them need not take them."""
+    return {"query_ids": batch["query_ids"]} if "query_ids" in batch else {}
 
 
 def _num_queries(batch) -> int:

@@ -452,3 +452,91 @@ def test_mine_with_task_compile_compiles_the_model_system(tmp_path, monkeypatch)
     assert seen == []
     system = load_system("model", compose([*overrides, "task.compile=true"]), tmp_path / "b")
     assert seen == [system.model] and system.model.kind == "bi"
+
+
+# --- task.refit: train + val for the epochs val chose ------------------------------------------------------------
+
+def test_refit_trains_on_train_and_val_for_the_epochs_val_chose(tmp_path):
+    """The run picks its best epoch by val; a fresh model then trains on the training + val queries (a store of its
+    own) for that many epochs and is final_model/; metrics.json keeps the run's numbers under "selection"."""
+    from conftest import compose
+    from sentence_transformers import SentenceTransformer
+
+    from marco_lightning.data.datamodule import store_path
+    from marco_lightning.data.sources import build_source
+    from marco_lightning.data.store import Store
+    from marco_lightning.tasks.train import main
+
+    root = make_folder(tmp_path / "f")
+    r = _mine(root, "task.systems=[bm25]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    mined_val = [json.loads(x) for x in gzip.decompress((root / "mined" / "hard-negatives.val.jsonl.gz").read_bytes())
+                 .splitlines()]
+    folder = BeirFolder(root)
+    assert [d["qid"] for d in mined_val] == list(folder.qrels("val"))  # the val queries', by the same rule
+    fast = [x for x in FAST if not x.startswith("data.val_top_k")]
+    cfg = compose(["data=beir", f"data.root={root}", "loss=mnrl", *fast, "logger=none", "trainer.max_epochs=2",
+                   "task.refit=true"], tmp_path / "run")
+    metrics = main(cfg)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    selection, refit = saved["selection"], saved["refit"]
+    assert "after" not in saved and set(selection["after"]) >= {"ndcg@10", "recall@100"} and "before" in selection
+    best = int(selection["best_checkpoint"].split("epoch")[1].split("-")[0])  # checkpoints/epoch{E}-step{S}.ckpt
+    assert refit["epochs"] == selection["epochs"] == best + 1 and refit["schedule_epochs"] == 2
+    assert refit["val"] is None and "no held-out val number" in refit["note"]
+    assert refit["steps"] == refit["epochs"] * 3  # 21 training + 3 val queries, batches of 8
+    # the refit's store: the training queries and the val queries; the run's: the training queries only
+    rows = {q: i for i, q in enumerate(folder.queries)}
+    val_rows = {rows[q] for q in folder.qrels("val")}
+    refit_store = Store(refit["store"])
+    run_store = Store(store_path(cfg.paths.cache_dir, build_source(cfg.data), cfg.negatives))
+    assert refit_store.path != run_store.path
+    assert set(refit_store.train.qids.tolist()) == set(run_store.train.qids.tolist()) | val_rows
+    assert not val_rows & set(run_store.train.qids.tolist()) and refit["train_queries"] == 24
+    # final_model/ is the refit, and its card says it has no val number
+    assert SentenceTransformer(str(tmp_path / "run" / "final_model"), device="cpu").encode(["a query"]).shape[0] == 1
+    card = (tmp_path / "run" / "final_model" / "README.md").read_text()
+    assert "no held-out validation number" in card and "task.refit" in card
+
+
+def test_refit_store_takes_the_queries_of_qrels_dev(tmp_path):
+    """With qrels/dev.tsv as the val split, the refit store trains on its queries too (and its own store path)."""
+    from conftest import compose
+
+    from marco_lightning.data.datamodule import store_path
+    from marco_lightning.data.sources import build_source
+    from marco_lightning.data.store import Store, prepare
+
+    root = make_folder(tmp_path / "f")
+    folder = BeirFolder(root)
+    _append(root / "queries.jsonl", {"_id": "dev-1", "text": folder.queries["claim_0"]})  # words of MED-0
+    (root / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\ndev-1\tMED-0\t1\n")
+    assert _mine(root, "task.systems=[bm25]").returncode == 0
+    cfg = compose(["data=beir", f"data.root={root}", "loss=mnrl"], tmp_path)
+    source = build_source(cfg.data)
+    refit = source.for_refit()
+    paths = {s: store_path(cfg.paths.cache_dir, s, cfg.negatives) for s in (source, refit)}
+    assert paths[source] != paths[refit]
+    store = Store(prepare(refit, dict(cfg.negatives), paths[refit]))
+    dev = list(BeirFolder(root).queries).index("dev-1")
+    assert dev in store.train.qids.tolist() and len(store.train.qids) == 24 + 1  # all of train.tsv, and dev.tsv's
+    assert dev not in Store(prepare(source, dict(cfg.negatives), paths[source])).train.qids.tolist()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data=sample"], "data=sample's validation queries are not training data"),  # MS MARCO: TREC DL is eval data
+    (["data=sample", "loss=margin_mse_cos"], "no teacher scores"),
+    (["data=sample", "trainer.val_check_interval=0.5"], "trainer.val_check_interval=1.0"),
+])
+def test_refit_is_refused_where_it_cannot_work(overrides, message, tmp_path):
+    from conftest import compose
+
+    from marco_lightning.errors import ConfigError
+    from marco_lightning.tasks.train import main
+
+    loss = [] if any(o.startswith("loss=") for o in overrides) else ["loss=mnrl"]
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        main(compose([*FAST, "logger=none", "task.refit=true", *loss, *overrides,
+                      f"paths.cache_dir={tmp_path}/never"], tmp_path))
+    assert not (tmp_path / "never").exists()  # refused before any store is prepared

@@ -158,3 +158,49 @@ def test_a_resumed_run_continues_and_records_its_own_config(run, tmp_path):
     config = checkpoint_config(tmp_path / "checkpoints" / "last.ckpt")
     assert config == OmegaConf.to_container(OmegaConf.load(tmp_path / "config.yaml"))
     assert config["ckpt_path"] == str(out) and json.loads((tmp_path / "metrics.json").read_text())["after"]
+
+
+def test_early_stop_ends_training_when_val_stops_improving_and_exports_the_best_epoch(tmp_path, monkeypatch):
+    """callbacks=early_stop with patience 1: a val nDCG@10 of 0.5, 0.7, 0.6, ... stops training after the third
+    epoch of six; final_model/ is the second epoch's checkpoint, the best by val."""
+    import csv
+
+    from safetensors.torch import load_file
+
+    from marco_lightning.module import RetrieverModule
+    from marco_lightning.tasks import train
+
+    measure, scripted = RetrieverModule.measure, [0.5, 0.7, 0.6, 0.6, 0.6, 0.6]
+
+    def scripted_measure(self, run):  # the validations during fit read the script; metrics.json the real ones
+        metrics = measure(self, run)
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            metrics["ndcg@10"] = scripted[self.current_epoch]
+        return metrics
+
+    monkeypatch.setattr(RetrieverModule, "measure", scripted_measure)
+    seen, fit_and_export = {}, train.fit_and_export
+
+    def spy(cfg, trainer, *args, **kwargs):
+        seen["trainer"] = trainer
+        return fit_and_export(cfg, trainer, *args, **kwargs)
+
+    monkeypatch.setattr(train, "fit_and_export", spy)
+    cfg = compose([*FAST, "logger=none", "callbacks=early_stop", "callbacks.early_stop.patience=1",
+                   "trainer.max_epochs=6", "task.validate_before=false"], tmp_path)
+    assert cfg.callbacks.early_stop.monitor == "val/ndcg@10"
+    metrics = train.main(cfg)
+    assert isinstance(seen["trainer"].early_stopping_callback, cb.EarlyStopping)
+    trained = {int(r["epoch"]) for r in csv.DictReader((tmp_path / "metrics.csv").open()) if r.get("train/loss")}
+    assert trained == {0, 1, 2}  # 3 epochs of 6: stopped by the third validation without a better nDCG@10
+    best = torch.load(tmp_path / metrics["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert best["epoch"] == 1 and metrics["best_checkpoint"].startswith(f"checkpoints/epoch1-step{best['global_step']}")
+    exported = load_file(tmp_path / "final_model" / "model.safetensors")
+    assert exported
+    for name, tensor in exported.items():  # final_model/ holds the best epoch's weights
+        torch.testing.assert_close(tensor, best["state_dict"]["model.st.0.model." + name], atol=0, rtol=0)
+
+
+def test_early_stop_is_off_by_default(tmp_path):
+    assert compose([], tmp_path).callbacks.get("early_stop") is None
+    assert not any(isinstance(c, cb.EarlyStopping) for c in callbacks([], tmp_path))

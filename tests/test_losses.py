@@ -362,3 +362,163 @@ def test_clear_errors(batch):
         L.MultipleNegativesRankingLoss(similarity="cos")
     with pytest.raises(ValueError, match=r"doc_emb \[B, 1\+k, d\]"):
         L.MultipleNegativesRankingLoss()(q, d[:, 0])
+
+
+# ---------------------------------------------------------------- MNRL's false-negative guard and same-query rows
+
+
+def _unit(degrees):
+    return torch.tensor([[math.cos(math.radians(a)), math.sin(math.radians(a))] for a in degrees])
+
+
+def test_guard_masks_the_candidates_above_the_positive_minus_the_margin_by_hand():
+    """3 queries on the unit circle, one hard negative each; absolute margin 0.1 on the cosines.
+
+    candidates (column-major): p0 10°, p1 95°, p2 200°, n0 92°, n1 130°, n2 185°; queries at 0°, 90°, 180°.
+    Thresholds: cos 10° - 0.1 = 0.8848, cos 5° - 0.1 = 0.8962, cos 20° - 0.1 = 0.8397. Above them: query 1's
+    in-batch candidate n0 (cos 2° = 0.9994, another query's hard negative) and query 2's own hard negative n2
+    (cos 5° = 0.9962); nothing of query 0's row.
+    """
+    q, d = _unit([0, 90, 180]), torch.stack([_unit([10, 95, 200]), _unit([92, 130, 185])], 1)
+    angles_q, angles_c = [0, 90, 180], [10, 95, 200, 92, 130, 185]
+    cos = [[math.cos(math.radians(c - a)) for c in angles_c] for a in angles_q]
+    masked = [[], [3], [5]]  # by hand, above
+    for i, row in enumerate(cos):
+        threshold = row[i] - 0.1
+        assert [j for j, s in enumerate(row) if j != i and s > threshold] == masked[i]
+    expected = sum(math.log(sum(math.exp(20 * s) for j, s in enumerate(row) if j not in masked[i])) - 20 * row[i]
+                   for i, row in enumerate(cos)) / 3
+    guarded = L.MultipleNegativesRankingLoss(scale=20.0, guard_margin=0.1)
+    torch.testing.assert_close(guarded(q, d), torch.tensor(expected), atol=1e-5, rtol=0)
+    plain = sum(math.log(sum(math.exp(20 * s) for s in row)) - 20 * row[i] for i, row in enumerate(cos)) / 3
+    torch.testing.assert_close(L.MultipleNegativesRankingLoss(scale=20.0)(q, d), torch.tensor(plain), atol=1e-5,
+                               rtol=0)
+    # the guard took the two false negatives out: 0.7137 -> 0.0042 (what remains is far below each positive)
+    assert (round(plain, 4), round(expected, 4)) == (0.7137, 0.0042)
+    # a threshold above every score leaves nothing out; one below every score leaves all out but the positive
+    torch.testing.assert_close(L.MultipleNegativesRankingLoss(scale=20.0, guard_margin=-3.0)(q, d),
+                               torch.tensor(plain), atol=1e-5, rtol=0)
+    assert L.MultipleNegativesRankingLoss(scale=20.0, guard_margin=3.0)(q, d) == 0  # only the positive is left
+
+
+def test_relative_guard_takes_the_margin_from_the_positives_magnitude():
+    """GISTEmbedLoss's relative rule, positive - |positive| x margin, also for a negative positive score (where
+    positive x (1 - margin) would be a threshold above the positive)."""
+    q, d = _unit([0]), torch.stack([_unit([120]), _unit([121.5])], 1)  # cos 120° = -0.5, cos 121.5° = -0.5225
+    # margin 0.1: threshold -0.55, the negative is above it (left out; -0.5 x 0.9 = -0.45 would keep it);
+    # margin 0.01: threshold -0.505, the negative is below it (kept)
+    for margin, left_out in ((0.1, True), (0.01, False)):
+        guarded = L.MultipleNegativesRankingLoss(scale=20.0, guard_margin=margin, guard_strategy="relative")
+        assert (guarded(q, d) == 0) == left_out  # with the negative left out, only the positive remains
+
+
+class GuideLookup(EmbeddingLookup):
+    """EmbeddingLookup with what GISTEmbedLoss asks of its model and guide: a transformers tokenizer and a
+    max_seq_length (equal for both, so it embeds the same features with the guide: no re-tokenising)."""
+
+    def __init__(self, table):
+        super().__init__(table)
+        from transformers import AutoTokenizer
+
+        from marco_lightning.models import resolve_backbone
+
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_backbone("sentence-transformers/all-MiniLM-L6-v2"))
+        self.max_seq_length = 128
+
+
+def st_gist_loss(q, d, **kwargs):
+    """sentence-transformers' GISTEmbedLoss with the trained model as its own guide, on columns (q, d[:, 0], ...)."""
+    model = GuideLookup(torch.cat([q, d.transpose(0, 1).reshape(-1, q.shape[1])]))
+    columns = torch.arange(len(model.table)).view(-1, 1).split(q.shape[0])
+    features = [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in columns]
+    return st_bi.GISTEmbedLoss(model, model, contrast_anchors=False, contrast_positives=False, **kwargs)(features,
+                                                                                                         None)
+
+
+@pytest.mark.parametrize("strategy,margin", [("absolute", 0.1), ("absolute", 0.0), ("relative", 0.3)])
+@pytest.mark.parametrize("num_negatives", [1, 0])
+def test_guard_equals_st_gist_embed_loss_with_the_model_as_its_own_guide(strategy, margin, num_negatives):
+    """GISTEmbedLoss (sentence_transformers/sentence_transformer/losses/gist_embed.py, v6.2: forward, lines
+    190-247) masks with the guide's cosines what it scores with the model's; with the model as its own guide (no
+    dropout: the same vectors) and without its anchor-anchor / positive-positive terms it is MNRL with our guard.
+    temperature = 1 / scale. GIST takes one hard-negative column at most."""
+    g = torch.Generator().manual_seed(4)
+    q, d = torch.randn(B, D, generator=g), torch.randn(B, 1 + num_negatives, D, generator=g)
+    ours = L.MultipleNegativesRankingLoss(scale=20.0, guard_margin=margin, guard_strategy=strategy)
+    # the mask is exercised, and no similarity sits on a threshold (where rounding could flip it)
+    cos = similarity_vectors(q, "cos") @ similarity_vectors(d, "cos").transpose(0, 1).reshape(-1, D).T
+    positive = cos.diagonal()[:, None]
+    threshold = positive - (margin if strategy == "absolute" else positive.abs() * margin)
+    off_diagonal = ~torch.eye(B, len(cos[0]), dtype=torch.bool)
+    assert 0 < int(((cos > threshold) & off_diagonal).sum()) < int(off_diagonal.sum())
+    assert ((cos - threshold).abs()[off_diagonal] > 1e-4).all()
+    assert_parity(lambda q, d: ours(similarity_vectors(q, "cos"), similarity_vectors(d, "cos")),
+                  lambda q, d: st_gist_loss(q, d, temperature=1 / 20.0, margin_strategy=strategy, margin=margin),
+                  q, d)
+
+
+def test_rows_of_one_query_do_not_count_each_others_positive_as_a_negative(batch):
+    """train_rows=positive: rows 0 and 3 are one query, so neither scores the other's positive as a negative
+    (their hard negatives still count); its loss is MNRL over the candidates without those two columns."""
+    q, d, _ = batch
+    q, d = similarity_vectors(q, "cos"), similarity_vectors(d, "cos")
+    d[3, 0] = q[0]  # row 3's positive is a positive of row 0's query too (the same query): its best candidate
+    ids = torch.tensor([7, 8, 9, 7, 10, 11])
+    mnrl = L.MultipleNegativesRankingLoss(scale=20.0)
+    cands = d.transpose(0, 1).reshape(-1, D)
+    scores = 20.0 * q @ cands.T
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep[0, 3] = keep[3, 0] = False  # column j < B is query j's positive
+    expected = torch.stack([-(scores[i, i] - torch.logsumexp(scores[i][keep[i]], 0)) for i in range(B)]).mean()
+    close(mnrl(q, d, query_ids=ids), expected)
+    assert (mnrl(q, d, query_ids=ids) - mnrl(q, d)).abs() > 1e-3
+    close(mnrl(q, d, query_ids=torch.arange(B)), mnrl(q, d))  # distinct queries: plain MNRL
+    # the symmetric term leaves out the other row of the query alike
+    sym = L.MultipleNegativesRankingLoss(scale=20.0, symmetric=True)
+    back = 20.0 * d[:, 0] @ q.T
+    keep_back = torch.ones_like(back, dtype=torch.bool)
+    keep_back[0, 3] = keep_back[3, 0] = False
+    expected_back = torch.stack([-(back[i, i] - torch.logsumexp(back[i][keep_back[i]], 0)) for i in range(B)]).mean()
+    close(sym(q, d, query_ids=ids), (expected + expected_back) / 2)
+
+
+def test_defaults_leave_mnrl_unchanged(batch):
+    """No guard and no query ids: the very same computation as before the levers (bit for bit)."""
+    q, d, _ = batch
+    q, d = similarity_vectors(q, "cos"), similarity_vectors(d, "cos")
+    cands = d.transpose(0, 1).reshape(-1, D)
+    expected = torch.nn.functional.cross_entropy(20.0 * q @ cands.T, torch.arange(B))
+    assert torch.equal(L.MultipleNegativesRankingLoss(scale=20.0)(q, d), expected)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_grad_cache_with_guard_and_query_ids_equals_plain_backward(symmetric):
+    """The mask is computed inside the loss from the vectors it is given: GradCache's cached vectors mask exactly
+    as the plain step's, so loss and gradients agree (no dropout: the two paths then embed the same vectors)."""
+    g = torch.Generator().manual_seed(5)
+    queries, docs = random_inputs(6, 4, True, g), random_inputs(6 * 3, 6, True, g)
+    ids = torch.tensor([1, 2, 1, 3, 2, 4])
+    encoder = TinyEncoder(0.0)
+    mnrl = L.MultipleNegativesRankingLoss(scale=20.0, guard_margin=0.05, symmetric=symmetric)
+
+    def loss(q, d, teacher=None):
+        return mnrl(similarity_vectors(q, "cos"), similarity_vectors(d, "cos"), teacher, query_ids=ids)
+
+    expected = loss(encoder(queries), encoder(docs).view(6, 3, -1))
+    expected.backward()
+    expected_grads = [p.grad.clone() for p in encoder.parameters()]
+    encoder.zero_grad()
+    value = cached_loss_backward(encoder, queries, docs, loss, 2, torch.Tensor.backward)
+    close(value, expected.detach())
+    for p, e in zip(encoder.parameters(), expected_grads):
+        close_scaled(p.grad, e, torch.float32)
+
+
+def test_guard_settings_are_checked():
+    with pytest.raises(ValueError, match="guard_strategy"):
+        L.MultipleNegativesRankingLoss(guard_margin=0.1, guard_strategy="percent")
+    with pytest.raises(ValueError, match="guard_margin"):
+        L.MultipleNegativesRankingLoss(guard_margin=float("nan"))
+    q, d = torch.randn(3, 4), torch.randn(3, 2, 4)
+    with pytest.raises(ValueError, match="query_ids"):
+        L.MultipleNegativesRankingLoss()(q, d, query_ids=torch.arange(2))

@@ -18,15 +18,30 @@ from marco_lightning.losses import MultipleNegativesRankingLoss
 from marco_lightning.models import similarity_vectors
 
 WORLD, B, K, D_IN, D = 2, 4, 2, 10, 6  # B queries per rank, K hard negatives
+CACHED_GUARD = {"scale": 20.0, "guard_margin": 0.05, "query_ids": True}
 # (the model's similarity, MNRL's arguments): the loss gets the vectors the model hands over for its similarity
 CASES = {"mnrl": ("cos", {"scale": 20.0}), "symmetric": ("cos", {"scale": 20.0, "symmetric": True}),
-         "one_negative_dot": ("dot", {"num_hard_negatives": 1, "scale": 1.0})}
+         "one_negative_dot": ("dot", {"num_hard_negatives": 1, "scale": 1.0}),
+         # the false-negative guard on the gathered candidates; with query ids (train_rows=positive): rows of one
+         # query on the same rank and on different ranks
+         "guard": ("cos", {"scale": 20.0, "guard_margin": 0.05}),
+         "guard_relative_symmetric_ids": ("cos", {"scale": 20.0, "guard_margin": 0.1, "guard_strategy": "relative",
+                                                  "symmetric": True, "query_ids": True}),
+         "ids": ("cos", {"scale": 20.0, "query_ids": True})}
+QUERY_IDS = torch.tensor([0, 1, 2, 0, 1, 3, 4, 5])  # the full batch's: query 0 twice on rank 0, query 1 on both
 
 
-def mnrl(similarity="cos", **kwargs):
-    """MNRL as the module runs it for a bi-encoder of this similarity: on its similarity vectors."""
+def mnrl(similarity="cos", query_ids=None, **kwargs):
+    """MNRL as the module runs it for a bi-encoder of this similarity: on its similarity vectors (and, for
+    `query_ids` True, this slice of QUERY_IDS)."""
     loss = MultipleNegativesRankingLoss(**kwargs)
-    return lambda q, d, teacher=None: loss(similarity_vectors(q, similarity), similarity_vectors(d, similarity), teacher)
+    ids = {"query_ids": query_ids} if query_ids is not None else {}
+    return lambda q, d, teacher=None: loss(similarity_vectors(q, similarity), similarity_vectors(d, similarity),
+                                           teacher, **ids)
+
+
+def ids_of(kwargs, rows):
+    return {**kwargs, "query_ids": QUERY_IDS[rows] if kwargs.get("query_ids") else None}
 
 
 def full_batch():
@@ -53,13 +68,19 @@ def worker(rank, port, out_dir):
     out = {}
     for name, (similarity, kwargs) in CASES.items():
         model = DistributedDataParallel(encoder())
-        value, q_grad, d_grad = run(q, d, model, mnrl(similarity, **kwargs))
+        value, q_grad, d_grad = run(q, d, model, mnrl(similarity, **ids_of(kwargs, slice(rank * B, (rank + 1) * B))))
         out[name] = (value, q_grad, d_grad, [p.grad for p in model.parameters()])
     # GradCache on top: embed per mini-batch, gathered loss, one DDP backward per mini-batch
     model = DistributedDataParallel(encoder())
     value = cached_loss_backward(lambda batch: model(batch["x"]), {"x": q}, {"x": d.flatten(0, 1)},
                                  mnrl(scale=20.0), 3, torch.Tensor.backward)
     out["cached"] = (value, None, None, [p.grad for p in model.parameters()])
+    # ... with the guard and query ids too: masks from the cached, gathered vectors
+    model = DistributedDataParallel(encoder())
+    value = cached_loss_backward(lambda batch: model(batch["x"]), {"x": q}, {"x": d.flatten(0, 1)},
+                                 mnrl(**ids_of(CACHED_GUARD, slice(rank * B, (rank + 1) * B))), 3,
+                                 torch.Tensor.backward)
+    out["cached_guard_ids"] = (value, None, None, [p.grad for p in model.parameters()])
     torch.save(out, f"{out_dir}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -78,9 +99,12 @@ def test_gathered_mnrl_equals_single_process_full_batch(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     q, d = full_batch()
-    for name, (similarity, kwargs) in {**CASES, "cached": ("cos", {"scale": 20.0})}.items():
+    full = {}
+    for name, (similarity, kwargs) in {**CASES, "cached": ("cos", {"scale": 20.0}),
+                                       "cached_guard_ids": ("cos", CACHED_GUARD)}.items():
         model = encoder()
-        loss, q_grad, d_grad = run(q, d, model, mnrl(similarity, **kwargs))
+        loss, q_grad, d_grad = run(q, d, model, mnrl(similarity, **ids_of(kwargs, slice(None))))
+        full[name] = loss
         rank_losses = torch.stack([ranks[r][name][0] for r in range(WORLD)])
         assert loss > 0.1
         torch.testing.assert_close(rank_losses.mean(), loss, atol=1e-6, rtol=0)
@@ -93,6 +117,8 @@ def test_gathered_mnrl_equals_single_process_full_batch(tmp_path):
             for got, p in zip(param_grads, model.parameters()):  # DDP already averaged these
                 # sums over many terms reaching |2.6|: 1e-6 relative to the largest (float32 rounding)
                 torch.testing.assert_close(got, p.grad, atol=1e-6 * max(1.0, p.grad.abs().max().item()), rtol=0)
+    # the guard and the query ids did leave candidates out
+    assert (full["guard"] - full["mnrl"]).abs() > 1e-3 and (full["ids"] - full["mnrl"]).abs() > 1e-3
     # and the gathering did happen: rank 0 alone, with only its own candidates, has a different loss
     with torch.no_grad():
         local_only = mnrl(scale=20.0)(encoder()(q[:B]), encoder()(d[:B]))

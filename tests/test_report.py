@@ -134,3 +134,12 @@ def test_cli_prints_the_table_and_where_it_wrote(sweep, tmp_path):
     assert "| 1 | 1 | mnrl |" in result.stdout and "| 2 | 0 | margin_mse |" in result.stdout
     assert f"Report: {out / 'report.md'}" in result.stdout and (out / "report.png").read_bytes()[:8] == PNG_SIGNATURE
     assert not (ROOT / "outputs" / "report.md").exists()
+
+
+def test_a_refit_run_is_refused_naming_why(tmp_path):
+    """task.refit's final model has no val number: the report says so instead of "not written by task=train"."""
+    run = tmp_path / "refit"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"selection": {"after": {"ndcg@10": 0.5}}, "refit": {"epochs": 2}}))
+    with pytest.raises(ConfigError, match="task.refit=true run, whose final model has no held-out val number"):
+        report.read_metrics(run)

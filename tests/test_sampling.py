@@ -2,6 +2,7 @@
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -160,3 +161,95 @@ def test_group_by_length_pads_less_on_the_real_sample(tmp_path):
         tokens[group] = (sum(d["input_ids"].numel() for d in docs), sum(int(d["attention_mask"].sum()) for d in docs))
     assert tokens[True][1] == tokens[False][1]  # the same passages
     assert tokens[True][0] < 0.9 * tokens[False][0]  # measured: 0.82 (54 queries, batches of 8)
+
+
+# ---------------------------------------------------------------- train_rows=positive: one row per (query, positive)
+
+
+class PositiveLists(Lists):
+    """Lists in the store's layout with the CSR offsets: query 10 has 2 positives, query 20 one, query 30 none
+    (negatives.require_positive=false)."""
+    qids = np.array([10, 20, 30])
+    pos = (np.array([1, 2]), np.array([3]), np.array([], np.int64))
+    neg = (np.array([101, 102, 103, 104, 105]), np.array([201, 202, 203, 204]), np.array([301, 302, 303]))
+    pos_offsets = np.array([0, 2, 3, 3])
+
+
+def rows_dataset(rows, k=2, seed=0, lists=PositiveLists):
+    texts = SimpleNamespace(text=str, texts=lambda ids: [str(i) for i in ids],
+                            nbytes=lambda ids: np.array([int(i) % 7 for i in ids]))
+    return TrainDataset(SimpleNamespace(train=lists(), queries=texts, passages=texts), k, seed, with_teacher=True,
+                        rows=rows)
+
+
+def test_positive_rows_are_every_query_positive_pair_with_the_negatives_rotating():
+    ds, by_query = rows_dataset("positive"), rows_dataset("query")
+    assert (len(ds), len(by_query)) == (4, 3)  # (10, 1), (10, 2), (20, 3), and query 30's one row
+    assert [ds.query_of(r) for r in range(4)] == [(0, 0), (0, 1), (1, 0), (2, 0)]
+    start = int(np.random.default_rng((0, 0)).integers(0, 1 << 31, size=2)[1])  # query 10's start in its list
+    for epoch in range(3):
+        (q0, a, _), (q1, b, _) = ds.draw(epoch, 0), ds.draw(epoch, 1)
+        assert (q0, q1, a[0], b[0]) == (10, 10, 1, 2)  # each row its own positive
+        # the query's 2 rows take its steps 2e and 2e+1: consecutive blocks of k=2 negatives, then the next epoch's
+        negs = PositiveLists.neg[0]
+        assert list(a[1:]) == [negs[(start + 4 * epoch + j) % 5] for j in range(2)]
+        assert list(b[1:]) == [negs[(start + 4 * epoch + 2 + j) % 5] for j in range(2)]
+        # one positive, or none: exactly what rows=query draws
+        for row, i in ((2, 1), (3, 2)):
+            assert all((x == y).all() if isinstance(x, np.ndarray) else x == y
+                       for x, y in zip(ds.draw(epoch, row), by_query.draw(epoch, i)))
+    # a pure function of (seed, epoch, row)
+    assert all((ds.draw(e, r)[1] == rows_dataset("positive").draw(e, r)[1]).all() for e in range(3) for r in range(4))
+    assert any((ds.draw(e, 0)[1] != rows_dataset("positive", seed=1).draw(e, 0)[1]).any() for e in range(3))
+
+
+def test_positive_rows_carry_their_query_id_and_query_rows_do_not():
+    text, docs, teacher, qid = rows_dataset("positive")[(0, 1)]
+    assert (text, docs[0], qid) == ("10", "2", 10) and teacher[0] == np.float32(0.2)
+    assert len(rows_dataset("query")[(0, 1)]) == 3  # today's items, unchanged
+
+
+def test_train_rows_are_checked():
+    from marco_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train_rows='pairs'"):
+        rows_dataset("pairs")
+
+
+def test_positive_rows_shard_resume_and_group_by_length_on_the_new_length():
+    ds = rows_dataset("positive", k=1)
+    n = len(ds)
+    ranks = [EpochShardSampler(n, seed=3, rank=r, world_size=2) for r in range(2)]
+    assert [len(s) for s in ranks] == [n // 2] * 2 and sorted(np.concatenate([s.indices() for s in ranks])) == \
+        sorted(np.random.default_rng((3, 0)).permutation(n)[:n // 2 * 2])
+    # a resume skips what the killed run trained on in that epoch and continues the same order
+    unbroken, resumed = EpochShardSampler(n, seed=3), EpochShardSampler(n, seed=3, resume_at=(0, 2))
+    assert list(resumed) == list(unbroken)[2:] and len(resumed) == n
+    # length grouping keys each row by its own draw
+    grouped = EpochShardSampler(n, seed=3, lengths=ds.doc_bytes, batch_size=2)
+    assert sorted(grouped.indices()) == list(range(n))
+    assert list(ds.doc_bytes(0, range(n))) == [max(int(p) % 7 for p in ds.draw(0, r)[1]) for r in range(n)]
+
+
+def test_positive_rows_on_the_real_sample_batch_with_query_ids(tmp_path):
+    """Every (training query, positive) pair of the store is one row of the epoch, in DataLoader workers too, and
+    the batches carry the query ids MNRL masks with; group_by_length keeps the same rows."""
+    from conftest import compose
+    from hydra.utils import instantiate
+
+    from marco_lightning.data.sources import build_source
+
+    cfg = compose(["model=tiny", "loss=mnrl", "batch_size=16", "num_workers=2", "train_rows=positive"], tmp_path)
+    collator = instantiate(cfg.model).collator()
+    seen = {}
+    for group in (False, True):
+        dm = instantiate(cfg.datamodule, _partial_=True, group_by_length=group)(
+            source=build_source(cfg.data), negatives=cfg.negatives, collator=collator, with_teacher=False)
+        dm.prepare_data()
+        dm.setup()
+        assert len(dm.train_set) == dm.store.manifest["num_positives"] > 2 * dm.store.manifest["num_train_queries"]
+        batches = list(dm.train_dataloader())
+        ids = torch.cat([b["query_ids"] for b in batches])
+        assert len(ids) == len(dm.train_set) and set(ids.tolist()) == set(dm.store.train.qids.tolist())
+        seen[group] = sorted(ids.tolist())
+    assert seen[True] == seen[False]

@@ -64,12 +64,12 @@ class MarcoDataModule(pl.LightningDataModule):
     def __init__(self, source, negatives: DictConfig, collator, cache_dir: str | Path, batch_size: int,
                  num_negatives: int, with_teacher: bool, seed: int, num_workers: int = 2,
                  val_batch_size: int | None = None, pin_memory: bool = False, group_by_length: bool = False,
-                 refresh: dict | None = None, refresh_dir: str | Path | None = None):
+                 refresh: dict | None = None, refresh_dir: str | Path | None = None, train_rows: str = "query"):
         super().__init__()
         self.source, self.negatives, self.collator, self.cache_dir = source, negatives, collator, cache_dir
         self.batch_size, self.num_negatives, self.with_teacher = batch_size, num_negatives, with_teacher
         self.seed, self.num_workers, self.pin_memory = seed, num_workers, pin_memory
-        self.group_by_length = group_by_length
+        self.group_by_length, self.train_rows = group_by_length, train_rows  # sampling.TrainDataset's rows
         self.val_batch_size = val_batch_size or 4 * batch_size
         self.store = None
         # negatives.refresh: the model re-mines its own negatives every few epochs (refresh.py); which refreshed
@@ -92,7 +92,7 @@ class MarcoDataModule(pl.LightningDataModule):
         if self.store is not None:
             return
         self.store = Store(self.store_dir)
-        self.train_set = TrainDataset(self.store, self.num_negatives, self.seed, self.with_teacher)
+        self.train_set = TrainDataset(self.store, self.num_negatives, self.seed, self.with_teacher, self.train_rows)
         _, run, _ = self.source.validation_set()
         self.val_set = RerankPairs(self.store, run, self.source.val_top_k)
 

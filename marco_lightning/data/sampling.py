@@ -82,24 +82,51 @@ def check_teacher_coverage(store) -> None:
                           "a loss without a teacher (loss=mnrl)")
 
 
-class TrainDataset(Dataset):
-    """Query i at epoch e: one positive and `num_negatives` hard negatives, rotating through the query's lists.
+TRAIN_ROWS = ("query", "positive")
 
-    A per-query random start (from the seed) then one step per epoch: epoch e+1 sees the next pairs, as in
-    sentence-transformers' v2 MS MARCO scripts (lost in v3+, where data is materialised once).
+
+class TrainDataset(Dataset):
+    """The epoch's examples: one per training query (`rows="query"`), or one per (training query, positive) pair
+    (`rows="positive"`, sentence-transformers' unit: a (query, positive) row of a dataset); each with
+    `num_negatives` hard negatives rotating through the query's list.
+
+    rows="query": query i at epoch e takes one positive and k negatives; a per-query random start (from the seed)
+    then one step per epoch, so epoch e+1 sees the next pairs, as in sentence-transformers' v2 MS MARCO scripts
+    (lost in v3+, where data is materialised once).
+    rows="positive": row (i, j) takes query i's positive j, and the negatives of the query's step e * P + j (P: its
+    number of positives) on the same rotation: the query's P rows of an epoch take consecutive blocks of its list, the
+    next epoch the blocks after them. A query with one positive draws exactly what rows="query" draws; a query
+    without one (negatives.require_positive=false) keeps its one row, drawn as rows="query" draws it. Items then also
+    carry the query's id, so an in-batch loss can tell two rows of one query apart from two queries (MNRL masks the
+    other rows' positives of its own query).
+    Every draw is a pure function of (seed, epoch, row): identical in every worker and rank, and after a resume.
     """
 
-    def __init__(self, store, num_negatives: int, seed: int, with_teacher: bool):
-        self.store, self.lists = store, store.train
+    def __init__(self, store, num_negatives: int, seed: int, with_teacher: bool, rows: str = "query"):
+        if rows not in TRAIN_ROWS:
+            raise ConfigError(f"train_rows={rows!r}: use query (one example per training query) or positive (one per "
+                              "(training query, positive) pair, as sentence-transformers' datasets)")
+        self.store, self.lists, self.rows = store, store.train, rows
         self.num_negatives, self.seed, self.with_teacher = num_negatives, seed, with_teacher
+        # rows="positive": row r belongs to query i for row_offsets[i] <= r < row_offsets[i + 1]
+        self.row_offsets = None if rows == "query" else np.concatenate(
+            [[0], np.cumsum(np.maximum(np.diff(np.asarray(self.lists.pos_offsets)), 1))]).astype(np.int64)
         if with_teacher:
             check_teacher_coverage(store)
 
     def __len__(self):
-        return len(self.lists.qids)
+        return len(self.lists.qids) if self.row_offsets is None else int(self.row_offsets[-1])
 
-    def draw(self, epoch: int, i: int):
-        """(qid, [pos, neg...] pids, teacher scores) of query i at this epoch."""
+    def query_of(self, row: int) -> tuple[int, int | None]:
+        """(training query index, its positive's slot) of a row; slot None for rows="query"."""
+        if self.row_offsets is None:
+            return row, None
+        i = int(np.searchsorted(self.row_offsets, row, side="right")) - 1
+        return i, row - int(self.row_offsets[i])
+
+    def draw(self, epoch: int, row: int):
+        """(qid, [pos, neg...] pids, teacher scores) of this row at this epoch."""
+        i, slot = self.query_of(row)
         pos, pos_scores = self.lists.positives(i)
         neg, neg_scores = self.lists.negatives(i)
         start_pos, start_neg = np.random.default_rng((self.seed, i)).integers(0, 1 << 31, size=2)
@@ -108,8 +135,11 @@ class TrainDataset(Dataset):
             pos, pos_scores = neg[j:j + 1], neg_scores[j:j + 1]
             if len(neg) > 1:
                 neg, neg_scores = np.delete(neg, j), np.delete(neg_scores, j)
-        p = (start_pos + epoch) % len(pos)
-        n = (start_neg + epoch * self.num_negatives + np.arange(self.num_negatives)) % len(neg)
+        if slot is None:  # the query's positives rotate too
+            p, step = (start_pos + epoch) % len(pos), epoch
+        else:  # the row's own positive; its negatives at the query's step e * P + slot
+            p, step = slot, epoch * len(pos) + slot
+        n = (start_neg + step * self.num_negatives + np.arange(self.num_negatives)) % len(neg)
         pids = np.concatenate([[pos[p]], neg[n]])
         scores = np.concatenate([[pos_scores[p]], neg_scores[n]]).astype(np.float32)
         return int(self.lists.qids[i]), pids, scores
@@ -130,7 +160,8 @@ class TrainDataset(Dataset):
                                   "every pair; set negatives.ce_score_margin (drops unscored negatives) or fix "
                                   "data.teacher_scores")
             teacher = scores.tolist()
-        return self.store.queries.text(qid), self.store.passages.texts(pids), teacher
+        item = self.store.queries.text(qid), self.store.passages.texts(pids), teacher
+        return item if self.row_offsets is None else (*item, qid)
 
 
 class RerankPairs(Dataset):

@@ -13,6 +13,7 @@ A new format (say, a plain TSV folder) is one class here (or built on these) and
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections import Counter
@@ -88,6 +89,12 @@ class Source:
     def describe(self) -> tuple[str, str]:
         """(the training data, the validation queries) in a sentence each, for the model card."""
         raise NotImplementedError
+
+    def for_refit(self) -> Source:
+        """The same data with the validation queries as training queries too (task.refit), a store of its own."""
+        raise ConfigError(f"task.refit=true trains on the training plus the validation queries, but data={self.name}'s "
+                          "validation queries are not training data (their judgements and runs are an evaluation "
+                          "set, e.g. TREC DL): set task.refit=false, or train on a BEIR folder (data=beir)")
 
     def run_record(self) -> dict:
         """What metrics.json records of the data beside the metrics (e.g. how its negatives were mined)."""
@@ -220,9 +227,12 @@ class BeirSource(Source):
     def __init__(self, name: str | None, root: str, mined_dir: str, hard_negatives: str, teacher_scores: str,
                  collection: str, queries: str, val_run: str, val_top_k: int, val_rel_level: int = 1,
                  val_system: str = "bm25", train_split: str = "train", val_split: str = "dev",
-                 test_split: str = "test", val_fraction: float = 0.1, eval_top_k: int | None = None):
+                 test_split: str = "test", val_fraction: float = 0.1, eval_top_k: int | None = None,
+                 val_hard_negatives: str | None = None):
         self.dataset, self.root, self.mined_dir = name, root, mined_dir
         self.name = f"beir-{Path(str(root)).name}" if root else "beir"
+        self.val_hard_negatives_file = val_hard_negatives
+        self.refit = False  # for_refit(): the val queries train too
         self.collection, self.queries_file, self.val_run = collection, queries, val_run
         self.hard_negatives_file, self.teacher_scores = hard_negatives, teacher_scores
         self.val_top_k, self.val_rel_level, self.val_system, self.eval_top_k = val_top_k, val_rel_level, \
@@ -255,6 +265,18 @@ class BeirSource(Source):
     def __getstate__(self):  # DataLoader workers and spawned ranks get the settings, not the folder's dicts
         return {**self.__dict__, "_folder": None, "_rows": None}
 
+    def for_refit(self) -> BeirSource:
+        """The training queries plus the val split's (held out of qrels/train.tsv, or qrels/dev.tsv), with the val
+        queries' negatives task=mine wrote (data.val_hard_negatives): a store of its own (its key says so)."""
+        path = self.val_hard_negatives_file
+        if not path or not Path(path).is_file():
+            raise ConfigError(f"data.val_hard_negatives={path}: not found; task.refit trains on the val queries too "
+                              f"and needs their mined negatives: run `python run.py task=mine data=beir "
+                              f"data.root={self.root}` again (it reuses its runs)")
+        refit = copy.copy(self)
+        refit.refit, refit._validation = True, None
+        return refit
+
     def run_path(self, split: str) -> str:
         """The mined run of a split (task=mine writes runs/<split>.<system>.trec); data.val_run for val."""
         return self.val_run if split == "val" else str(Path(self.mined_dir) / "runs" / f"{split}.{self.val_system}.trec")
@@ -284,29 +306,49 @@ class BeirSource(Source):
             raise MissingFileError(f"data.hard_negatives={hard_negatives}: no mined negatives; run `python run.py "
                                    f"task=mine data=beir {self.spelling}` first")
         teacher = self.teacher_scores
-        return {"format": "beir", "root": str(folder.root.resolve()), "splits": folder.settings(),
-                "hard_negatives": str(Path(str(hard_negatives)).resolve()),
-                "teacher_scores": str(Path(str(teacher)).resolve())
-                if teacher_scores_complete(teacher, hard_negatives) else None}
+        inputs = {"format": "beir", "root": str(folder.root.resolve()), "splits": folder.settings(),
+                  "hard_negatives": str(Path(str(hard_negatives)).resolve()),
+                  "teacher_scores": str(Path(str(teacher)).resolve())
+                  if teacher_scores_complete(teacher, hard_negatives) else None}
+        if self.refit:  # the val queries train too (their teacher scores: none, task=score scores the train file)
+            inputs.update(refit=True, val_hard_negatives=str(Path(str(self.val_hard_negatives_file)).resolve()))
+        return inputs
 
     def store_key(self) -> dict:
-        return {"format": "beir", "root": self.root, **self.split_names, "hard_negatives": self.hard_negatives_file,
-                "teacher_scores": self.teacher_scores}
+        key = {"format": "beir", "root": self.root, **self.split_names, "hard_negatives": self.hard_negatives_file,
+               "teacher_scores": self.teacher_scores}
+        return {**key, "refit": True, "val_hard_negatives": self.val_hard_negatives_file} if self.refit else key
 
     def store_files(self) -> list[str]:
         files = [str(p) for p in self.folder.files()]
-        return files + [str(p) for p in (self.hard_negatives_file, self.teacher_scores) if p and Path(p).exists()]
+        mined = (self.hard_negatives_file, self.teacher_scores, *((self.val_hard_negatives_file,) if self.refit else ()))
+        return files + [str(p) for p in mined if p and Path(p).exists()]
+
+    def _training_qrels(self) -> dict[str, dict[str, int]]:
+        """The training queries' judgements: the train split's, and with refit the val split's too."""
+        train = self.folder.qrels("train")
+        if not self.refit:
+            return train
+        merged = {q: dict(docs) for q, docs in train.items()}
+        for q, docs in self.folder.qrels("val").items():  # a query in both splits: its judgements of both
+            merged.setdefault(q, {}).update(docs)
+        return merged
 
     def train_qrels(self):
         q, p = self.rows.query_row, self.rows.passage_row
-        return ((q[qid], p[pid], g) for qid, docs in self.folder.qrels("train").items() for pid, g in docs.items())
+        return ((q[qid], p[pid], g) for qid, docs in self._training_qrels().items() for pid, g in docs.items())
 
     def train_qids(self) -> set[int]:
-        return {self.rows.query_row[q] for q in self.folder.qrels("train")}
+        return {self.rows.query_row[q] for q in self._training_qrels()}
 
     def hard_negatives(self, dropped: Counter):
+        files = [self.hard_negatives_file, *((self.val_hard_negatives_file,) if self.refit else ())]
+        for path in files:  # a query in both files: the store keeps its first (train) list
+            yield from self._hard_negatives(path, dropped)
+
+    def _hard_negatives(self, path, dropped: Counter):
         q, p = self.rows.query_row, self.rows.passage_row
-        for qid, pos, lists in iter_hard_negatives(self.hard_negatives_file, id_type=str):
+        for qid, pos, lists in iter_hard_negatives(path, id_type=str):
             if qid not in q:
                 dropped["hard_negatives_query_not_in_queries"] += 1
                 continue
@@ -349,8 +391,10 @@ class BeirSource(Source):
     def describe(self) -> tuple[str, str]:
         folder = self.folder
         teacher = Path(str(self.teacher_scores)).name if self.teacher_scores else None
-        data = (f"BEIR folder `{folder.root.name}` (split {folder.split_names['train']} minus the held-out val "
-                f"queries, negatives mined by task=mine, teacher scores `{teacher}`)")
+        queries = (f"split {folder.split_names['train']} and the val queries ({folder.describe_split('val')}): "
+                   "task.refit" if self.refit else f"split {folder.split_names['train']} minus the held-out val queries")
+        data = (f"BEIR folder `{folder.root.name}` ({queries}, negatives mined by task=mine, teacher scores "
+                f"`{teacher}`)")
         return data, folder.describe_split("val")
 
     def run_record(self) -> dict:

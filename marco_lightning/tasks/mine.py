@@ -1,9 +1,10 @@
 """task=mine: for a BEIR folder, ranked candidates of every split's queries from each system, and the training
 queries' hard negatives in the layout of msmarco-hard-negatives.jsonl.gz.
 
-Writes under data.mined_dir: runs/<split>.<system>.trec, hard-negatives.jsonl.gz, manifest.json (settings, what
-the margins skipped, what the folder holds that was left out: documents and queries without text, judgements
-naming them or unknown ids, per split file; seconds per stage). Encodings, the BM25 index and each system's finished runs are kept in
+Writes under data.mined_dir: runs/<split>.<system>.trec, hard-negatives.jsonl.gz, hard-negatives.val.jsonl.gz (the
+val queries', by the same rule: what task.refit trains on), manifest.json (settings, what the margins skipped,
+what the folder holds that was left out: documents and queries without text, judgements naming them or unknown
+ids, per split file; seconds per stage). Encodings, the BM25 index and each system's finished runs are kept in
 cache/ and runs/, so a killed run resumes where it stopped and a rerun with new selection settings searches
 nothing again.
 """
@@ -40,6 +41,7 @@ SPELLINGS = ("bm25, model (the model= bi-encoder), a sentence-transformers folde
              "{_target_: CLASS, name: NAME, ...} whose class has search(queries, k) and pair_scores(qid, query, rows) "
              "(marco_lightning.mining.Searcher)")
 DENSE = "marco_lightning.mining.dense"
+VAL_NEGATIVES = "hard-negatives.val.jsonl.gz"  # the val queries' (conf/data/beir.yaml data.val_hard_negatives)
 
 
 def _short_name(source) -> str:
@@ -193,32 +195,41 @@ def main(cfg: DictConfig) -> dict:
                              measures=("ndcg@10",))["ndcg@10"], 4) for s in qrels}}
         print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in summary[name].items() if k != "source"))
 
-    # hard negatives of the training queries, each system's own scores deciding its margins
+    # hard negatives of the training queries, each system's own scores deciding its margins; the val queries' too,
+    # by the same rule, in their own file: only task.refit trains on them (data.val_hard_negatives)
     clock = time.time()
-    skipped, short, counts = {n: Counter() for n in names}, Counter(), Counter()
     pool = candidate_depth(int(task.depth), lo, hi, margins, max_pos)  # mine_hard_negatives' candidates
+
+    def write_negatives(path: Path, judged_queries: dict):
+        """Select and write the negatives of `judged_queries` (qid -> judgements); (counts, skipped, short)."""
+        skipped, short, counts = {n: Counter() for n in names}, Counter(), Counter()
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, \
+                io.TextIOWrapper(gz, encoding="utf-8") as f:  # mtime 0: the same negatives give the same bytes
+            for qid, judged in judged_queries.items():
+                pos = [p for p, grade in judged.items() if grade >= 1]
+                if not pos:
+                    continue
+                neg = {}
+                for name in names:
+                    ids, scores = runs[name].get(qid, ([], []))  # a query no BM25 term matches has no candidates
+                    ids, scores = ids[:pool], scores[:pool]
+                    pos_scores = positive_scores(scorers[name], qid, queries[qid], pos, ids, scores, rows) \
+                        if margins else []
+                    neg[name] = select_negatives(ids, scores, pos, pos_scores, int(task.depth), lo, hi,
+                                                 task.absolute_margin, task.relative_margin, skipped[name])
+                    counts[name] += len(neg[name])
+                    short[name] += len(neg[name]) < task.depth
+                f.write(json.dumps({"qid": qid, "pos": pos, "neg": neg}) + "\n")
+        if path.exists() and path.read_bytes() == tmp.read_bytes():
+            tmp.unlink()  # unchanged: keep the file (and the teacher scores made for it) as they are
+        else:
+            tmp.replace(path)
+        return counts, skipped, short
+
     path = out / "hard-negatives.jsonl.gz"
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, \
-            io.TextIOWrapper(gz, encoding="utf-8") as f:  # mtime 0: the same negatives give the same bytes
-        for qid, judged in qrels["train"].items():
-            pos = [p for p, grade in judged.items() if grade >= 1]
-            if not pos:
-                continue
-            neg = {}
-            for name in names:
-                ids, scores = runs[name].get(qid, ([], []))  # a query no BM25 term matches has no candidates
-                ids, scores = ids[:pool], scores[:pool]
-                pos_scores = positive_scores(scorers[name], qid, queries[qid], pos, ids, scores, rows) if margins else []
-                neg[name] = select_negatives(ids, scores, pos, pos_scores, int(task.depth), lo, hi,
-                                             task.absolute_margin, task.relative_margin, skipped[name])
-                counts[name] += len(neg[name])
-                short[name] += len(neg[name]) < task.depth
-            f.write(json.dumps({"qid": qid, "pos": pos, "neg": neg}) + "\n")
-    if path.exists() and path.read_bytes() == tmp.read_bytes():
-        tmp.unlink()  # unchanged: keep the file (and the teacher scores made for it) as they are
-    else:
-        tmp.replace(path)
+    counts, skipped, short = write_negatives(path, qrels["train"])
+    val_counts, _, _ = write_negatives(out / VAL_NEGATIVES, qrels["val"])
     seconds["select"] = round(time.time() - clock, 1)
 
     manifest = {
@@ -230,7 +241,7 @@ def main(cfg: DictConfig) -> dict:
         "selection": {"depth": int(task.depth), "range": [lo, hi], "relative_margin": task.relative_margin,
                       "absolute_margin": task.absolute_margin, "candidates_per_query": depth},
         "negatives": dict(counts), "skipped": {n: dict(c) for n, c in skipped.items()},
-        "queries_short_of_depth": dict(short), "seconds": seconds,
+        "queries_short_of_depth": dict(short), "val_negatives": dict(val_counts), "seconds": seconds,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -39,6 +39,10 @@ def read_metrics(run: Path) -> dict:
         metrics = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e}); delete it or rerun the run") from e
+    if not isinstance(metrics.get("after"), dict) and isinstance(metrics.get("refit"), dict):
+        raise ConfigError(f"{path}: a task.refit=true run, whose final model has no held-out val number (\"selection\" "
+                          "holds the val-chosen run's); compare refit runs on a test split (task=evaluate), or leave "
+                          "this run out of task.runs")
     if not isinstance(metrics.get("after"), dict):
         raise ConfigError(f"{path}: has no \"after\" metrics; was it written by task=train?")
     return metrics

@@ -1,4 +1,9 @@
-"""task=train: validate, fit, validate the best checkpoint, export `final_model/`, write `metrics.json`."""
+"""task=train: validate, fit, validate the best checkpoint, export `final_model/`, write `metrics.json`.
+
+With task.refit (a BEIR folder): after that run, a fresh model trains on the training plus the val queries for the
+epochs val chose, without validation, and is exported instead; metrics.json keeps the run's numbers under
+"selection" and says the exported model has no held-out val number.
+"""
 from __future__ import annotations
 
 import json
@@ -39,6 +44,7 @@ def main(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     print(f"Run folder: {run_dir}")
     source = build_source(cfg.data)
+    refit_source = source.for_refit() if cfg.task.get("refit") else None  # refused now (MS MARCO), not after fit
     source.check(needs_teacher=get_class(cfg.loss._target_).needs_teacher)
     if not (store_path(cfg.paths.cache_dir, source, cfg.negatives) / "manifest.json").exists():
         source.fetch_store_files()  # the raw files are needed only to build the store: missing ones fail now
@@ -76,7 +82,8 @@ def main(cfg: DictConfig) -> dict:
               f"each query is scored against {batch_info['negatives_per_query']} negatives")
 
     try:
-        metrics = fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, run_dir)
+        metrics = fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, run_dir,
+                                 refit_source=refit_source)
     except BaseException:
         finish_wandb(trainer, exit_code=1)  # marked failed, its files flushed, whatever went wrong
         raise
@@ -94,7 +101,7 @@ def build_loss(loss_cfg: DictConfig, model):
     return instantiate(loss_cfg, scale=scale)
 
 
-def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, run_dir) -> dict:
+def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, run_dir, refit_source=None) -> dict:
     from marco_lightning.checkpointing import resolve_ckpt_path  # Lightning: see main
 
     # what is reported and written carries the data's own ids (a BEIR store keys queries and passages by row), and
@@ -122,25 +129,85 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
             print(f"WARNING: training made the model worse on {key}: {metrics['before'][key]:.4f} before, "
                   f"{metrics['after'][key]:.4f} after. Try a lower optimizer.lr, fewer steps, or a loss on the "
                   "model's own similarity (README \"Results\").")
+    exported, source = module, datamodule.source  # what final_model/ is, and the data it trained on
+    if refit_source is not None:  # every rank: the refit is one more fit
+        best_checkpoint = os.path.relpath(checkpoint.best_model_path, run_dir) if checkpoint.best_model_path else None
+        # the run's epochs up to its best checkpoint (validation at epoch ends: config.check_training_config)
+        epochs = checkpoint_epoch(checkpoint.best_model_path) + 1 if best_checkpoint else trainer.current_epoch
+        metrics = {"selection": {**{k: metrics[k] for k in ("before", "after", "improved") if k in metrics},
+                                 "best_checkpoint": best_checkpoint, "epochs": epochs,
+                                 "steps": best_step if best_step is not None else trainer.global_step}}
+        exported, refit_trainer, metrics["refit"] = refit(cfg, refit_source, epochs, run_dir)
+        source, steps = refit_source, refit_trainer.global_step
+    else:
+        steps = trainer.global_step
     if trainer.is_global_zero:
         write_run(named(module.last_val_run), run_dir / "val_run.trec", tag=f"marco-lightning-{run_dir.name}")
-        source = datamodule.source
         metrics.update(source.run_record())
         if datamodule.refresh:
             metrics["refresh"] = {"every_n_epochs": datamodule.refresh.every_n_epochs,
                                   "history": datamodule.refreshed["history"]}
-        metrics["best_checkpoint"] = os.path.relpath(checkpoint.best_model_path, run_dir) \
-            if checkpoint.best_model_path else None
+        if refit_source is None:
+            metrics["best_checkpoint"] = os.path.relpath(checkpoint.best_model_path, run_dir) \
+                if checkpoint.best_model_path else None
         if source.val_teacher_run:
             metrics["teacher"] = compute_metrics(judged, read_run(source.val_teacher_run),
                                                  rel_level=source.val_rel_level, measures=module.val_measures)
-        export(cfg, source, module.model, module.loss, metrics, trainer.global_step, run_dir / "final_model")
+        export(cfg, source, exported.model, exported.loss, metrics, steps, run_dir / "final_model")
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        print(format_table({k: metrics[k] for k in ("before", "after", "teacher") if k in metrics}))
+        shown = metrics.get("selection", metrics)
+        print(format_table({k: shown[k] for k in ("before", "after", "teacher") if k in shown}))
+        if refit_source is not None:
+            print(f"final_model/ is the refit: {metrics['refit']['epochs']} epoch(s) on the training + val queries "
+                  "(the table is the selection run's; the refit has no held-out val number)")
         print_run_summary(cfg, run_dir)
         if cfg.task.get("push_to_hub"):  # last: a failed upload loses none of the run's files
             push_to_hub(cfg.task.push_to_hub, run_dir / "final_model")
     return metrics
+
+
+def refit(cfg, source, epochs: int, run_dir: Path):
+    """task.refit: a fresh model from the same start (seed, model config) trained on `source` (the training plus
+    the val queries, a store of its own) for `epochs`, on the selection run's LR schedule (warmup and decay over
+    trainer.max_epochs of this data) stopped there; no validation (its queries are training data now), no
+    checkpoints. Returns (its module, its trainer, what metrics.json records of it)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger
+
+    from marco_lightning.checkpointing import AtomicCheckpointIO  # (Lightning)
+    from marco_lightning.module import RetrieverModule  # (Lightning)
+
+    out = run_dir / "refit"
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the selection run's start: the same weights
+    model = instantiate(cfg.model)
+    loss = build_loss(cfg.loss, model)
+    datamodule = instantiate(cfg.datamodule, _partial_=True)(
+        source=source, negatives=cfg.negatives, collator=model.collator(), with_teacher=loss.needs_teacher,
+        pin_memory=cfg.trainer.accelerator in ("gpu", "cuda"))
+    grad_cache = cfg.get("mini_batch_size")
+    module = RetrieverModule(model, loss, instantiate(cfg.optimizer), cfg.scheduler.warmup_steps,
+                             mini_batch_size=grad_cache, config=OmegaConf.to_container(cfg, resolve=True),
+                             gradient_clip_val=cfg.trainer.gradient_clip_val if grad_cache else None,
+                             schedule_epochs=int(cfg.trainer.max_epochs))
+    # the callbacks that need no validation (progress bar, LR monitor): checkpoints and early stopping watch val
+    callbacks = [c for c in build_callbacks(cfg)
+                 if not isinstance(c, (pl.callbacks.ModelCheckpoint, pl.callbacks.EarlyStopping))]
+    trainer = instantiate(cfg.trainer, default_root_dir=str(out), max_epochs=epochs, max_steps=-1,
+                          logger=CSVLogger(save_dir=str(out), name="", version=""), limit_val_batches=0,
+                          num_sanity_val_steps=0, enable_checkpointing=False, callbacks=callbacks,
+                          gradient_clip_val=None if grad_cache else cfg.trainer.gradient_clip_val,
+                          plugins=[AtomicCheckpointIO()])
+    if trainer.is_global_zero:
+        print(f"Refit: a fresh model on the training + val queries for {epochs} epoch(s) (the epochs val chose), "
+              f"logs in {out}")
+    trainer.fit(module, datamodule=datamodule)
+    store = datamodule.store
+    return module, trainer, {
+        "epochs": epochs, "steps": trainer.global_step, "schedule_epochs": int(cfg.trainer.max_epochs),
+        "train_queries": store.manifest["num_train_queries"], "store": str(store.path), "val": None,
+        "note": "final_model/ is this refit: trained on the training and the val queries, so it has no held-out "
+                "val number; 'selection' is the run that chose its epochs by val (its numbers are that run's "
+                "model's). Measure final_model/ on the test split (task=evaluate)."}
 
 
 def export(cfg, source, model, loss, metrics: dict, steps: int, path) -> None:
@@ -188,3 +255,8 @@ def starting_model(cfg: DictConfig, model):
 
 def checkpoint_step(path: str) -> int | None:
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"] if path else None
+
+
+def checkpoint_epoch(path: str) -> int:
+    """The epoch (from 0) a checkpoint was saved in."""
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"])
