@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export HYDRA_FULL_ERROR ?= 0
 
-.PHONY: install lock train test test-all bench bench-data bench-scifact lint clean sample-data
+.PHONY: install lock train test test-all bench bench-data bench-scifact bench-recipes lint clean sample-data
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ bench-data: install
 
 bench-scifact: install  # SciFact from task=mine to test metrics, project vs sentence-transformers (about an hour)
 	$(BIN)/python -m benchmarks.run_all --only scifact
+
+bench-recipes: install  # own-collection recipes and their levers vs sentence-transformers' paths (hours on 2 cores)
+	$(BIN)/python scripts/classic_to_beir.py --out cache/classic --only cranfield,cisi
+	$(BIN)/python -m benchmarks.recipes --folders cache/classic/cranfield,cache/classic/cisi
 
 lint: install
 	$(BIN)/ruff check marco_lightning tests run.py scripts benchmarks

@@ -20,8 +20,12 @@ from benchmarks.scifact import cli, st_fine_tune, st_test_metrics
 # project variants: name -> (mined-dir variant, training overrides). Mining variants: name -> task=mine overrides.
 MINING = {"default": [], "own_rel05": ["task.systems=[model]", "task.relative_margin=0.05"]}
 VARIANTS = {
-    "beir_mnrl": ("default", ["experiment=beir_mnrl"]),
-    "in_batch": ("default", ["experiment=beir_mnrl", "loss.num_hard_negatives=0"]),
+    "beir_mnrl": ("default", ["experiment=beir_mnrl"]),  # the shipped recipe: BM25 + dense top-5s, one row a query
+    "in_batch": ("default", ["experiment=beir_mnrl", "loss.num_hard_negatives=0"]),  # no hard negatives
+    "rows_positive": ("default", ["experiment=beir_mnrl", "train_rows=positive"]),  # sentence-transformers' unit
+    "guard": ("default", ["experiment=beir_mnrl", "train_rows=positive", "loss.guard_margin=0.0"]),  # GIST's rule
+    "own_rel05": ("own_rel05", ["experiment=beir_mnrl", "train_rows=positive"]),  # the model's own, NV-Retriever
+    "refresh": ("default", ["experiment=beir_mnrl", "train_rows=positive", "negatives.refresh.every_n_epochs=1"]),
 }
 
 

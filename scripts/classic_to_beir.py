@@ -121,6 +121,8 @@ def main():
     parser.add_argument("--only", default=",".join(COLLECTIONS))
     parser.add_argument("--train-share", type=float, default=0.5)
     args = parser.parse_args()
+    if not SHARED.is_dir():
+        parser.exit(2, f"needs the classic collections at {SHARED} (the workplace's shared data)\n")
     for name in args.only.split(","):
         print(name, write(name, args.out, args.train_share))
 

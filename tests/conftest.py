@@ -50,3 +50,27 @@ def run_cli(args, cwd=ROOT, timeout=600, env=None):
     """`python run.py args...` in a subprocess, as a user would type it."""
     return subprocess.run([sys.executable, "run.py", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})})
+
+
+def killed_and_resumed(args, tmp_path, kill_after_step: int, timeout: int = 600):
+    """`python run.py args` three times, as a user would: unbroken; killed (SIGKILL) once last.ckpt is past
+    `kill_after_step`; resumed from the killed run's folder. -> (unbroken, killed, resumed) run folders."""
+    import signal
+    import time
+
+    import torch
+
+    unbroken, killed, resumed = tmp_path / "unbroken", tmp_path / "killed", tmp_path / "resumed"
+    assert run_cli([*args, f"hydra.run.dir={unbroken}"], timeout=timeout).returncode == 0
+    proc = subprocess.Popen([sys.executable, "run.py", *args, f"hydra.run.dir={killed}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    last, deadline = killed / "checkpoints" / "last.ckpt", time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists() and torch.load(last, map_location="cpu", weights_only=False)["global_step"] >= kill_after_step:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    result = run_cli([*args, f"ckpt_path={killed}", f"hydra.run.dir={resumed}"], timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return unbroken, killed, resumed

@@ -41,7 +41,8 @@ def _texts(path, keep=None):
 
 
 def st_rerank_metrics(model_dir, top_k=TOP_K):
-    """Re-rank the sample's DL19 BM25 top-k with sentence-transformers; measure with ir-measures."""
+    """Re-rank the sample's DL19 BM25 top-k with sentence-transformers' encode_query / encode_document (its encode,
+    with the model's prompts where it declares some); measure with ir-measures."""
     run = {}
     for r in ir_measures.read_trec_run(str(SAMPLE / "run.dev.bm25.trec")):
         run.setdefault(r.query_id, []).append((r.score, r.doc_id))
@@ -54,8 +55,8 @@ def st_rerank_metrics(model_dir, top_k=TOP_K):
     scored = []
     for q, docs in cands.items():
         with torch.no_grad():
-            sims = st.similarity(st.encode([queries[q]], convert_to_tensor=True),
-                                 st.encode([passages[d] for d in docs], convert_to_tensor=True))[0]
+            sims = st.similarity(st.encode_query([queries[q]], convert_to_tensor=True),
+                                 st.encode_document([passages[d] for d in docs], convert_to_tensor=True))[0]
         scored += [ir_measures.ScoredDoc(q, d, float(s)) for d, s in zip(docs, sims)]
     ref = ir_measures.calc_aggregate([nDCG @ 10, RR(rel=2) @ 10], qrels, scored)
     return {"ndcg@10": ref[nDCG @ 10], "mrr@10": ref[RR(rel=2) @ 10]}

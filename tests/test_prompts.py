@@ -5,14 +5,13 @@ validation, inference, retrieval and mining, teacher scoring; the exported folde
 the collection-embedding cache is keyed by the document prompt. Tiny random models built here."""
 import json
 
-import ir_measures
 import numpy as np
 import pytest
 import torch
 from conftest import FAST, ROOT, compose
-from ir_measures import RR, nDCG
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+from test_fidelity import st_rerank_metrics
 from transformers import AutoConfig, AutoModel
 
 from marco_lightning import inference
@@ -175,30 +174,6 @@ def test_export_declares_the_prompts_trained(texts, tmp_path):
     assert again.prompts == model.prompts == {"query": "query: ", "document": "passage: "}
 
 
-def _rerank_reference(model_dir, top_k=10):
-    """Re-rank the sample's BM25 top-k with sentence-transformers' encode_query / encode_document."""
-    run = {}
-    for r in ir_measures.read_trec_run(str(SAMPLE / "run.dev.bm25.trec")):
-        run.setdefault(r.query_id, []).append((r.score, r.doc_id))
-    qrels = list(ir_measures.read_trec_qrels(str(SAMPLE / "qrels.dev.trec")))
-    judged = {q.query_id for q in qrels}
-    cands = {q: [d for _, d in sorted(docs, reverse=True)[:top_k]] for q, docs in run.items() if q in judged}
-
-    def read(path, keep):
-        with open(path, encoding="utf-8") as f:
-            return {i: t for i, t in (line.rstrip("\n").split("\t", 1) for line in f) if i in keep}
-
-    queries = read(SAMPLE / "queries.dev.tsv", judged)
-    passages = read(SAMPLE / "collection.tsv", {d for ds in cands.values() for d in ds})
-    st = SentenceTransformer(str(model_dir), device="cpu")
-    scored = []
-    for q, docs in cands.items():
-        sims = st.similarity(st.encode_query([queries[q]]), st.encode_document([passages[d] for d in docs]))[0]
-        scored += [ir_measures.ScoredDoc(q, d, float(s)) for d, s in zip(docs, sims)]
-    ref = ir_measures.calc_aggregate([nDCG @ 10, RR(rel=2) @ 10], qrels, scored)
-    return {"ndcg@10": ref[nDCG @ 10], "mrr@10": ref[RR(rel=2) @ 10]}
-
-
 def test_training_validates_and_exports_with_the_prompts(tmp_path):
     """task=train from a folder declaring e5's prompts, the document prompt overridden: "before" is the folder as
     sentence-transformers' encode_query / encode_document measure it, "after" the exported final_model/, which
@@ -212,7 +187,7 @@ def test_training_validates_and_exports_with_the_prompts(tmp_path):
                    "loss=margin_mse", "logger=none", "data.val_top_k=10", "trainer.max_steps=2"], out)
     metrics = train(cfg)
     for when, model_dir in (("before", folder), ("after", out / "final_model")):
-        for name, value in _rerank_reference(model_dir).items():
+        for name, value in st_rerank_metrics(model_dir).items():
             assert metrics[when][name] == pytest.approx(value, abs=1e-4), (when, name)
     config = json.loads((out / "final_model" / "config_sentence_transformers.json").read_text())
     assert config["prompts"]["query"] == "query: " and config["prompts"]["document"] == "document: "

@@ -2,17 +2,12 @@
 rule, the datamodule's state carries them across a resume, and a killed run resumed past a refresh ends as an
 unbroken one."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import ir_measures
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, ROOT, compose, run_cli
+from conftest import FAST, compose, killed_and_resumed, run_cli
 from hydra.utils import instantiate
 from test_beir import _mine, make_folder
 
@@ -153,25 +148,10 @@ def test_resume_after_a_kill_past_a_refresh_ends_like_an_unbroken_run(tmp_path):
     args = [*FAST, *MNRL, "logger=none", "data.val_top_k=10", "trainer.max_epochs=3", "batch_size=4",
             "negatives.refresh.every_n_epochs=1", "callbacks.resume_checkpoint.every_n_train_steps=1",
             "trainer.check_val_every_n_epoch=3"]
-    unbroken = tmp_path / "unbroken"
-    assert run_cli([*args, f"hydra.run.dir={unbroken}"], timeout=600).returncode == 0
-
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "run.py", *args, f"hydra.run.dir={killed}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
-    last, deadline = killed / "checkpoints" / "last.ckpt", time.time() + 400
-    while time.time() < deadline and proc.poll() is None:  # kill it mid-epoch 1, after its refresh
-        if last.exists() and torch.load(last, map_location="cpu", weights_only=False)["global_step"] >= 17:
-            break
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    # kill it mid-epoch 1 (epochs of 14 steps), after its refresh
+    unbroken, killed, resumed = killed_and_resumed(args, tmp_path, kill_after_step=17)
+    killed_at = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
     assert 14 < killed_at < 28, "the kill should land mid-epoch 1"
-
-    resumed = tmp_path / "resumed"
-    result = run_cli([*args, f"ckpt_path={killed}", f"hydra.run.dir={resumed}"], timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
     a = torch.load(unbroken / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     b = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert a["global_step"] == b["global_step"] == 3 * 14

@@ -1,14 +1,9 @@
 """Scale-out behaviours, each as a user would run them (subprocesses; slow): DDP on 2 CPU processes, resume."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from conftest import FAST, ROOT, run_cli
+from conftest import FAST, killed_and_resumed, run_cli
 
 SMALL = [*FAST, "logger=none", "data.val_top_k=10"]
 
@@ -37,25 +32,10 @@ def test_ddp_two_cpu_processes_train_and_report_the_global_batch(tmp_path):
 def test_resume_after_a_kill_mid_epoch_ends_like_an_unbroken_run(tmp_path):
     args = [*SMALL, "trainer.max_epochs=3", "batch_size=4", "callbacks.resume_checkpoint.every_n_train_steps=1",
             "trainer.check_val_every_n_epoch=3"]
-    unbroken = tmp_path / "unbroken"
-    assert run_cli([*args, f"hydra.run.dir={unbroken}"], timeout=600).returncode == 0
-
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "run.py", *args, f"hydra.run.dir={killed}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
-    last, deadline = killed / "checkpoints" / "last.ckpt", time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # kill it mid-epoch 1 (epochs of 14 steps)
-        if last.exists() and torch.load(last, map_location="cpu", weights_only=False)["global_step"] >= 17:
-            break
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # kill it mid-epoch 1 (epochs of 14 steps)
+    unbroken, killed, resumed = killed_and_resumed(args, tmp_path, kill_after_step=17)
     killed_at, _ = final_state(killed)
     assert 14 < killed_at < 28, "the kill should land mid-epoch 1"
-
-    resumed = tmp_path / "resumed"
-    result = run_cli([*args, f"ckpt_path={killed}", f"hydra.run.dir={resumed}"], timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
     step_a, weights_a = final_state(unbroken)
     step_b, weights_b = final_state(resumed)
     assert step_a == step_b == 3 * 14
