@@ -76,6 +76,10 @@ def check_training_config(cfg: DictConfig) -> None:
         if loss_cls.needs_teacher:
             raise ConfigError(f"negatives.refresh.every_n_epochs gives negatives no teacher has scored, but "
                               f"loss={loss_choice} distils teacher scores: set it to null or use loss=mnrl")
+        if cfg.task.get("refit"):
+            raise ConfigError("task.refit retrains on train + val without the refreshes the run made (the refit's "
+                              "negatives would be the mined ones): set negatives.refresh.every_n_epochs=null or "
+                              "task.refit=false")
     _check_arguments(cfg, "model")
     _check_arguments(cfg, "loss")
     if cfg.get("mini_batch_size"):

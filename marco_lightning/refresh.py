@@ -26,6 +26,7 @@ from marco_lightning.data.store import TRAIN_ARRAYS, TrainLists
 from marco_lightning.evaluation import compute_metrics
 from marco_lightning.inference import encode
 from marco_lightning.mining import candidate_depth, select_negatives
+from marco_lightning.retrieval import index_from_embeddings, search
 
 CHUNK = 4096  # passages encoded and written at a time: memory stays flat in the collection's size
 QUERY_CHUNK = 16384  # training queries encoded and searched at a time
@@ -66,19 +67,10 @@ def encode_passages(model, store, path, rank: int = 0, world: int = 1, batch_siz
     return emb
 
 
-def mine(model, store, emb: np.ndarray, settings: RefreshSettings) -> tuple[dict, dict]:
-    """New negatives of every training query from the model's ranking of the whole store -> (TrainLists arrays,
-    counts). Positives stay as they are; the negatives' teacher scores are NaN (none was computed for them)."""
-    import faiss
-
-    index = faiss.index_factory(emb.shape[1], settings.index_factory, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:  # IVF / PQ: train on a sample (faiss: 30-256 vectors per list)
-        sample = np.sort(np.random.default_rng(0).permutation(len(emb))[:256 * 1024])
-        index.train(np.ascontiguousarray(emb[sample]))
-    for start in range(0, len(emb), 8 * CHUNK):
-        index.add(np.ascontiguousarray(emb[start:start + 8 * CHUNK]))
-    if "IVF" in settings.index_factory:
-        faiss.extract_index_ivf(index).nprobe = settings.nprobe
+def mine(model, store, emb: np.ndarray, index, settings: RefreshSettings, current) -> tuple[dict, dict]:
+    """New negatives of every training query from the model's ranking of the whole store (`index` over `emb`) ->
+    (TrainLists arrays, counts). Positives stay; a query the rule leaves nothing keeps its `current` negatives
+    (the lists in use), and "changed" counts against them. The new negatives' teacher scores are NaN."""
     lists, ids = store.train, store.passages.ids
     positives = [np.asarray(lists.positives(i)[0]) for i in range(len(lists))]
     margins = settings.relative_margin is not None or settings.absolute_margin is not None
@@ -97,7 +89,7 @@ def mine(model, store, emb: np.ndarray, settings: RefreshSettings) -> tuple[dict
             negs = select_negatives(ids[rrow[keep]].tolist(), srow[keep].tolist(), pos.tolist(), pos_scores,
                                     settings.depth, settings.range_min, settings.range_max, settings.absolute_margin,
                                     settings.relative_margin, skipped)
-            old = np.asarray(lists.negatives(i)[0]).tolist()
+            old = np.asarray(current.negatives(i)[0]).tolist()
             if not negs:  # the rule left nothing in the candidates: the query keeps the lists it had
                 negs = old
             changed += len(set(negs) - set(old))
@@ -111,25 +103,18 @@ def mine(model, store, emb: np.ndarray, settings: RefreshSettings) -> tuple[dict
                     "candidates_per_query": int(k)}
 
 
-def val_ndcg(model, store, emb: np.ndarray, qrels: dict, rel_level: int, batch_size: int) -> float | None:
+def val_ndcg(model, store, index, qrels: dict, rel_level: int, batch_size: int) -> float | None:
     """nDCG@10 of the model's own dense ranking of the whole store for the validation queries (store ids)."""
-    import faiss
-
     qids = [q for q in qrels if int(q) in store.queries]
     if not qids:
         return None
-    index = faiss.IndexFlatIP(emb.shape[1])
-    for start in range(0, len(emb), 8 * CHUNK):
-        index.add(np.ascontiguousarray(emb[start:start + 8 * CHUNK]))
     vectors = encode(model, [store.queries.text(int(q)) for q in qids], batch_size, role="query")
-    scores, rows = index.search(vectors, min(10, len(emb)))
-    run = {q: {str(store.passages.ids[r]): float(s) for s, r in zip(srow, rrow) if r >= 0}
-           for q, srow, rrow in zip(qids, scores, rows)}
+    run = search(index, store.passages.ids, qids, vectors, 10)
     return compute_metrics({q: qrels[q] for q in qids}, run, rel_level, ("ndcg@10",))["ndcg@10"]
 
 
 def refresh(model, store, out_dir, settings: RefreshSettings, epoch: int, val_qrels=None, val_rel_level: int = 1,
-            strategy=None) -> dict:
+            strategy=None, current=None) -> dict:
     """Write the refreshed lists of `epoch` into out_dir (epoch-<E>/, complete when its stats.json is there) and
     return its stats; under DDP (`strategy`) every rank calls it, each encodes its share, rank 0 mines."""
     rank, world = (strategy.global_rank, strategy.world_size) if strategy is not None else (0, 1)
@@ -149,13 +134,14 @@ def refresh(model, store, out_dir, settings: RefreshSettings, epoch: int, val_qr
             barrier("refresh: encoded")
             stats = {}
             if rank == 0:
-                arrays, stats = mine(model, store, emb, settings)
+                index = index_from_embeddings(emb, settings.index_factory, settings.nprobe)
+                arrays, stats = mine(model, store, emb, index, settings, current if current is not None else store.train)
                 for name in TRAIN_ARRAYS:
                     np.save(work / f"train.{name}.npy", arrays[name])
                 if val_qrels:
-                    stats["val_ndcg@10"] = val_ndcg(model, store, emb, val_qrels, val_rel_level, settings.batch_size)
+                    stats["val_ndcg@10"] = val_ndcg(model, store, index, val_qrels, val_rel_level, settings.batch_size)
                 stats.update(epoch=epoch, seconds=round(time.time() - start, 1), encoded_by_ranks=world)
-                del emb
+                del emb, index
                 (work / "embeddings.npy").unlink()  # the lists are what is kept; the matrix is as big as the store
                 (work / "stats.json").write_text(json.dumps(stats, indent=2))  # last: the folder is complete
                 shutil.rmtree(folder, ignore_errors=True)

@@ -120,16 +120,37 @@ def build_index(model, collection, index_dir: Path, index_factory: str = "Flat",
     ids, emb = encode_collection(model, collection, index_dir, batch_size, precision)
     stamp = json.dumps({"factory": index_factory, "meta": (index_dir / "meta.json").read_text()})
     if (index_dir / "index.json").exists() and (index_dir / "index.json").read_text() == stamp:
-        return faiss.read_index(str(index_dir / "index.faiss")), ids
-    index = faiss.index_factory(emb.shape[1], index_factory, faiss.METRIC_INNER_PRODUCT)
+        return with_nprobe(faiss.read_index(str(index_dir / "index.faiss"))), ids
+    index = index_from_embeddings(emb, index_factory)
+    faiss.write_index(index, str(index_dir / "index.faiss"))
+    (index_dir / "index.json").write_text(stamp)  # written last: its presence means complete
+    return index, ids
+
+
+NPROBE = 64  # lists an IVF index searches (faiss' default, 1, misses most neighbours)
+
+
+def index_from_embeddings(emb: np.ndarray, factory: str = "Flat", nprobe: int = NPROBE):
+    """A faiss inner-product index (faiss.index_factory string) over a (memory-mapped) matrix, added in slices."""
+    import faiss
+
+    index = faiss.index_factory(emb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:  # IVF/PQ: train on a sample (faiss recommends ~100-1000 vectors per list)
         sample = np.random.default_rng(0).permutation(len(emb))[:256 * 1024]
         index.train(np.ascontiguousarray(emb[np.sort(sample)]))
     for i in range(0, len(emb), CHUNK * 8):
         index.add(np.ascontiguousarray(emb[i:i + CHUNK * 8]))
-    faiss.write_index(index, str(index_dir / "index.faiss"))
-    (index_dir / "index.json").write_text(stamp)  # written last: its presence means complete
-    return index, ids
+    return with_nprobe(index, nprobe)
+
+
+def with_nprobe(index, nprobe: int = NPROBE):
+    import faiss
+
+    try:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    except RuntimeError:  # not an IVF index
+        pass
+    return index
 
 
 def search(index, ids: np.ndarray, qids: list[str], vectors: np.ndarray, top_k: int) -> dict[str, dict[str, float]]:

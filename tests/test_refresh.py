@@ -120,6 +120,7 @@ def test_the_datamodule_samples_the_refreshed_lists_and_a_resume_gets_the_same(s
     (["negatives.refresh.every_n_epochs=1"], "distils teacher scores"),  # the default MarginMSE
     (["model=tiny_ce", "loss=ce_bce", "negatives.refresh.every_n_epochs=1"], "cross-encoder"),
     ([*MNRL, "negatives.refresh.every_n_epochs=0"], "positive number of epochs"),
+    ([*MNRL, "negatives.refresh.every_n_epochs=1", "task.refit=true"], "task.refit retrains on train \\+ val"),
 ])
 def test_refresh_is_refused_where_it_cannot_work(overrides, message):
     with pytest.raises(ConfigError, match=message):

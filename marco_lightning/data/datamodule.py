@@ -18,7 +18,7 @@ from marco_lightning.data.sampling import (
     worker_init,
 )
 from marco_lightning.data.store import Store, prepare
-from marco_lightning.errors import ConfigError
+from marco_lightning.errors import ConfigError, MissingFileError
 from marco_lightning.refresh import RefreshSettings
 from marco_lightning.refresh import load as refresh_lists
 from marco_lightning.refresh import refresh as refresh_negatives
@@ -116,7 +116,11 @@ class MarcoDataModule(pl.LightningDataModule):
         if self.refresh and state.get("refreshed") and fitting:
             self.refreshed = state["refreshed"]
             if self.refreshed["dir"] and self.store is not None:
-                self.train_set.lists = refresh_lists(Path(self.refreshed["dir"]))
+                lists = refresh_lists(Path(self.refreshed["dir"]))
+                if lists is None:
+                    raise MissingFileError(f"the checkpoint trains on the refreshed negatives in {self.refreshed['dir']}, "
+                                           "which is gone or incomplete: resume from the run folder that made them")
+                self.train_set.lists = lists
 
     def negatives_for_epoch(self, epoch: int, model) -> dict | None:
         """Point the training set at the lists `epoch` samples from (negatives.refresh), refreshing them with
@@ -129,7 +133,7 @@ class MarcoDataModule(pl.LightningDataModule):
         strategy = self.trainer.strategy if self.trainer is not None and self.trainer.world_size > 1 else None
         val_qrels = self.source.validation_set()[0]
         stats = refresh_negatives(model, self.store, self.refresh_dir, self.refresh, due, val_qrels,
-                                  self.source.val_rel_level, strategy)
+                                  self.source.val_rel_level, strategy, current=self.train_set.lists)
         folder = self.refresh_dir / f"epoch-{due}"
         self.train_set.lists = refresh_lists(folder)
         self.refreshed = {"epoch": due, "dir": str(folder), "history": [*self.refreshed["history"], stats]}

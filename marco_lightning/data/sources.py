@@ -263,7 +263,7 @@ class BeirSource(Source):
         return self._rows
 
     def __getstate__(self):  # DataLoader workers and spawned ranks get the settings, not the folder's dicts
-        return {**self.__dict__, "_folder": None, "_rows": None}
+        return {**self.__dict__, "_folder": None, "_rows": None, "_validation": None}
 
     def for_refit(self) -> BeirSource:
         """The training queries plus the val split's (held out of qrels/train.tsv, or qrels/dev.tsv), with the val

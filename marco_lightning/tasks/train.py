@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> dict:
     from marco_lightning.module import RetrieverModule  # (Lightning)
 
     callbacks = build_callbacks(cfg)  # one per callbacks.* node (conf/callbacks/default.yaml), before any data loads
-    if cfg.negatives.refresh.every_n_epochs:  # the model re-mines its negatives (data/datamodule, refresh.py)
+    if (cfg.negatives.get("refresh") or {}).get("every_n_epochs"):  # the model re-mines its negatives (refresh.py)
         callbacks.append(RefreshNegatives())
     # final_model/ and metrics["after"] come from the checkpoint that follows ${monitor}
     checkpoint = next((c for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint)
