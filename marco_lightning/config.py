@@ -130,9 +130,15 @@ def check_files(cfg: DictConfig, keys) -> None:
     for key in keys:
         value = OmegaConf.select(cfg, key)
         for path in value if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else [value]:
-            if path is not None and not Path(path).exists():
-                raise ConfigError(f"{key}: file not found: {path}\n  Fix the path (override {key}=...) or set "
-                                  f"data.root=DIR to the folder holding the files.")
+            if path is not None:
+                require_file(key, path)
+
+
+def require_file(key: str, path) -> None:
+    """A file the config key names must exist: say which key and how to fix it."""
+    if not Path(path).exists():
+        raise ConfigError(f"{key}: file not found: {path}\n  Fix the path (override {key}=...) or set "
+                          f"data.root=DIR to the folder holding the files.")
 
 
 def _choice(cfg: DictConfig, group: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from marco_lightning.config import ConfigError, check_files
+from marco_lightning.config import ConfigError, check_files, require_file
 from marco_lightning.data.sources import build_source
 from marco_lightning.data.texts import read_texts
 from marco_lightning.data.trec import read_qrels, read_run, unranked, write_run
@@ -34,12 +34,11 @@ def main(cfg: DictConfig) -> dict:
     if task.mode != "retrieve" and not run_path:
         raise ConfigError(f"task.mode={task.mode} needs task.run=PATH (a TREC run file)")
     if task.mode != "retrieve" and not Path(run_path).is_file():
-        raise ConfigError(f"task.run: file not found: {run_path}" + split.hint)
+        where = "task.run" if task.run else f"task.run (null: split {task.split or 'default'}'s run)"
+        raise ConfigError(f"{where}: file not found: {run_path}" + split.hint)
     check_files(cfg, ["task.qrels"] if task.qrels else [])
     for key, path in (("task.queries", queries), ("task.collection", collection)) if task.mode != "score" else ():
-        if not Path(path).exists():
-            raise ConfigError(f"{key}: file not found: {path}\n  Fix the path (override {key}=...) or set "
-                              "data.root=DIR to the folder holding the files.")
+        require_file(key, path)
     qrels = read_qrels(task.qrels) if task.qrels else split.qrels()
     if task.mode == "score":
         run = read_run(run_path)
