@@ -19,8 +19,8 @@ from pathlib import Path
 
 from benchmarks.common import ROOT, machine, setup
 
-DEFAULT = ("training", "evaluation", "hotpath", "profiles", "mining")
-ORDER = ("Training throughput", "Evaluation throughput", "Hot-path effects", "torch.compile", "Profiles",
+DEFAULT = ("training", "whole_run", "evaluation", "hotpath", "profiles", "mining")
+ORDER = ("Training throughput", "Whole run", "Evaluation throughput", "Hot-path effects", "torch.compile", "Profiles",
          "Mining", "SciFact: time to a trained model", "Data pipeline")
 PLACEHOLDER = {
     "Data pipeline": "## Data pipeline\n\nNot measured yet: `make bench-data` fills this section.\n",
@@ -33,12 +33,14 @@ PLACEHOLDER = {
 
 def suites(quick: bool, passages: int, batch_size: int) -> dict:
     """name -> () -> markdown. Quick: tiny sizes and one round, for the smoke test."""
-    from benchmarks import evaluation, hotpath, mining, profiles, scifact, training
+    from benchmarks import evaluation, hotpath, mining, profiles, scifact, training, whole_run
 
     once = {"min_rounds": 1, "max_rounds": 1, "budget_s": 0}
     if quick:
         return {
             "training": lambda log: training.markdown(training.run(batch_size=2, steps=1, log=log, **once)),
+            "whole_run": lambda log: whole_run.markdown(whole_run.run(long=4, short=3, rounds=1, profile="1-1",
+                                                                      log=log)),
             "evaluation": lambda log: evaluation.markdown(
                 evaluation.run(num_passages=8, num_pairs=8, batch_size=4, log=log, compile_=False, **once)),
             "hotpath": lambda log: hotpath.markdown(
@@ -51,6 +53,7 @@ def suites(quick: bool, passages: int, batch_size: int) -> dict:
         }
     return {
         "training": lambda log: training.markdown(training.run(batch_size=batch_size, budget_s=600, log=log)),
+        "whole_run": lambda log: whole_run.markdown(whole_run.run(log=log)),  # ~15 min: processes from the shell
         "evaluation": lambda log: evaluation.markdown(
             evaluation.run(num_passages=passages, num_pairs=passages, budget_s=600, min_rounds=3, log=log)),
         "hotpath": lambda log: hotpath.markdown(hotpath.run(batch_size=batch_size, budget_s=240, log=log)),
@@ -112,7 +115,7 @@ def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(DEFAULT),
-                        help="comma-separated suites: training, evaluation, hotpath, profiles, mining, "
+                        help="comma-separated suites: training, whole_run, evaluation, hotpath, profiles, mining, "
                              "compile, scifact")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke test")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")

@@ -5,7 +5,7 @@ from conftest import needs_shared
 
 from benchmarks.run_all import main, merge, sections
 
-SUITES = {"training": "Training throughput", "evaluation": "Evaluation throughput",
+SUITES = {"training": "Training throughput", "whole_run": "Whole run", "evaluation": "Evaluation throughput",
           "hotpath": "Hot-path effects", "profiles": "Profiles", "compile": "torch.compile", "mining": "Mining"}
 
 

@@ -253,3 +253,33 @@ def test_positive_rows_on_the_real_sample_batch_with_query_ids(tmp_path):
         assert len(ids) == len(dm.train_set) and set(ids.tolist()) == set(dm.store.train.qids.tolist())
         seen[group] = sorted(ids.tolist())
     assert seen[True] == seen[False]
+
+
+def test_workers_persist_across_epochs_and_serve_each_epochs_draws(tmp_path):
+    """DataLoader workers live for the whole fit (no fork per epoch): epoch 1 from the same workers is epoch 1's
+    draws, as the main process alone makes them; with negatives.refresh the workers must not outlive the lists."""
+    from conftest import compose
+    from hydra.utils import instantiate
+
+    from marco_lightning.data.sources import build_source
+
+    cfg = compose(["model=tiny", "batch_size=16"], tmp_path)
+    collator = instantiate(cfg.model).collator()
+
+    def epochs(workers, **extra):
+        dm = instantiate(cfg.datamodule, _partial_=True, num_workers=workers, **extra)(
+            source=build_source(cfg.data), negatives=cfg.negatives, collator=collator, with_teacher=True)
+        dm.prepare_data()
+        dm.setup()
+        loader, seen = dm.train_dataloader(), []
+        for epoch in (0, 1):
+            loader.sampler.set_epoch(epoch)  # what Lightning does before each epoch
+            seen.append([b["query"]["input_ids"].tolist() for b in loader])
+        return loader, seen
+
+    persistent, with_workers = epochs(2)
+    _, alone = epochs(0)
+    assert persistent.persistent_workers and persistent._iterator is not None  # kept for the next epoch
+    assert with_workers == alone and with_workers[0] != with_workers[1]
+    refreshing, _ = epochs(2, refresh={"every_n_epochs": 1}, refresh_dir=tmp_path / "refresh")
+    assert not refreshing.persistent_workers

@@ -106,7 +106,9 @@ class MarcoDataModule(pl.LightningDataModule):
         return loader_cls(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                           generator=torch.Generator().manual_seed(self.seed),
                           num_workers=self.num_workers, pin_memory=self.pin_memory, worker_init_fn=worker_init,
-                          persistent_workers=False)
+                          # workers live for the whole fit (no fork and warm-up each epoch), unless refreshing:
+                          # a refresh swaps the training lists, which workers forked earlier would never see
+                          persistent_workers=self.num_workers > 0 and self.refresh is None)
 
     def state_dict(self) -> dict:
         return {"refreshed": self.refreshed} if self.refresh else {}
