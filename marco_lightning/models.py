@@ -55,6 +55,13 @@ _ENCODING_FIELDS = {"input_ids": "ids", "token_type_ids": "type_ids", "attention
 ROLES = ("query", "document")  # what a bi-encoder embeds a text as: its prompt (sentence-transformers' encode_*)
 
 
+def _distinct(texts: list[str]) -> tuple[list[str], torch.Tensor]:
+    """(the distinct texts in first-seen order, each input's position among them)."""
+    first: dict[str, int] = {}
+    index = [first.setdefault(t, len(first)) for t in texts]
+    return list(first), torch.tensor(index, dtype=torch.int64)
+
+
 @dataclass
 class Collator:
     """Turns sampled texts into padded tensors (dynamic padding: to the longest in the batch).
@@ -142,10 +149,15 @@ class Collator:
         sentence-transformers' encode_query / encode_document."""
         return self.embedded(texts, role, self.max_doc_length)
 
-    def pairs(self, rows):
-        """rows: (qid, pid, query, passage) -> model inputs for scoring each pair."""
+    def pairs(self, rows, unique: bool = False):
+        """rows: (qid, pid, query, passage) -> model inputs for scoring each pair. unique (bi-encoders): each distinct
+        query and passage embedded once, the pairs pointing at them (query_index, doc_index): a validation run
+        repeats its queries (one per ~100 rows) and, on a small collection, its passages."""
         batch = {"qid": torch.tensor([r[0] for r in rows]), "pid": torch.tensor([r[1] for r in rows])}
         queries, docs = [r[2] for r in rows], [r[3] for r in rows]
+        if self.kind == "bi" and unique:
+            queries, batch["query_index"] = _distinct(queries)
+            docs, batch["doc_index"] = _distinct(docs)
         if self.kind == "bi":  # queries as sentence-transformers' encode_query cuts them: at max_seq_length
             batch["query"] = self.texts(queries, "query")
             batch["doc"] = self.texts(docs, "document")
@@ -337,6 +349,8 @@ class BiEncoder(nn.Module):
 
     def score_pairs(self, batch) -> torch.Tensor:
         q, d = self.output_embedding(batch["query"]), self.output_embedding(batch["doc"])
+        if "query_index" in batch:  # Collator.pairs(unique=True): distinct texts were embedded once
+            q, d = q[batch["query_index"]], d[batch["doc_index"]]
         return (q * d).sum(-1)
 
     def save(self, path: str | Path) -> None:

@@ -153,6 +153,13 @@ def test_validation_and_teacher_scores_are_sentence_transformers(texts, tmp_path
     with torch.no_grad():
         np.testing.assert_allclose(model.score_pairs(batch).numpy(), want, atol=1e-5)
     np.testing.assert_allclose(inference.score(model, queries, passages, 4, precision="32"), want, atol=1e-5)
+    # validation's batches (unique=True): every query against every passage, each text embedded once
+    grid = [(i, j, q, p) for i, q in enumerate(queries) for j, p in enumerate(passages)]
+    batch = model.collator().pairs(grid, unique=True)
+    assert len(batch["query"]["input_ids"]) == len(queries) and len(batch["doc"]["input_ids"]) == len(passages)
+    want = st.similarity(st.encode_query(queries), st.encode_document(passages)).numpy().ravel()
+    with torch.no_grad():
+        np.testing.assert_allclose(model.score_pairs(batch).numpy(), want, atol=1e-5)
 
 
 def test_export_declares_the_prompts_trained(texts, tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import partial
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -167,8 +168,8 @@ class MarcoDataModule(pl.LightningDataModule):
         sampler = StridedShardSampler(len(self.val_set), rank, world)
         # the tokenisation of the model being validated (the starting model's may cut at another max_seq_length)
         module = self.trainer.lightning_module if self.trainer is not None else None
-        collate = module.model.collator().pairs if module is not None else self.collator.pairs
-        return self._loader(self.val_set, sampler, self.val_batch_size, collate)
+        collator = module.model.collator() if module is not None else self.collator
+        return self._loader(self.val_set, sampler, self.val_batch_size, partial(collator.pairs, unique=True))
 
 
 class RefreshNegatives(pl.Callback):

@@ -167,14 +167,15 @@ class TrainDataset(Dataset):
 class RerankPairs(Dataset):
     """(qid, pid, query text, passage text) rows of a run's top-k, for validation by re-ranking.
 
-    Rows are ordered by passage length, so each batch pads to similar lengths: ~2x faster than run order.
+    Rows are ordered by passage length, so each batch pads to similar lengths: ~2x faster than run order; a
+    passage's rows (several queries retrieved it) sit together, so a batch embeds it once (Collator.pairs(unique)).
     """
 
     def __init__(self, store, run: dict[str, dict[str, float]], top_k: int):
         rows = [(int(qid), int(pid)) for qid, docs in run.items()
                 for pid in top_candidates(qid, docs, top_k, key="data.val_top_k")]
         rows = np.array(rows, dtype=np.int64).reshape(-1, 2)
-        self.rows = rows[np.argsort(store.passages.nbytes(rows[:, 1]), kind="stable")]
+        self.rows = rows[np.lexsort((rows[:, 0], rows[:, 1], store.passages.nbytes(rows[:, 1])))]  # length, pid, qid
         self.store = store
 
     def __len__(self):
