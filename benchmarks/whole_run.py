@@ -177,11 +177,11 @@ def run(long: int = 20, short: int = 4, rounds: int = 2, profile: str = "3-5", l
         wall[name, long], wall[name, short], examples_run[name, long], examples_run[name, short])]
         for name in ("project", "st")}
     ops = {}
-    for name, cmd in (("project_plain", project_cmd(tmp, "prof_project", 6, "model.length_chunks=1",
+    for name, cmd in (("project_plain", project_cmd(tmp, "prof_project_plain", 6, "model.length_chunks=1",
                                                     clock=f"profile={profile}")),
                       ("st", st_cmd(tmp, "prof_st", 6, examples, profile))):
         _timed(cmd, tmp / f"prof_{name}.log")
-        ops[name] = json.loads((tmp / f"prof_{'project' if name == 'project_plain' else 'st'}.json").read_text())["ops"]
+        ops[name] = json.loads((tmp / f"prof_{name}.json").read_text())["ops"]
     return {"long": long, "short": short, "rounds": rounds, "profile": profile,
             "wall": {f"{k[0]}@{k[1]}": v for k, v in wall.items()},
             "step": {f"{k[0]}@{k[1]}": v for k, v in steps.items()}, "per_step": per_step, "ops": ops,
