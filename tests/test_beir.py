@@ -540,3 +540,18 @@ def test_refit_is_refused_where_it_cannot_work(overrides, message, tmp_path):
         main(compose([*FAST, "logger=none", "task.refit=true", *loss, *overrides,
                       f"paths.cache_dir={tmp_path}/never"], tmp_path))
     assert not (tmp_path / "never").exists()  # refused before any store is prepared
+
+
+def test_refit_without_the_val_negatives_says_how_to_mine_them(tmp_path):
+    """task.refit needs task=mine's hard-negatives.val.jsonl.gz: the refusal names the command for this folder."""
+    import re
+
+    from conftest import compose
+
+    from marco_lightning.data.sources import build_source
+    from marco_lightning.errors import ConfigError
+
+    root = make_folder(tmp_path / "f")
+    cfg = compose(["data=beir", f"data.root={root}", "loss=mnrl"], tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(f"python run.py task=mine data=beir data.root={root}`")):
+        build_source(cfg.data).for_refit()

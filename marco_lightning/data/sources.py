@@ -272,7 +272,7 @@ class BeirSource(Source):
         if not path or not Path(path).is_file():
             raise ConfigError(f"data.val_hard_negatives={path}: not found; task.refit trains on the val queries too "
                               f"and needs their mined negatives: run `python run.py task=mine data=beir "
-                              f"data.root={self.root}` again (it reuses its runs)")
+                              f"{self.spelling}` again (it reuses its runs)")
         refit = copy.copy(self)
         refit.refit, refit._validation = True, None
         return refit
