@@ -24,7 +24,8 @@ VARIANTS = {
     "in_batch": ("default", ["experiment=beir_mnrl", "loss.num_hard_negatives=0"]),  # no hard negatives
     "rows_positive": ("default", ["experiment=beir_mnrl", "train_rows=positive"]),  # sentence-transformers' unit
     "guard": ("default", ["experiment=beir_mnrl", "train_rows=positive", "loss.guard_margin=0.0"]),  # GIST's rule
-    "own_rel05": ("own_rel05", ["experiment=beir_mnrl", "train_rows=positive"]),  # the model's own, NV-Retriever
+    # the model's own, NV-Retriever's rule; validation re-ranks the model's own val run (the only one mined)
+    "own_rel05": ("own_rel05", ["experiment=beir_mnrl", "train_rows=positive", "data.val_system=model"]),
     "refresh": ("default", ["experiment=beir_mnrl", "train_rows=positive", "negatives.refresh.every_n_epochs=1"]),
 }
 
