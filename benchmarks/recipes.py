@@ -24,8 +24,8 @@ VARIANTS = {
     "in_batch": ("default", ["experiment=beir_mnrl", "loss.num_hard_negatives=0"]),  # no hard negatives
     "rows_positive": ("default", ["experiment=beir_mnrl", "train_rows=positive"]),  # sentence-transformers' unit
     "guard": ("default", ["experiment=beir_mnrl", "train_rows=positive", "loss.guard_margin=0.0"]),  # GIST's rule
-    # the model's own, NV-Retriever's rule; validation re-ranks the model's own val run (the only one mined)
-    "own_rel05": ("own_rel05", ["experiment=beir_mnrl", "train_rows=positive", "data.val_system=model"]),
+    # the model's own, NV-Retriever's rule; validation re-ranks that run (task=mine names it by the backbone)
+    "own_rel05": ("own_rel05", ["experiment=beir_mnrl", "train_rows=positive", "data.val_system=all-MiniLM-L6-v2"]),
     "refresh": ("default", ["experiment=beir_mnrl", "train_rows=positive", "negatives.refresh.every_n_epochs=1"]),
 }
 
