@@ -47,10 +47,13 @@ def rerank_input_order(model, run, queries, passages, top_k: int, batch_size: in
 
 def padded_tokens(tokenizer, texts, batch_size: int, max_length: int, pairs=None, by_tokens: bool = False) -> int:
     """Tokens the model processes, padding included, when `texts` are batched in this order (by_tokens: sorted
-    by token count first, as the project's inference does)."""
+    by token count, longest first, within each block of inference.BLOCK texts, as the project's inference does)."""
+    from marco_lightning.inference import BLOCK
+
     enc = tokenizer(texts, pairs, truncation="longest_first" if pairs else True, max_length=max_length)
     lengths = [len(ids) for ids in enc["input_ids"]]
-    lengths = sorted(lengths) if by_tokens else lengths
+    if by_tokens:
+        lengths = [n for start in range(0, len(lengths), BLOCK) for n in sorted(lengths[start:start + BLOCK], reverse=True)]
     return sum(max(lengths[i:i + batch_size]) * len(lengths[i:i + batch_size])
                for i in range(0, len(lengths), batch_size))
 

@@ -120,20 +120,14 @@ def side_by_side(num_passages: int, budget_s: float, log, min_rounds=2, max_roun
 
 
 def padded_tokens(tokenizer, texts, max_length: int, batch_size: int) -> dict:
-    """Tokens each side runs through the model, padding included: sentence-transformers' `encode` sorts by
-    characters, the project's by tokens within blocks of inference.BLOCK texts."""
-    from marco_lightning.inference import BLOCK
+    """Tokens each side runs through the model, padding included: sentence-transformers' `encode` batches in
+    character order, the project's in token order (benchmarks.evaluation counts both)."""
+    from benchmarks.evaluation import length_order
+    from benchmarks.evaluation import padded_tokens as count
 
-    lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]])
-
-    def padded(order):
-        return int(sum(lengths[order[i:i + batch_size]].max() * len(order[i:i + batch_size])
-                       for i in range(0, len(order), batch_size)))
-
-    by_tokens = np.concatenate([start + np.argsort(-lengths[start:start + BLOCK], kind="stable")
-                                for start in range(0, len(texts), BLOCK)])
-    return {"real": int(lengths.sum()), "st": padded(np.argsort([-len(t) for t in texts], kind="stable")),
-            "project": padded(by_tokens)}
+    real = sum(len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"])
+    return {"real": real, "st": count(tokenizer, [texts[i] for i in length_order(texts)], batch_size, max_length),
+            "project": count(tokenizer, texts, batch_size, max_length, by_tokens=True)}
 
 
 def run(sizes=(100_000, 1_000_000), side_passages=5000, budget_s=300, log=print, min_rounds=2,

@@ -155,10 +155,10 @@ class Collator:
         repeats its queries (one per ~100 rows) and, on a small collection, its passages."""
         batch = {"qid": torch.tensor([r[0] for r in rows]), "pid": torch.tensor([r[1] for r in rows])}
         queries, docs = [r[2] for r in rows], [r[3] for r in rows]
-        if self.kind == "bi" and unique:
-            queries, batch["query_index"] = _distinct(queries)
-            docs, batch["doc_index"] = _distinct(docs)
         if self.kind == "bi":  # queries as sentence-transformers' encode_query cuts them: at max_seq_length
+            if unique:
+                queries, batch["query_index"] = _distinct(queries)
+                docs, batch["doc_index"] = _distinct(docs)
             batch["query"] = self.texts(queries, "query")
             batch["doc"] = self.texts(docs, "document")
         else:
