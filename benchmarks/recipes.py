@@ -26,6 +26,9 @@ VARIANTS = {
     "guard": ("default", ["experiment=beir_mnrl", "train_rows=positive", "loss.guard_margin=0.0"]),  # GIST's rule
     # the model's own, NV-Retriever's rule; validation re-ranks that run (task=mine names it by the backbone)
     "own_rel05": ("own_rel05", ["experiment=beir_mnrl", "train_rows=positive", "data.val_system=all-MiniLM-L6-v2"]),
+    # sentence-transformers' mined path in the project: the model's own top-1 negative (no margin), a row per pair
+    "st_like": ("default", ["experiment=beir_mnrl", "train_rows=positive", "negatives.systems=[all-MiniLM-L6-v2]",
+                            "negatives.num_per_system=1"]),
     "refresh": ("default", ["experiment=beir_mnrl", "train_rows=positive", "negatives.refresh.every_n_epochs=1"]),
 }
 
@@ -44,14 +47,15 @@ def project_cell(folder: Path, work: Path, mining: str, overrides: list[str], ep
                                f"task.model_path={run_dir / 'final_model'}", f"hydra.run.dir={eval_dir}"], log)
     best = metrics.get("best_checkpoint") or ""
     return {"test": json.loads((eval_dir / "metrics.json").read_text()), "val": metrics.get("after"),
-            "val_before": metrics.get("before"), "best": best, "seconds": seconds}
+            "val_before": metrics.get("before"), "best": best, "seconds": seconds,
+            "train_split": metrics.get("seconds")}  # the run's own split: training, validation, refresh
 
 
 def st_cell(folder: Path, work: Path, mined: bool, epochs: int, log) -> dict:
     from marco_lightning.data.beir import BeirFolder
 
     metrics, seconds = st_fine_tune(BeirFolder(folder), epochs, mined, work / "st", log)
-    return {"test": metrics, "seconds": {"train": seconds}}
+    return {"test": metrics, "seconds": seconds}
 
 
 def run(folders: list[Path], variants: list[str], epochs: list[int], out: Path, log=print) -> dict:

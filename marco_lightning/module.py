@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 
 import pytorch_lightning as pl
 import torch
@@ -48,6 +49,16 @@ class RetrieverModule(pl.LightningModule):
         self.val_rows: list[torch.Tensor] = []
         self.last_val_run: dict[str, dict[str, float]] = {}
         self.last_val_step = -1  # global step of the weights last_val_run was computed with
+        # where this process's time went (metrics.json "seconds"): each validation pass, each epoch trained
+        self.val_seconds: list[float] = []
+        self.trained_epochs: list[int] = []
+        self._val_start = 0.0
+
+    def on_train_epoch_start(self):
+        self.trained_epochs.append(self.current_epoch)
+
+    def on_validation_epoch_start(self):
+        self._val_start = time.perf_counter()
 
     def on_fit_start(self):
         # from_pretrained returns the backbone in eval mode and Lightning keeps each module's mode, so without this
@@ -134,6 +145,7 @@ class RetrieverModule(pl.LightningModule):
             return
         self.last_val_run, self.last_val_step = gather_run(self.val_rows), self.global_step
         self.val_rows = []
+        self.val_seconds.append(time.perf_counter() - self._val_start)
         # every rank holds the whole run, so each logs (and checkpoints on) the same values: no sync needed
         self.log_dict({f"val/{k}": v for k, v in self.measure(self.last_val_run).items()}, prog_bar=True)
 

@@ -141,6 +141,11 @@ def test_a_run_with_refresh_records_it(tmp_path):
     assert (run / "refresh" / "epoch-1" / "stats.json").is_file()
     assert "re-mined by the model itself every 1 epoch(s)" in (run / "final_model" / "README.md").read_text()
     assert json.loads((run / "metrics.json").read_text())["refresh"] == metrics["refresh"]
+    # where the time went: a validation after each of the 2 epochs, the one refresh, training the rest of the fit
+    seconds = metrics["seconds"]
+    assert seconds["epochs"] == 2 and len(seconds["validation"]) == 2 and seconds["refresh"] == [history[0]["seconds"]]
+    assert seconds["fit"] == pytest.approx(seconds["training"] + sum(seconds["validation"]) + history[0]["seconds"],
+                                           abs=0.3)
 
 
 @pytest.mark.slow

@@ -29,6 +29,18 @@ def test_run_folder_has_every_artefact(trained):
     assert (out / "metrics.csv").read_text().count("val/ndcg@10") >= 1
 
 
+def test_time_split_says_what_validation_costs(capsys):
+    from marco_lightning.tasks.train import print_time_split, time_split
+
+    # 100 s of fit: 2 validations of 10 s and a 5 s refresh leave 75 s of training; 20 / 75 = 0.267
+    seconds = time_split(100.0, [10.0, 10.0], [5.0], 2)
+    assert (seconds["training"], seconds["validation_share"]) == (75.0, 0.267)
+    print_time_split(seconds)
+    assert "Validation cost 27% of the training time: data.val_top_k" in capsys.readouterr().out
+    print_time_split(time_split(100.0, [5.0], [], 1))  # 5 / 95: within a tenth, nothing to say
+    assert "Validation cost" not in capsys.readouterr().out
+
+
 def test_after_metrics_match_ir_measures_on_the_written_run(trained):
     import ir_measures
     from ir_measures import RR, R, nDCG

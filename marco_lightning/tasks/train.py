@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -115,7 +116,11 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
     metrics = {}
     if start_module is not None:
         metrics["before"] = evaluate(target=start_module)
+    fit_start, passes_before = time.perf_counter(), len(module.val_seconds)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path")))
+    refreshes = [h["seconds"] for h in datamodule.refreshed["history"] if h["epoch"] in module.trained_epochs]
+    seconds = time_split(time.perf_counter() - fit_start, module.val_seconds[passes_before:], refreshes,
+                         len(module.trained_epochs))
     best_step = checkpoint_step(checkpoint.best_model_path)
     if best_step is not None and best_step == module.last_val_step == trainer.global_step:
         # the best checkpoint holds the weights validated last: reuse that ranking instead of recomputing it
@@ -144,6 +149,7 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
     if trainer.is_global_zero:
         write_run(named(module.last_val_run), run_dir / "val_run.trec", tag=f"marco-lightning-{run_dir.name}")
         metrics.update(source.run_record())
+        metrics["seconds"] = seconds
         if datamodule.refresh:
             metrics["refresh"] = {"every_n_epochs": datamodule.refresh.every_n_epochs,
                                   "history": datamodule.refreshed["history"]}
@@ -160,10 +166,30 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
         if refit_source is not None:
             print(f"final_model/ is the refit: {metrics['refit']['epochs']} epoch(s) on the training + val queries "
                   "(the table is the selection run's; the refit has no held-out val number)")
+        print_time_split(seconds)
         print_run_summary(cfg, run_dir)
         if cfg.task.get("push_to_hub"):  # last: a failed upload loses none of the run's files
             push_to_hub(cfg.task.push_to_hub, run_dir / "final_model")
     return metrics
+
+
+def time_split(fit: float, validations: list[float], refreshes: list[float], epochs: int) -> dict:
+    """Where the fit's wall time went, in this process (a resumed run: since its resume). Training is the rest:
+    steps, data loading, checkpoints."""
+    training = fit - sum(validations) - sum(refreshes)
+    return {"fit": round(fit, 1), "training": round(training, 1), "epochs": epochs,
+            "validation": [round(v, 1) for v in validations], "refresh": [round(r, 1) for r in refreshes],
+            "validation_share": round(sum(validations) / training, 3) if validations and training > 0 else None}
+
+
+def print_time_split(seconds: dict) -> None:
+    share, passes = seconds["validation_share"], seconds["validation"]
+    print(f"Time: training {seconds['training']:.0f} s ({seconds['epochs']} epoch(s)), validation "
+          f"{sum(passes):.0f} s ({len(passes)} pass(es))" + (f", refresh {sum(seconds['refresh']):.0f} s"
+                                                           if seconds["refresh"] else ""))
+    if share is not None and share > 0.1:  # validation should not slow training down by more than a tenth
+        print(f"Validation cost {share:.0%} of the training time: data.val_top_k (pairs per val query) or "
+              "trainer.check_val_every_n_epoch lowers it")
 
 
 def refit(cfg, source, epochs: int, run_dir: Path):
