@@ -134,8 +134,8 @@ def run(epochs: int, log=print, mined: str | None = None) -> dict:
     res["fine_tuned"] = evaluate("fine_tuned", "task.mode=retrieve", f"task.model_path={train_dir / 'final_model'}")
 
     # sentence-transformers for the epochs the project's val split chose: the same budget
-    for name, mined in (("st_mined", True), ("st_in_batch", False)):
-        res[name], st_seconds = st_fine_tune(folder, res["best_epoch"], mined, tmp / name, log)
+    for name, with_negatives in (("st_mined", True), ("st_in_batch", False)):
+        res[name], st_seconds = st_fine_tune(folder, res["best_epoch"], with_negatives, tmp / name, log)
         res["seconds"][f"{name}_train"] = st_seconds["total"]  # to the trained model
         res["seconds"][f"{name}_split"] = st_seconds
     return res
