@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 
 from hydra.utils import get_class
@@ -26,6 +27,15 @@ def beir_root(name, cache_dir) -> str:
 
 
 OmegaConf.register_new_resolver("beir_root", beir_root, replace=True)
+
+
+def system_name(model) -> str:
+    """The name task=mine gives a bi-encoder's runs and negatives (`${system_name:${model.backbone}}`): its folder or
+    hub name, as a file name can carry it."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(model).rstrip("/")).name) or "model"
+
+
+OmegaConf.register_new_resolver("system_name", system_name, replace=True)
 
 
 def _check_arguments(cfg: DictConfig, group: str) -> None:

@@ -24,7 +24,7 @@ import torch
 from hydra.utils import get_class, get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from marco_lightning.config import ConfigError
+from marco_lightning.config import ConfigError, system_name
 from marco_lightning.data.beir import SPLITS
 from marco_lightning.data.sources import build_source
 from marco_lightning.data.trec import read_run, write_run
@@ -44,11 +44,6 @@ DENSE = "marco_lightning.mining.dense"
 VAL_NEGATIVES = "hard-negatives.val.jsonl.gz"  # the val queries' (conf/data/beir.yaml data.val_hard_negatives)
 
 
-def _short_name(source) -> str:
-    """A bi-encoder's folder or hub name, as a file name can carry it."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(source).rstrip("/")).name) or "model"
-
-
 def system_node(entry, cfg: DictConfig) -> dict:
     """One entry of task.systems as the node that builds it, its `name` filled in: the system's key in
     hard-negatives.jsonl.gz and in runs/<split>.<name>.trec. The short spellings: `bm25` -> mining.BM25 (name bm25);
@@ -64,8 +59,8 @@ def system_node(entry, cfg: DictConfig) -> dict:
                 raise ConfigError(f"task.systems: 'model' mines with the model= bi-encoder, but {cfg.model._target_} "
                                   "is a cross-encoder; list a bi-encoder path or hub id instead")
             return {"_target_": DENSE, "model": OmegaConf.to_container(cfg.model, resolve=True),
-                    "name": _short_name(cfg.model.backbone)}
-        return {"_target_": DENSE, "model": entry, "name": _short_name(entry)}
+                    "name": system_name(cfg.model.backbone)}
+        return {"_target_": DENSE, "model": entry, "name": system_name(entry)}
     node = OmegaConf.to_container(entry, resolve=True) if OmegaConf.is_config(entry) else entry
     if not isinstance(node, dict) or not isinstance(node.get("_target_"), str):
         raise ConfigError(f"task.systems: {node!r} is neither a name nor a node with a _target_; an entry is "
@@ -73,7 +68,7 @@ def system_node(entry, cfg: DictConfig) -> dict:
     node = dict(node)
     if node.get("name") is None:
         model = node.get("model")
-        node["name"] = (_short_name(model.get("backbone", "model") if isinstance(model, dict) else model)
+        node["name"] = (system_name(model.get("backbone", "model") if isinstance(model, dict) else model)
                         if model is not None else node["_target_"].rsplit(".", 1)[-1].lower())
     if not re.fullmatch(r"[A-Za-z0-9._-]+", str(node["name"])):
         raise ConfigError(f"task.systems: name {node['name']!r} ({node['_target_']}): a system's name is part of "
