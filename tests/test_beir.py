@@ -555,3 +555,39 @@ def test_refit_without_the_val_negatives_says_how_to_mine_them(tmp_path):
     cfg = compose(["data=beir", f"data.root={root}", "loss=mnrl"], tmp_path)
     with pytest.raises(ConfigError, match=re.escape(f"python run.py task=mine data=beir data.root={root}`")):
         build_source(cfg.data).for_refit()
+
+
+def test_beir_mnrl_trains_every_pair_on_the_models_own_top_negative(tmp_path):
+    """experiment=beir_mnrl is sentence-transformers' mined path: a row per (training query, positive) pair, each
+    with the top-1 negative task=mine wrote for the model= bi-encoder (named by its backbone), never BM25's."""
+    from conftest import compose
+    from hydra.utils import instantiate
+
+    from marco_lightning.config import system_name
+    from marco_lightning.data.beir import IdRows
+    from marco_lightning.data.sources import build_source
+
+    root = make_folder(tmp_path / "f")
+    with open(root / "qrels" / "train.tsv", "a") as f:  # two queries with a second positive: two rows each
+        f.write("q-1\t1002\t1\nq-3\t04\t1\n")
+    assert _mine(root).returncode == 0
+    cfg = compose(["experiment=beir_mnrl", *FAST, f"data.root={root}"], tmp_path)
+    model = instantiate(cfg.model)
+    name = system_name(cfg.model.backbone)
+    dm = instantiate(cfg.datamodule, _partial_=True)(source=build_source(cfg.data), negatives=cfg.negatives,
+                                                     collator=model.collator(), with_teacher=False)
+    dm.prepare_data()
+    dm.setup()
+    train = set(BeirFolder(root).qrels("train"))
+    mined = {d["qid"]: d for d in _hard_negatives(root / "mined") if d["qid"] in train}
+    assert len(dm.train_set) == sum(len(d["pos"]) for d in mined.values()) > len(mined)
+    assert any(d["neg"]["bm25"][0] != d["neg"][name][0] for d in mined.values())  # the choice shows
+    ids = IdRows(BeirFolder(root))
+    for epoch in (0, 1):
+        drawn = {}
+        for row in range(len(dm.train_set)):
+            qid, pids, _ = dm.train_set.draw(epoch, row)
+            q, (pos, neg) = ids.query_names[qid], [ids.passage_names[p] for p in pids]
+            assert neg == mined[q]["neg"][name][0], (epoch, q)
+            drawn.setdefault(q, []).append(pos)
+        assert {q: sorted(p) for q, p in drawn.items()} == {q: sorted(d["pos"]) for q, d in mined.items()}
