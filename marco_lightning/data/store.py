@@ -417,7 +417,8 @@ def _candidates(src, neg: dict, qrels_pos: dict, train_qids, file_name, path: Pa
     dropped["query_not_in_hard_negatives"] += len(set(qrels_pos) - seen_qids)
     if wanted is not None and wanted - set(systems_seen):
         raise ConfigError(f"negatives.systems: unknown system(s) {sorted(wanted - set(systems_seen))}; "
-                          f"{file_name} has: {list(systems_seen)}")
+                          f"{file_name} has: {list(systems_seen)}. Pick from those, or (a BEIR folder) rerun task=mine "
+                          "with task.systems listing it: `model` is the model= bi-encoder, named by its backbone")
     systems = list(systems_seen) if wanted is None else neg["systems"]
     return _Candidates(path, np.frombuffer(row_qid, np.int64), np.frombuffer(row_pos, np.int64), row_npos,
                        row_seg, seg_sys, seg_start, seg_len, list(systems_seen), systems,
