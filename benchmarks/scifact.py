@@ -69,7 +69,9 @@ def st_fine_tune(folder, epochs: int, mined: bool, out: Path, log) -> tuple[dict
     start = time.time()
     st = SentenceTransformer(resolve_backbone(MINILM), device="cpu")
     corpus = dict(folder.corpus())
-    train = folder.qrels("train")  # the same training queries as the project (val held out)
+    # the same training queries as the project (val held out), the same positives (grade >= 1: Cranfield's grade-0
+    # "no interest" judgements are not pairs to learn)
+    train = {q: [p for p, grade in d.items() if grade >= 1] for q, d in folder.qrels("train").items()}
     data = Dataset.from_dict({"anchor": [folder.queries[q] for q, d in train.items() for _ in d],
                               "positive": [corpus[p] for d in train.values() for p in d]})
     mine_start = time.time()
