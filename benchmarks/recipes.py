@@ -2,7 +2,8 @@
 (in-batch MNRL; mine_hard_negatives + MNRL) at 1 and 2 epochs against the project's recipe and its levers, each a
 row, each timed. Every test number: ir-measures on the folder's qrels/test.tsv, by full retrieval.
 
-Each cell is written to the JSON as soon as it is done, so a killed run continues where it stopped (--out).
+Each cell is written to the JSON as soon as it is done, so a killed run continues where it stopped (--out); a cell is
+kept by its key (folder/variant@epochs): after changing what a variant means, delete its cells.
 
     python -m benchmarks.recipes --folders /work/classic/cranfield,/work/classic/cisi [--variants a,b] [--out F]
 """

@@ -169,9 +169,10 @@ def markdown(res: dict) -> str:
         lines += ["", "| time (s) | project (beir_mnrl) | sentence-transformers (mined) |", "|---|---:|---:|",
                   (f"| mining (task=mine: bm25 + the model / mine_hard_negatives) | {s['project_mine']:.0f} | "
                    f"{st['mine']:.0f} |"),
-                  f"| training ({split['epochs']} epoch(s)) | {split['training']:.0f} | {st['train']:.0f} |",
+                  (f"| training (project {split['epochs']} epoch(s), sentence-transformers {res['best_epoch']}) | "
+                   f"{split['training']:.0f} | {st['train']:.0f} |"),
                   (f"| validation ({len(split['validation'])} pass(es) during the fit; share of training) | "
-                   f"{val:.0f} ({split['validation_share']:.1%}) | - |"),
+                   f"{val:.0f} ({(split['validation_share'] or 0):.1%}) | - |"),
                   f"| the whole command(s) | {s['project_mine'] + s['project_train']:.0f} | {st['total']:.0f} |"]
     lines += ["", (f"Evaluation of each model on the test split (encoding 5,183 abstracts): project "
                    f"{s['project_eval_fine_tuned']:.0f} s; the zero-shot project evaluation reuses task=mine's "

@@ -482,6 +482,7 @@ def test_refit_trains_on_train_and_val_for_the_epochs_val_chose(tmp_path):
     assert saved == json.loads(json.dumps(metrics))
     selection, refit = saved["selection"], saved["refit"]
     assert "after" not in saved and set(selection["after"]) >= {"ndcg@10", "recall@100"} and "before" in selection
+    assert "seconds" not in saved and selection["seconds"]["epochs"] == 2  # the time split is the selection run's
     best = int(selection["best_checkpoint"].split("epoch")[1].split("-")[0])  # checkpoints/epoch{E}-step{S}.ckpt
     assert refit["epochs"] == selection["epochs"] == best + 1 and refit["schedule_epochs"] == 2
     assert refit["val"] is None and "no held-out val number" in refit["note"]

@@ -78,6 +78,7 @@ class MarcoDataModule(pl.LightningDataModule):
         self.refresh = RefreshSettings(**refresh) if refresh and refresh.get("every_n_epochs") else None
         self.refresh_dir = Path(refresh_dir) if refresh_dir else None
         self.refreshed: dict = {"epoch": None, "dir": None, "history": []}
+        self.refresh_seconds: list[float] = []  # the refreshes this process ran (a resume restores the history)
 
     @property
     def store_dir(self) -> Path:
@@ -140,6 +141,7 @@ class MarcoDataModule(pl.LightningDataModule):
         folder = self.refresh_dir / f"epoch-{due}"
         self.train_set.lists = refresh_lists(folder)
         self.refreshed = {"epoch": due, "dir": str(folder), "history": [*self.refreshed["history"], stats]}
+        self.refresh_seconds.append(stats["seconds"])
         return stats
 
     def train_dataloader(self):

@@ -118,9 +118,8 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
         metrics["before"] = evaluate(target=start_module)
     fit_start, passes_before = time.perf_counter(), len(module.val_seconds)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path")))
-    refreshes = [h["seconds"] for h in datamodule.refreshed["history"] if h["epoch"] in module.trained_epochs]
-    seconds = time_split(time.perf_counter() - fit_start, module.val_seconds[passes_before:], refreshes,
-                         len(module.trained_epochs))
+    seconds = time_split(time.perf_counter() - fit_start, module.val_seconds[passes_before:],
+                         datamodule.refresh_seconds, len(module.trained_epochs))
     best_step = checkpoint_step(checkpoint.best_model_path)
     if best_step is not None and best_step == module.last_val_step == trainer.global_step:
         # the best checkpoint holds the weights validated last: reuse that ranking instead of recomputing it
@@ -149,7 +148,7 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
     if trainer.is_global_zero:
         write_run(named(module.last_val_run), run_dir / "val_run.trec", tag=f"marco-lightning-{run_dir.name}")
         metrics.update(source.run_record())
-        metrics["seconds"] = seconds
+        metrics.get("selection", metrics)["seconds"] = seconds  # task.refit: the selection run's (the refit: untimed)
         if datamodule.refresh:
             metrics["refresh"] = {"every_n_epochs": datamodule.refresh.every_n_epochs,
                                   "history": datamodule.refreshed["history"]}
