@@ -54,8 +54,10 @@ class RetrieverModule(pl.LightningModule):
         self.trained_epochs: list[int] = []
         self._val_start = 0.0
 
-    def on_train_epoch_start(self):
-        self.trained_epochs.append(self.current_epoch)
+    def on_train_batch_start(self, batch, batch_idx):
+        # per batch, not on_train_epoch_start: a run resumed mid-epoch does not start that epoch again
+        if not self.trained_epochs or self.trained_epochs[-1] != self.current_epoch:
+            self.trained_epochs.append(self.current_epoch)
 
     def on_validation_epoch_start(self):
         self._val_start = time.perf_counter()
