@@ -28,6 +28,7 @@ VARIANTS = {
     "beir_mnrl": ("default", ["experiment=beir_mnrl"]),
     "rotation": ("default", ROTATION),  # BM25 + dense top-5s rotating, one row a query
     "in_batch": ("default", [*ROTATION, "loss.num_hard_negatives=0"]),  # no hard negatives
+    "pairs_in_batch": ("default", ["experiment=beir_mnrl", "loss.num_hard_negatives=0"]),  # sentence-transformers' in-batch
     "rows_positive": ("default", [*ROTATION, "train_rows=positive"]),  # sentence-transformers' unit
     "guard": ("default", [*ROTATION, "train_rows=positive", "loss.guard_margin=0.0"]),  # GIST's rule
     # the model's own top-5 under NV-Retriever's rule; validation re-ranks that run (task=mine names it by the backbone)
