@@ -144,7 +144,7 @@ def test_a_run_with_refresh_records_it(tmp_path):
     # where the time went: a validation after each of the 2 epochs, the one refresh, training the rest of the fit
     seconds = metrics["seconds"]
     assert seconds["epochs"] == 2 and len(seconds["validation"]) == 2 and seconds["refresh"] == [history[0]["seconds"]]
-    assert 0 < seconds["training"] < seconds["fit"] and all(v > 0 for v in seconds["validation"])
+    assert 0 < seconds["training"] < seconds["fit"] and all(v >= 0 for v in seconds["validation"])  # 0.1 s resolution
 
 
 @pytest.mark.slow
