@@ -36,6 +36,10 @@ VARIANTS = {
     # the shipped recipe as first measured (val on the top 30)
     "st_like": ("default", ["experiment=beir_mnrl", "data.val_top_k=30"]),
     "refresh": ("default", ["experiment=beir_mnrl", "negatives.refresh.every_n_epochs=1"]),
+    # training queries cut at max_seq_length (256), as sentence-transformers trains, not at 32 tokens
+    "beir_mnrl_q256": ("default", ["experiment=beir_mnrl", "model.max_query_length=null"]),
+    "pairs_in_batch_q256": ("default", ["experiment=beir_mnrl", "loss.num_hard_negatives=0",
+                                        "model.max_query_length=null"]),
 }
 
 

@@ -268,7 +268,7 @@ class BiEncoder(nn.Module):
     kind = "bi"
 
     def __init__(self, backbone: str, similarity: str | None = None, pooling: str | None = None,
-                 max_query_length: int = 32, max_doc_length: int | None = None, random_init: dict | None = None,
+                 max_query_length: int | None = 32, max_doc_length: int | None = None, random_init: dict | None = None,
                  attn_implementation: str = "sdpa", length_chunks: int = 4, query_prompt: str | None = None,
                  document_prompt: str | None = None):
         super().__init__()
@@ -303,8 +303,10 @@ class BiEncoder(nn.Module):
         if max_doc_length:
             self.st.max_seq_length = max_doc_length
         # Evaluation tokenises queries like sentence-transformers' encode (up to max_seq_length); training batches
-        # truncate queries at max_query_length (the recipes' 32, which MS MARCO queries fit).
-        self.max_query_length, self.max_doc_length = max_query_length, self.st.max_seq_length
+        # truncate queries at max_query_length (the recipes' 32, which MS MARCO queries fit; None: max_seq_length,
+        # as sentence-transformers trains, for collections whose queries are paragraphs).
+        self.max_doc_length = self.st.max_seq_length
+        self.max_query_length = max_query_length or self.max_doc_length
         self.length_chunks = _chunks(length_chunks, self.tokenizer)
 
     @property
