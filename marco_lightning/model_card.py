@@ -33,9 +33,10 @@ def card_data(model, cfg: DictConfig) -> None:
     data.tags = sorted({*(data.tags or []), "marco-lightning", "ms-marco", "passage-retrieval"})
 
 
-def training_section(cfg: DictConfig, source, metrics: dict, steps: int, model, loss) -> str:
+def training_section(cfg: DictConfig, source, metrics: dict, steps: int, model, loss, trained: bool = True) -> str:
     """Markdown: recipe, data, negatives, steps, seed, commit, and before/after with their protocol. The similarity,
-    prompts and scale are the trained model's and loss's own (a null in the config stands for a resolved value)."""
+    prompts and scale are the trained model's and loss's own (a null in the config stands for a resolved value).
+    trained=False: the card of the starting model, kept (task.keep_start) because training made val worse."""
     settings = {**{k: v for k, v in cfg.loss.items() if k != "_target_"}, "scale": loss.scale}
     scores = (f"similarity `{model.similarity}` (declared in config_sentence_transformers.json, used by "
               "`model.similarity`)" if model.similarity else "scores: the cross-encoder's logit")
@@ -66,6 +67,13 @@ def training_section(cfg: DictConfig, source, metrics: dict, steps: int, model, 
                     f"run's: \"after\" is its model (the checkpoint chosen by `{cfg.monitor}`, epoch "
                     f"{metrics['selection']['epochs']}), not this one. Measure this model on a test split.\n\n"
                     + protocol.replace('"after" is this model', '"after" is the selection run\'s model'))
+    if not trained:
+        key = cfg.monitor.removeprefix("val/")
+        protocol = (f"**This is the starting model, unchanged.** The training run below made its validation "
+                    f"{key} worse ({metrics['before'][key]:.4f} before, {metrics['after'][key]:.4f} after), so the "
+                    "run kept the model it started from (`task.keep_start`); the trained model is the run's "
+                    "`trained_model/`. \"before\" is this model.\n\n" + protocol.replace('"after" is this model',
+                                                                                    '"after" is the trained model'))
     return "\n".join([
         "", "## How this model was made (marco-lightning)", "", base,
         f"- Loss: `{cfg.loss._target_}` with {settings}; {scores}", *prompt_lines,

@@ -476,7 +476,7 @@ def test_refit_trains_on_train_and_val_for_the_epochs_val_chose(tmp_path):
     assert [d["qid"] for d in mined_val] == list(folder.qrels("val"))  # the val queries', by the same rule
     fast = [x for x in FAST if not x.startswith("data.val_top_k")]
     cfg = compose(["data=beir", f"data.root={root}", "loss=mnrl", *fast, "logger=none", "trainer.max_epochs=2",
-                   "task.refit=true"], tmp_path / "run")
+                   "task.refit=true", "task.keep_start=false"], tmp_path / "run")  # the refit, however val moved
     metrics = main(cfg)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
@@ -499,6 +499,30 @@ def test_refit_trains_on_train_and_val_for_the_epochs_val_chose(tmp_path):
     assert SentenceTransformer(str(tmp_path / "run" / "final_model"), device="cpu").encode(["a query"]).shape[0] == 1
     card = (tmp_path / "run" / "final_model" / "README.md").read_text()
     assert "no held-out validation number" in card and "task.refit" in card
+
+
+def test_refit_is_skipped_when_val_keeps_the_starting_model(tmp_path, monkeypatch):
+    """task.refit with a run that made val worse (scripted: 0.9 before training, 0.1 after): final_model/ is the
+    start (task.keep_start), no refit trains, metrics.json has the run's numbers at the top."""
+    from conftest import compose
+
+    from marco_lightning.module import RetrieverModule
+    from marco_lightning.tasks.train import main
+
+    measure = RetrieverModule.measure
+
+    def scripted_measure(self, run):
+        return {**measure(self, run), "ndcg@10": 0.9 if self._trainer is None or self.trainer.global_step == 0 else 0.1}
+
+    monkeypatch.setattr(RetrieverModule, "measure", scripted_measure)
+    root = make_folder(tmp_path / "f")
+    assert _mine(root, "task.systems=[bm25]").returncode == 0
+    fast = [x for x in FAST if not x.startswith("data.val_top_k")]
+    metrics = main(compose(["data=beir", f"data.root={root}", "loss=mnrl", *fast, "logger=none", "task.refit=true"],
+                           tmp_path / "run"))
+    assert metrics["final_model"] == "start" and metrics["improved"] is False
+    assert "refit" not in metrics and "selection" not in metrics and metrics["best_checkpoint"]
+    assert not (tmp_path / "run" / "refit").exists() and (tmp_path / "run" / "trained_model").is_dir()
 
 
 def test_refit_store_takes_the_queries_of_qrels_dev(tmp_path):

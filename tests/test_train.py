@@ -149,3 +149,54 @@ def test_final_model_card_says_how_it_was_made(trained):
                  f"seed {cfg.seed}", "commit: `", "run.dev.bm25.trec", "grade >= 2",
                  f"{metrics['before']['ndcg@10']:.4f}", f"{metrics['after']['ndcg@10']:.4f}"):
         assert fact in card, fact
+
+
+@pytest.mark.parametrize("case", ["own_similarity", "trained_on_dot", "keep_start_off"])
+def test_a_model_training_made_worse_is_not_exported(tmp_path, monkeypatch, case):
+    """task.keep_start (on by default): val says the trained model is worse than the start (a scripted nDCG@10 of 0.9
+    before training, 0.1 after), so final_model/ is the starting folder's weights, as its users have it (cosine even
+    when trained on dot), with a card that says so; the trained model is exported to trained_model/. Off: final_model/
+    is the trained one."""
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+    from test_prompts import st_folder
+
+    from marco_lightning.module import RetrieverModule
+    from marco_lightning.tasks import train
+
+    measure = RetrieverModule.measure
+
+    def scripted_measure(self, run):  # before fit, the trained module may not be attached to a trainer yet
+        before = self._trainer is None or self.trainer.global_step == 0
+        return {**measure(self, run), "ndcg@10": 0.9 if before else 0.1}
+
+    monkeypatch.setattr(RetrieverModule, "measure", scripted_measure)
+    start = st_folder(tmp_path / "start")
+    extra = {"own_similarity": [], "trained_on_dot": ["model.similarity=dot"], "keep_start_off": ["task.keep_start=false"]}
+    out = tmp_path / "run"
+    cfg = compose([*(o for o in FAST if not o.startswith("model=")), "model=minilm", f"model.backbone={start}",
+                   "logger=none", *extra[case]], out)
+    metrics = train.main(cfg)
+    assert metrics["improved"] is False and json.loads((out / "metrics.json").read_text()) == metrics
+    best = torch.load(out / metrics["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    trained = {name[len("model.st.0.model."):]: t for name, t in best.items() if name.startswith("model.st.0.model.")}
+    final = load_file(out / "final_model" / "model.safetensors")
+    expected = trained if case == "keep_start_off" else load_file(start / "model.safetensors")
+    assert final.keys() == expected.keys()
+    for name, tensor in final.items():
+        torch.testing.assert_close(tensor, expected[name], atol=0, rtol=0)
+    card = (out / "final_model" / "README.md").read_text(encoding="utf-8")
+    if case == "keep_start_off":
+        assert "final_model" not in metrics and not (out / "trained_model").exists()
+        assert "This is the starting model" not in card
+        return
+    assert metrics["final_model"] == "start"
+    assert "This is the starting model, unchanged" in card and "0.9000 before, 0.1000 after" in card
+    theirs, ours = SentenceTransformer(str(start), device="cpu"), SentenceTransformer(str(out / "final_model"), device="cpu")
+    assert ours.similarity_fn_name == "cosine"
+    texts = ["what is the daily life of thai people", "rice farming in the north of Thailand"]
+    np.testing.assert_allclose(ours.encode(texts), theirs.encode(texts), atol=1e-6)
+    exported = load_file(out / "trained_model" / "model.safetensors")
+    for name, tensor in exported.items():  # the trained model is kept: the best checkpoint's weights
+        torch.testing.assert_close(tensor, trained[name], atol=0, rtol=0)
+    assert "This is the starting model" not in (out / "trained_model" / "README.md").read_text(encoding="utf-8")

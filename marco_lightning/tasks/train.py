@@ -133,8 +133,15 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
             print(f"WARNING: training made the model worse on {key}: {metrics['before'][key]:.4f} before, "
                   f"{metrics['after'][key]:.4f} after. Try a lower optimizer.lr, fewer steps, or a loss on the "
                   "model's own similarity (README \"Results\").")
+    # task.keep_start: val says training made the model worse, so final_model/ is the model it started from (the
+    # trained one goes to trained_model/); a refit of what val rejected would be no better
+    keep_start = bool(cfg.task.get("keep_start")) and metrics.get("improved") is False
+    if keep_start:
+        metrics["final_model"] = "start"
     exported, source = module, datamodule.source  # what final_model/ is, and the data it trained on
-    if refit_source is not None:  # every rank: the refit is one more fit
+    if refit_source is not None and keep_start and trainer.is_global_zero:
+        print("task.refit skipped: val chose the starting model")
+    if refit_source is not None and not keep_start:  # every rank: the refit is one more fit
         best_checkpoint = os.path.relpath(checkpoint.best_model_path, run_dir) if checkpoint.best_model_path else None
         # the run's epochs up to its best checkpoint (validation at epoch ends: config.check_training_config)
         epochs = checkpoint_epoch(checkpoint.best_model_path) + 1 if best_checkpoint else trainer.current_epoch
@@ -152,17 +159,25 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
         if datamodule.refresh:
             metrics["refresh"] = {"every_n_epochs": datamodule.refresh.every_n_epochs,
                                   "history": datamodule.refreshed["history"]}
-        if refit_source is None:
+        if "selection" not in metrics:
             metrics["best_checkpoint"] = os.path.relpath(checkpoint.best_model_path, run_dir) \
                 if checkpoint.best_model_path else None
         if source.val_teacher_run:
             metrics["teacher"] = compute_metrics(judged, read_run(source.val_teacher_run),
                                                  rel_level=source.val_rel_level, measures=module.val_measures)
-        export(cfg, source, exported.model, exported.loss, metrics, steps, run_dir / "final_model")
+        if keep_start:
+            export(cfg, source, module.model, module.loss, metrics, steps, run_dir / "trained_model")
+            start = start_module.model if start_module.model is not module.model else built_again(cfg)
+            export(cfg, source, start, module.loss, metrics, steps, run_dir / "final_model", trained=False)
+        else:
+            export(cfg, source, exported.model, exported.loss, metrics, steps, run_dir / "final_model")
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         shown = metrics.get("selection", metrics)
         print(format_table({k: shown[k] for k in ("before", "after", "teacher") if k in shown}))
-        if refit_source is not None:
+        if keep_start:
+            print(f"final_model/ is the starting model (task.keep_start): val {key} {metrics['before'][key]:.4f} "
+                  f"before training, {metrics['after'][key]:.4f} after; the trained model is in trained_model/")
+        if "refit" in metrics:
             print(f"final_model/ is the refit: {metrics['refit']['epochs']} epoch(s) on the training + val queries "
                   "(the table is the selection run's; the refit has no held-out val number)")
         print_time_split(seconds)
@@ -235,14 +250,15 @@ def refit(cfg, source, epochs: int, run_dir: Path):
                 "model's). Measure final_model/ on the test split (task=evaluate)."}
 
 
-def export(cfg, source, model, loss, metrics: dict, steps: int, path) -> None:
-    """final_model/ with a model card that says how it was made; never from non-finite weights."""
+def export(cfg, source, model, loss, metrics: dict, steps: int, path, trained: bool = True) -> None:
+    """A model folder with a model card that says how it was made (trained=False: the starting model, kept because
+    val said training made it worse); never from non-finite weights."""
     if not all(p.isfinite().all() for p in model.parameters()):
-        raise FloatingPointError("the trained weights are not finite: final_model/ not exported")
+        raise FloatingPointError(f"the trained weights are not finite: {path.name}/ not exported")
     card_data(model, cfg)
     model.save(path)
     with open(path / "README.md", "a", encoding="utf-8") as card:
-        card.write(training_section(cfg, source, metrics, steps, model, loss))
+        card.write(training_section(cfg, source, metrics, steps, model, loss, trained=trained))
 
 
 def push_to_hub(repo_id: str, path) -> None:
@@ -271,11 +287,18 @@ def starting_model(cfg: DictConfig, model):
     if model.kind != "bi" or (model.similarity == model.own_similarity and cfg.model.get("max_doc_length") is None
                               and (model.query_prompt, model.document_prompt) == model.own_prompts):
         return model
-    # the training run's RNG stream stays as if this model were never built; CPU only: no CUDA context before the
-    # Trainer picks devices
+    return built_again(cfg)
+
+
+def built_again(cfg: DictConfig):
+    """The starting model as its users have it, built again from the seed the run's model was built from (the same
+    weights, random_init included); the training run's RNG stream stays as if it were never built. CPU only: no
+    CUDA context before the Trainer picks devices."""
+    overrides = {"similarity": None, "max_doc_length": None, "query_prompt": None, "document_prompt": None} \
+        if cfg.model._target_.endswith("BiEncoder") else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return instantiate(cfg.model, similarity=None, max_doc_length=None, query_prompt=None, document_prompt=None)
+        return instantiate(cfg.model, **overrides)
 
 
 def checkpoint_step(path: str) -> int | None:
