@@ -200,3 +200,55 @@ def test_a_model_training_made_worse_is_not_exported(tmp_path, monkeypatch, case
     for name, tensor in exported.items():  # the trained model is kept: the best checkpoint's weights
         torch.testing.assert_close(tensor, trained[name], atol=0, rtol=0)
     assert "This is the starting model" not in (out / "trained_model" / "README.md").read_text(encoding="utf-8")
+
+
+def test_candidates_train_one_after_the_other_and_the_best_by_val_is_final_model(tmp_path, monkeypatch):
+    """task.candidates: each variant trains in candidates/<name>/ with its overrides; final_model/ is a copy of the
+    one whose val is best (scripted: 0.6 for 'slow', 0.8 for 'fast', both above the start's 0.5), and metrics.json
+    is its metrics plus the candidates' table."""
+    import filecmp
+
+    from omegaconf import OmegaConf
+
+    from marco_lightning.module import RetrieverModule
+    from marco_lightning.tasks import train
+
+    measure = RetrieverModule.measure
+
+    def scripted_measure(self, run):
+        if self._trainer is None or self.trainer.global_step == 0:
+            return {**measure(self, run), "ndcg@10": 0.5}
+        return {**measure(self, run), "ndcg@10": 0.8 if "candidates/fast" in self.trainer.default_root_dir else 0.6}
+
+    monkeypatch.setattr(RetrieverModule, "measure", scripted_measure)
+    out = tmp_path / "run"
+    cfg = compose([*FAST, "logger=none", "task.candidates={slow:[],fast:['optimizer.lr=1e-3','+seen=1']}"], out)
+    metrics = train.main(cfg)
+    assert metrics["chosen"] == "fast" and json.loads((out / "metrics.json").read_text()) == metrics
+    table = metrics["candidates"]
+    assert [table[n]["val"] for n in ("slow", "fast")] == [0.6, 0.8]
+    assert table["fast"]["overrides"] == ["optimizer.lr=1e-3", "+seen=1"] and table["slow"]["overrides"] == []
+    lrs = {n: OmegaConf.load(out / "candidates" / n / "config.yaml").optimizer.lr for n in table}
+    assert lrs == {"slow": cfg.optimizer.lr, "fast": 1e-3}
+    assert OmegaConf.load(out / "candidates" / "fast" / "config.yaml").seen == 1
+    assert metrics["after"] == json.loads((out / "candidates" / "fast" / "metrics.json").read_text())["after"]
+    files = [p.name for p in (out / "candidates" / "fast" / "final_model").iterdir() if p.is_file()]
+    same, differ, _ = filecmp.cmpfiles(out / "final_model", out / "candidates" / "fast" / "final_model", files,
+                                       shallow=False)
+    assert differ == ["README.md"] and "model.safetensors" in same  # the card adds the choice
+    assert "Chosen by validation" in (out / "final_model" / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("candidates, expect", [
+    ("{a:[],b:['loss=mnrl']}", "config group choice"),
+    ("{a:[],b:['optimizer.learning_rate=1']}", "names no setting"),
+    ("{a:[],b:['task.refit=true']}", "changes the run itself"),
+    ("{a:[],b:['negatives.refresh.every_n_epochs=0']}", "every_n_epochs=0"),
+])
+def test_candidates_fail_before_anything_trains(candidates, expect, tmp_path):
+    from marco_lightning.errors import ConfigError
+    from marco_lightning.tasks import train
+
+    with pytest.raises(ConfigError, match=expect):
+        train.main(compose([*FAST, "logger=none", f"task.candidates={candidates}"], tmp_path))
+    assert not (tmp_path / "candidates").exists()

@@ -25,6 +25,10 @@ from marco_lightning.model_card import card_data, training_section
 
 
 def main(cfg: DictConfig) -> dict:
+    if cfg.task.get("candidates"):  # several variants, one after the other: final_model/ the best by val
+        from marco_lightning.tasks.choose import choose
+
+        return choose(cfg, main)
     check_training_config(cfg)  # before anything heavy: a wrong combination fails in a second
     # Lightning and the modules built on it only now: an 8 s import the config check above does not wait for
     import pytorch_lightning as pl

@@ -1,0 +1,117 @@
+"""task.candidates: one command trains several variants of a recipe one after the other, each in its own run folder
+(`candidates/<name>/`), and exports the best by val as `final_model/`. A variant is a list of `key=value`
+overrides of the composed config, e.g. with and without the mined negative:
+
+    task.candidates: {mined: [], in_batch: [loss.num_hard_negatives=0]}
+
+Each candidate's value is its final model's val number: the best epoch's ("after"), or the start's when
+task.keep_start kept it. Ties go to the first listed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from marco_lightning.errors import ConfigError
+
+
+def candidate_configs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """name -> the run's config with that candidate's overrides, its own output folder, and no candidates; a key that
+    does not exist or names a config group fails here, before any data loads."""
+    candidates = cfg.task.candidates
+    if not isinstance(candidates, DictConfig) or not candidates:
+        raise ConfigError(f"task.candidates={candidates}: a mapping of names to override lists, e.g. "
+                          "'{mined: [], in_batch: [loss.num_hard_negatives=0]}', or null (train the recipe alone)")
+    if cfg.get("ckpt_path"):
+        raise ConfigError("ckpt_path with task.candidates: resume the interrupted candidate alone, from its folder "
+                          "(ckpt_path=RUN/candidates/NAME, with that candidate's overrides and task.candidates=null)")
+    run_dir = Path(cfg.paths.output_dir)
+    configs = {}
+    for name, overrides in candidates.items():
+        where = f"task.candidates.{name}"
+        if not OmegaConf.is_list(overrides) or not all(isinstance(o, str) and "=" in o for o in overrides):
+            raise ConfigError(f"{where}={overrides}: a list of key=value overrides ([] for the recipe as configured)")
+        for override in overrides:
+            key = override.split("=", 1)[0]
+            if key.lstrip("+").split(".")[0] in ("task", "paths", "hydra"):
+                raise ConfigError(f"{where}: {override!r} changes the run itself; a candidate varies the recipe")
+            if not key.startswith("+") and not _is_setting(cfg, key):
+                raise ConfigError(f"{where}: {override!r} names no setting of this config (a config group choice "
+                                  "such as loss=mnrl cannot change within one run: sweep it with -m, then task=report)")
+        candidate = copy.deepcopy(cfg)
+        with open_dict(candidate):
+            candidate.merge_with(OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+            candidate.paths.output_dir = str(run_dir / "candidates" / name)
+            candidate.task.candidates = None
+            candidate.task.push_to_hub = None  # only the chosen model is pushed, at the end
+        configs[name] = candidate
+    return configs
+
+
+def _is_setting(cfg: DictConfig, key: str) -> bool:
+    """`key` names a value of cfg, not a config node (read without resolving: data.root may fetch a dataset)."""
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node.keys():
+            return False
+        node = node._get_node(part)
+    return not isinstance(node, DictConfig)
+
+
+def final_value(metrics: dict, key: str) -> float:
+    """The val number of the model a run exported: its best epoch's, the start's when it kept the start, the
+    selection run's under task.refit."""
+    shown = metrics.get("selection", metrics)
+    return shown["before" if metrics.get("final_model") == "start" else "after"][key]
+
+
+def choose(cfg: DictConfig, train) -> dict:
+    """Train every candidate with `train` (tasks.train.main), copy the best one's final_model/ to the run folder."""
+    from marco_lightning.config import check_training_config
+    from pytorch_lightning.utilities import rank_zero_only
+
+    configs = candidate_configs(cfg)
+    for config in configs.values():  # every candidate's incompatible choices fail before the first one trains
+        check_training_config(config)
+    key, run_dir = cfg.monitor.removeprefix("val/"), Path(cfg.paths.output_dir)
+    if rank_zero_only.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    results, table = {}, {}
+    for i, (name, config) in enumerate(configs.items(), 1):
+        overrides = list(cfg.task.candidates[name])
+        print(f"Candidate {i}/{len(configs)} {name!r}: {' '.join(overrides) or 'the recipe as configured'}")
+        start = time.perf_counter()
+        results[name] = train(config)
+        table[name] = {"overrides": overrides, "val": final_value(results[name], key),
+                       "final_model": results[name].get("final_model", "trained"), "run": f"candidates/{name}",
+                       "seconds": round(time.perf_counter() - start, 1)}
+    chosen = max(table, key=lambda n: table[n]["val"])  # the first of equals: max keeps the first maximum
+    metrics = {**results[chosen], "candidates": table, "chosen": chosen}
+    if rank_zero_only.rank == 0:
+        final = run_dir / "final_model"
+        shutil.copytree(run_dir / "candidates" / chosen / "final_model", final)
+        with open(final / "README.md", "a", encoding="utf-8") as card:
+            card.write(chosen_section(table, chosen, cfg.monitor))
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        print(chosen_section(table, chosen, cfg.monitor))
+        print(f"final_model/ is candidate {chosen!r} (candidates/{chosen}/final_model)")
+        if cfg.task.get("push_to_hub"):
+            from marco_lightning.tasks.train import push_to_hub
+
+            push_to_hub(cfg.task.push_to_hub, final)
+    return metrics
+
+
+def chosen_section(table: dict, chosen: str, monitor: str) -> str:
+    rows = [f"| {'**' + n + '**' if n == chosen else n} | {' '.join(t['overrides']) or '(as configured)'} | "
+            f"{t['val']:.4f} | {t['final_model']} |" for n, t in table.items()]
+    return "\n".join(["", "### Chosen by validation (`task.candidates`)", "",
+                      f"Each candidate trained on its own (`candidates/<name>/`); this model is the one whose final "
+                      f"model scored best on `{monitor}` (the start's number where a candidate kept the start).", "",
+                      f"| candidate | overrides | {monitor} | final model |", "|---|---|---:|---|", *rows, ""])
