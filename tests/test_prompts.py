@@ -100,6 +100,17 @@ def test_a_model_without_prompts_is_unchanged(texts, tmp_path):
     assert collator.max_train_query_length == model.max_query_length
 
 
+def test_max_query_length_null_trains_queries_as_sentence_transformers_tokenises_them(tmp_path):
+    """model.max_query_length=null (the BEIR recipes: queries can be paragraphs): a training query is cut where
+    sentence-transformers cuts it, at max_seq_length (48 here), not at 32 tokens."""
+    folder = st_folder(tmp_path / "m")
+    st = SentenceTransformer(str(folder), device="cpu")
+    query = " ".join(["the effect of transonic flow on a swept wing"] * 12)  # ~100 tokens
+    features = BiEncoder(str(folder), max_query_length=None).collator().train([(query, ["a passage"], None)])["query"]
+    assert torch.equal(features["input_ids"], st.tokenize([query])["input_ids"]) and features["input_ids"].shape[1] == 48
+    assert BiEncoder(str(folder)).collator().train([(query, ["a passage"], None)])["query"]["input_ids"].shape[1] == 32
+
+
 @pytest.mark.parametrize("include_prompt", [True, False])
 def test_training_batches_carry_the_prompts(texts, tmp_path, include_prompt):
     """Collator.train: each query starts with the query prompt's tokens, each passage with the document prompt's;
