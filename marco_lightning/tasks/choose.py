@@ -17,6 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from marco_lightning.config import check_training_config
 from marco_lightning.errors import ConfigError
 
 
@@ -70,10 +71,10 @@ def final_value(metrics: dict, key: str) -> float:
     return shown["before" if metrics.get("final_model") == "start" else "after"][key]
 
 
-def choose(cfg: DictConfig, train) -> dict:
-    """Train every candidate with `train` (tasks.train.main), copy the best one's final_model/ to the run folder."""
-    from marco_lightning.config import check_training_config
-    from pytorch_lightning.utilities import rank_zero_only
+def choose(cfg: DictConfig, train, push) -> dict:
+    """Train every candidate with `train` (tasks.train.main), copy the best one's final_model/ to the run folder
+    (and `push` it to task.push_to_hub)."""
+    from pytorch_lightning.utilities import rank_zero_only  # Lightning: an 8 s import a config error does not wait for
 
     configs = candidate_configs(cfg)
     for config in configs.values():  # every candidate's incompatible choices fail before the first one trains
@@ -102,9 +103,7 @@ def choose(cfg: DictConfig, train) -> dict:
         print(chosen_section(table, chosen, cfg.monitor))
         print(f"final_model/ is candidate {chosen!r} (candidates/{chosen}/final_model)")
         if cfg.task.get("push_to_hub"):
-            from marco_lightning.tasks.train import push_to_hub
-
-            push_to_hub(cfg.task.push_to_hub, final)
+            push(cfg.task.push_to_hub, final)
     return metrics
 
 

@@ -22,13 +22,12 @@ from marco_lightning.evaluation import compute_metrics, format_table
 from marco_lightning.loggers import build_callbacks, build_loggers, print_run_summary
 from marco_lightning.losses import default_scale
 from marco_lightning.model_card import card_data, training_section
+from marco_lightning.tasks.choose import choose
 
 
 def main(cfg: DictConfig) -> dict:
     if cfg.task.get("candidates"):  # several variants, one after the other: final_model/ the best by val
-        from marco_lightning.tasks.choose import choose
-
-        return choose(cfg, main)
+        return choose(cfg, train=main, push=push_to_hub)
     check_training_config(cfg)  # before anything heavy: a wrong combination fails in a second
     # Lightning and the modules built on it only now: an 8 s import the config check above does not wait for
     import pytorch_lightning as pl
