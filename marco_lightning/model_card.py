@@ -20,8 +20,9 @@ def git_commit() -> str:
         return "unknown"
 
 
-def card_data(model, cfg: DictConfig) -> None:
-    """Fill sentence-transformers' card data of `model` before it is saved (the card it writes from it)."""
+def card_data(model, cfg: DictConfig, trained: bool = True) -> None:
+    """Fill sentence-transformers' card data of `model` before it is saved (the card it writes from it); trained=False:
+    the starting model, kept unchanged (task.keep_start)."""
     st = getattr(model, "st", None)
     if st is None:
         return
@@ -29,7 +30,9 @@ def card_data(model, cfg: DictConfig) -> None:
     data = st.model_card_data
     if not cfg.model.get("random_init"):
         data.base_model = cfg.model.backbone
-    data.model_name = f"{Path(cfg.model.backbone).name} trained with marco-lightning ({cfg.loss._target_.rsplit('.', 1)[1]})"
+    data.model_name = (f"{Path(cfg.model.backbone).name} trained with marco-lightning "
+                       f"({cfg.loss._target_.rsplit('.', 1)[1]})" if trained else
+                       f"{Path(cfg.model.backbone).name}, unchanged (marco-lightning's training did not improve it)")
     data.tags = sorted({*(data.tags or []), "marco-lightning", "ms-marco", "passage-retrieval"})
 
 

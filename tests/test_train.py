@@ -192,6 +192,7 @@ def test_a_model_training_made_worse_is_not_exported(tmp_path, monkeypatch, case
         return
     assert metrics["final_model"] == "start"
     assert "This is the starting model, unchanged" in card and "0.9000 before, 0.1000 after" in card
+    assert "unchanged (marco-lightning's training did not improve it)" in card
     theirs, ours = SentenceTransformer(str(start), device="cpu"), SentenceTransformer(str(out / "final_model"), device="cpu")
     assert ours.similarity_fn_name == "cosine"
     texts = ["what is the daily life of thai people", "rice farming in the north of Thailand"]

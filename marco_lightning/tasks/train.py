@@ -258,7 +258,7 @@ def export(cfg, source, model, loss, metrics: dict, steps: int, path, trained: b
     val said training made it worse); never from non-finite weights."""
     if not all(p.isfinite().all() for p in model.parameters()):
         raise FloatingPointError(f"the trained weights are not finite: {path.name}/ not exported")
-    card_data(model, cfg)
+    card_data(model, cfg, trained)
     model.save(path)
     with open(path / "README.md", "a", encoding="utf-8") as card:
         card.write(training_section(cfg, source, metrics, steps, model, loss, trained=trained))
