@@ -58,7 +58,7 @@ def _is_setting(cfg: DictConfig, key: str) -> bool:
     """`key` names a value of cfg, not a config node (read without resolving: data.root may fetch a dataset)."""
     node = cfg
     for part in key.split("."):
-        if not isinstance(node, DictConfig) or part not in node.keys():
+        if not isinstance(node, DictConfig) or part not in node.keys():  # noqa: SIM118 (`in node` resolves the value)
             return False
         node = node._get_node(part)
     return not isinstance(node, DictConfig)
@@ -74,7 +74,8 @@ def final_value(metrics: dict, key: str) -> float:
 def choose(cfg: DictConfig, train, push) -> dict:
     """Train every candidate with `train` (tasks.train.main), copy the best one's final_model/ to the run folder
     (and `push` it to task.push_to_hub)."""
-    from pytorch_lightning.utilities import rank_zero_only  # Lightning: an 8 s import a config error does not wait for
+    # Lightning: an 8 s import a config error does not wait for
+    from pytorch_lightning.utilities import rank_zero_only
 
     configs = candidate_configs(cfg)
     for config in configs.values():  # every candidate's incompatible choices fail before the first one trains
@@ -110,7 +111,7 @@ def choose(cfg: DictConfig, train, push) -> dict:
 def chosen_section(table: dict, chosen: str, monitor: str) -> str:
     rows = [f"| {'**' + n + '**' if n == chosen else n} | {' '.join(t['overrides']) or '(as configured)'} | "
             f"{t['val']:.4f} | {t['final_model']} |" for n, t in table.items()]
-    return "\n".join(["", "### Chosen by validation (`task.candidates`)", "",
-                      f"Each candidate trained on its own (`candidates/<name>/`); this model is the one whose final "
-                      f"model scored best on `{monitor}` (the start's number where a candidate kept the start).", "",
+    why = (f"Each candidate trained on its own (`candidates/<name>/`); this model is the one whose final model "
+           f"scored best on `{monitor}` (the start's number where a candidate kept the start).")
+    return "\n".join(["", "### Chosen by validation (`task.candidates`)", "", why, "",
                       f"| candidate | overrides | {monitor} | final model |", "|---|---|---:|---|", *rows, ""])
