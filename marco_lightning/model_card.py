@@ -44,7 +44,8 @@ def training_section(cfg: DictConfig, source, metrics: dict, steps: int, model, 
     scores = (f"similarity `{model.similarity}` (declared in config_sentence_transformers.json, used by "
               "`model.similarity`)" if model.similarity else "scores: the cross-encoder's logit")
     prompts = getattr(model, "prompts", None) or {}
-    prompt_line = (f"- Prompts: query {prompts.get('query')!r}, document {prompts.get('document')!r}, as trained "
+    whose = "as trained" if trained else "the model's own"
+    prompt_line = (f"- Prompts: query {prompts.get('query')!r}, document {prompts.get('document')!r}, {whose} "
                    "(declared in config_sentence_transformers.json `prompts`: `encode_query` / `encode_document` "
                    "apply them)")
     prompt_lines = [prompt_line] if any(prompts.values()) else []

@@ -368,12 +368,14 @@ class CrossEncoder(nn.Module):
 
     kind, similarity = "cross", None  # scores by its head, not by a similarity of vectors
 
-    def __init__(self, backbone: str, max_query_length: int = 32, max_doc_length: int = 480,
+    def __init__(self, backbone: str, max_query_length: int | None = 32, max_doc_length: int = 480,
                  random_init: dict | None = None, attn_implementation: str = "sdpa", length_chunks: int = 4):
         super().__init__()
         self.encoder, self.tokenizer = load_backbone(backbone, AutoModelForSequenceClassification, random_init,
                                                      num_labels=1, attn_implementation=attn_implementation)
-        self.max_query_length, self.max_doc_length = max_query_length, max_doc_length
+        # None: the positions the passage leaves (the BEIR experiments: queries as long as the pair allows)
+        self.max_query_length = max_query_length or max(1, self.encoder.config.max_position_embeddings - max_doc_length)
+        self.max_doc_length = max_doc_length
         self.length_chunks = _chunks(length_chunks, self.tokenizer)
 
     def collator(self) -> Collator:

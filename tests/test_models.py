@@ -105,3 +105,11 @@ def test_precision_32_from_the_command_line_is_an_int():
 
     model = torch.nn.Linear(2, 2)
     assert uses_bf16(model, 32) is False and uses_bf16(model, "32") is False and uses_bf16(model, "bf16") is True
+
+
+def test_a_cross_encoder_without_max_query_length_gives_the_query_what_the_passage_leaves():
+    """model.max_query_length=null (the BEIR experiments) on a cross-encoder: the positions left after the passage."""
+    from marco_lightning.models import CrossEncoder
+
+    ce = CrossEncoder("sentence-transformers/all-MiniLM-L6-v2", max_query_length=None, max_doc_length=48, random_init=TINY)
+    assert ce.max_query_length == 512 - 48 and ce.collator().max_cross_length == 512

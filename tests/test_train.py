@@ -233,6 +233,11 @@ def test_candidates_train_one_after_the_other_and_the_best_by_val_is_final_model
     assert lrs == {"slow": cfg.optimizer.lr, "fast": 1e-3}
     assert OmegaConf.load(out / "candidates" / "fast" / "config.yaml").seen == 1
     assert metrics["after"] == json.loads((out / "candidates" / "fast" / "metrics.json").read_text())["after"]
+    # every candidate's files are in its own folder; the best checkpoint is named from the run folder
+    assert (out / metrics["best_checkpoint"]).is_file() and metrics["best_checkpoint"].startswith("candidates/fast/")
+    assert not (out / "checkpoints").exists() and (out / "candidates" / "slow" / "checkpoints" / "last.ckpt").is_file()
+    from marco_lightning.tasks.report import find_runs  # the candidates stand for the run: no row twice
+    assert find_runs([out]) == [out / "candidates" / "fast", out / "candidates" / "slow"]
     files = [p.name for p in (out / "candidates" / "fast" / "final_model").iterdir() if p.is_file()]
     same, differ, _ = filecmp.cmpfiles(out / "final_model", out / "candidates" / "fast" / "final_model", files,
                                        shallow=False)
@@ -243,8 +248,11 @@ def test_candidates_train_one_after_the_other_and_the_best_by_val_is_final_model
 @pytest.mark.parametrize("candidates, expect", [
     ("{a:[],b:['loss=mnrl']}", "config group choice"),
     ("{a:[],b:['optimizer.learning_rate=1']}", "names no setting"),
-    ("{a:[],b:['task.refit=true']}", "changes the run itself"),
+    ("{a:[],b:['task.refit=true']}", "where they run"),
     ("{a:[],b:['negatives.refresh.every_n_epochs=0']}", "every_n_epochs=0"),
+    ("{a:[],b:['+loss=mnrl']}", "already set"),
+    ("{a:[],b:['monitor=val/mrr@10']}", "compared on"),
+    ("{a:[],b:['data.val_top_k=5']}", "compared on"),
 ])
 def test_candidates_fail_before_anything_trains(candidates, expect, tmp_path):
     from marco_lightning.errors import ConfigError
@@ -253,3 +261,12 @@ def test_candidates_fail_before_anything_trains(candidates, expect, tmp_path):
     with pytest.raises(ConfigError, match=expect):
         train.main(compose([*FAST, "logger=none", f"task.candidates={candidates}"], tmp_path))
     assert not (tmp_path / "candidates").exists()
+
+
+def test_candidates_may_switch_a_section_off_and_set_a_list(tmp_path):
+    from marco_lightning.tasks.choose import candidate_configs
+
+    cfg = compose([*FAST, "logger=none", "task.candidates={a:[],b:['callbacks.lr_monitor=null','negatives.systems=[x]']}"],
+                  tmp_path)
+    b = candidate_configs(cfg)["b"]
+    assert b.callbacks.lr_monitor is None and list(b.negatives.systems) == ["x"] and cfg.callbacks.lr_monitor is not None

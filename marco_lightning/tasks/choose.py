@@ -38,12 +38,18 @@ def candidate_configs(cfg: DictConfig) -> dict[str, DictConfig]:
         if not OmegaConf.is_list(overrides) or not all(isinstance(o, str) and "=" in o for o in overrides):
             raise ConfigError(f"{where}={overrides}: a list of key=value overrides ([] for the recipe as configured)")
         for override in overrides:
-            key = override.split("=", 1)[0]
-            if key.lstrip("+").split(".")[0] in ("task", "paths", "hydra"):
-                raise ConfigError(f"{where}: {override!r} changes the run itself; a candidate varies the recipe")
-            if not key.startswith("+") and not _is_setting(cfg, key):
+            key, value = override.split("=", 1)
+            bare = key.lstrip("+")
+            if bare.split(".")[0] in FIXED or bare in FIXED:
+                raise ConfigError(f"{where}: {override!r} changes what the candidates are compared on or where "
+                                  "they run (task, paths, data, monitor, devices); a candidate varies the recipe")
+            exists = _node(cfg, bare) is not _ABSENT
+            if key.startswith("+") and not key.startswith("++") and exists:
+                raise ConfigError(f"{where}: {override!r} adds a key that is already set: drop the '+'")
+            if not key.startswith("+") and not (_is_setting(cfg, bare) or (exists and value == "null")):
                 raise ConfigError(f"{where}: {override!r} names no setting of this config (a config group choice "
-                                  "such as loss=mnrl cannot change within one run: sweep it with -m, then task=report)")
+                                  "such as loss=mnrl cannot change within one run: sweep it with -m, then task=report; a list is set whole: "
+                                  "key=[a,b])")
         candidate = copy.deepcopy(cfg)
         with open_dict(candidate):
             candidate.merge_with(OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
@@ -54,14 +60,27 @@ def candidate_configs(cfg: DictConfig) -> dict[str, DictConfig]:
     return configs
 
 
-def _is_setting(cfg: DictConfig, key: str) -> bool:
-    """`key` names a value of cfg, not a config node (read without resolving: data.root may fetch a dataset)."""
+# the same for every candidate: what they are compared on (the val split, the monitored metric) and where they run
+FIXED = ("task", "paths", "hydra", "data", "monitor", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
+         "trainer.accelerator")
+_ABSENT = object()
+
+
+def _node(cfg: DictConfig, key: str):
+    """The config node at `key`, read without resolving it (data.root may fetch a dataset); _ABSENT if none."""
     node = cfg
     for part in key.split("."):
-        if not isinstance(node, DictConfig) or part not in node.keys():  # noqa: SIM118 (`in node` resolves the value)
-            return False
-        node = node._get_node(part)
-    return not isinstance(node, DictConfig)
+        if isinstance(node, DictConfig) and part in node.keys():  # noqa: SIM118 (`in node` resolves the value)
+            node = node._get_node(part)
+        else:
+            return _ABSENT
+    return node
+
+
+def _is_setting(cfg: DictConfig, key: str) -> bool:
+    """`key` names a value of cfg (a leaf or a list), not a config section."""
+    node = _node(cfg, key)
+    return node is not _ABSENT and not isinstance(node, DictConfig)
 
 
 def final_value(metrics: dict, key: str) -> float:
@@ -90,11 +109,15 @@ def choose(cfg: DictConfig, train, push) -> dict:
         print(f"Candidate {i}/{len(configs)} {name!r}: {' '.join(overrides) or 'the recipe as configured'}")
         start = time.perf_counter()
         results[name] = train(config)
-        table[name] = {"overrides": overrides, "val": final_value(results[name], key),
-                       "final_model": results[name].get("final_model", "trained"), "run": f"candidates/{name}",
+        exported = results[name].get("final_model") or ("refit" if "refit" in results[name] else "trained")
+        table[name] = {"overrides": overrides, "val": final_value(results[name], key), "final_model": exported,
+                       "run": f"candidates/{name}",
                        "seconds": round(time.perf_counter() - start, 1)}
     chosen = max(table, key=lambda n: table[n]["val"])  # the first of equals: max keeps the first maximum
     metrics = {**results[chosen], "candidates": table, "chosen": chosen}
+    for where in (metrics, metrics.get("selection", {})):  # the chosen run's checkpoint, from this run folder
+        if where.get("best_checkpoint"):
+            where["best_checkpoint"] = f"candidates/{chosen}/{where['best_checkpoint']}"
     if rank_zero_only.rank == 0:
         final = run_dir / "final_model"
         shutil.copytree(run_dir / "candidates" / chosen / "final_model", final)
@@ -112,6 +135,7 @@ def chosen_section(table: dict, chosen: str, monitor: str) -> str:
     rows = [f"| {'**' + n + '**' if n == chosen else n} | {' '.join(t['overrides']) or '(as configured)'} | "
             f"{t['val']:.4f} | {t['final_model']} |" for n, t in table.items()]
     why = (f"Each candidate trained on its own (`candidates/<name>/`); this model is the one whose final model "
-           f"scored best on `{monitor}` (the start's number where a candidate kept the start).")
+           f"scored best on `{monitor}` (the start's number where a candidate kept the start; a refit's selection "
+           "run's, as a refit has no held-out number).")
     return "\n".join(["", "### Chosen by validation (`task.candidates`)", "", why, "",
                       f"| candidate | overrides | {monitor} | final model |", "|---|---|---:|---|", *rows, ""])

@@ -170,8 +170,8 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
                                                  rel_level=source.val_rel_level, measures=module.val_measures)
         if keep_start:
             export(cfg, source, module.model, module.loss, metrics, steps, run_dir / "trained_model")
-            start = start_module.model if start_module.model is not module.model else built_again(cfg)
-            export(cfg, source, start, module.loss, metrics, steps, run_dir / "final_model", trained=False)
+            # built again, not the validated copy: a *-true precision converted that one in place
+            export(cfg, source, built_again(cfg), module.loss, metrics, steps, run_dir / "final_model", trained=False)
         else:
             export(cfg, source, exported.model, exported.loss, metrics, steps, run_dir / "final_model")
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
