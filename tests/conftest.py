@@ -74,3 +74,18 @@ def killed_and_resumed(args, tmp_path, kill_after_step: int, timeout: int = 600)
     result = run_cli([*args, f"ckpt_path={killed}", f"hydra.run.dir={resumed}"], timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return unbroken, killed, resumed
+
+
+@pytest.fixture
+def training_makes_it_worse(monkeypatch):
+    """Validation scripted to say training made the model worse: nDCG@10 0.9 before training (a module not yet
+    attached to a trainer, or at step 0), 0.1 after; the other measures are the real ones."""
+    from marco_lightning.module import RetrieverModule
+
+    measure = RetrieverModule.measure
+
+    def scripted_measure(self, run):
+        before = self._trainer is None or self.trainer.global_step == 0
+        return {**measure(self, run), "ndcg@10": 0.9 if before else 0.1}
+
+    monkeypatch.setattr(RetrieverModule, "measure", scripted_measure)

@@ -48,8 +48,8 @@ def candidate_configs(cfg: DictConfig) -> dict[str, DictConfig]:
                 raise ConfigError(f"{where}: {override!r} adds a key that is already set: drop the '+'")
             if not key.startswith("+") and not (_is_setting(cfg, bare) or (exists and value == "null")):
                 raise ConfigError(f"{where}: {override!r} names no setting of this config (a config group choice "
-                                  "such as loss=mnrl cannot change within one run: sweep it with -m, then task=report; a list is set whole: "
-                                  "key=[a,b])")
+                                  "such as loss=mnrl cannot change within one run: sweep it with -m, then "
+                                  "task=report; a list is set whole: key=[a,b])")
         candidate = copy.deepcopy(cfg)
         with open_dict(candidate):
             candidate.merge_with(OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))

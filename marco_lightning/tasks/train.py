@@ -298,7 +298,7 @@ def built_again(cfg: DictConfig):
     weights, random_init included); the training run's RNG stream stays as if it were never built. CPU only: no
     CUDA context before the Trainer picks devices."""
     overrides = {"similarity": None, "max_doc_length": None, "query_prompt": None, "document_prompt": None} \
-        if cfg.model._target_.endswith("BiEncoder") else {}
+        if get_class(cfg.model._target_).kind == "bi" else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return instantiate(cfg.model, **overrides)
