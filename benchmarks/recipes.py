@@ -42,6 +42,9 @@ VARIANTS = {
     # the shipped recipe as first measured (val on the top 30)
     "st_like": ("default", ["experiment=beir_mnrl", "data.val_top_k=30", Q32]),
     "refresh": ("default", ["experiment=beir_mnrl", "negatives.refresh.every_n_epochs=1"]),
+    # one command: with and without the mined negative, chosen by the mean val over 3 folds of the training queries
+    "choose_folds3": ("default", ["experiment=beir_mnrl", "task.folds=3",
+                                  "task.candidates={mined:[],in_batch:['loss.num_hard_negatives=0']}"]),
 }
 
 
@@ -60,7 +63,8 @@ def project_cell(folder: Path, work: Path, mining: str, overrides: list[str], ep
     best = metrics.get("best_checkpoint") or ""
     return {"test": json.loads((eval_dir / "metrics.json").read_text()), "val": metrics.get("after"),
             "val_before": metrics.get("before"), "best": best, "seconds": seconds,
-            "train_split": metrics.get("seconds")}  # the run's own split: training, validation, refresh
+            "train_split": metrics.get("seconds"),  # the run's own split: training, validation, refresh
+            **{k: metrics[k] for k in ("candidates", "chosen") if k in metrics}}
 
 
 def st_cell(folder: Path, work: Path, mined: bool, epochs: int, log) -> dict:

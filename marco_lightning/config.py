@@ -101,6 +101,10 @@ def check_training_config(cfg: DictConfig) -> None:
         if cfg.trainer.accumulate_grad_batches != 1:
             raise ConfigError("mini_batch_size (GradCache) already gives a large batch in small memory; set "
                               "trainer.accumulate_grad_batches=1 or mini_batch_size=null")
+    if cfg.data.get("val_fold") and loss_cls.needs_teacher:
+        raise ConfigError(f"data.val_fold={cfg.data.val_fold} (task.folds) trains on fold 0's val queries, which have "
+                          f"no teacher scores (task=score scores the training queries' pairs), and loss={loss_choice} "
+                          "distils them: use a supervised loss (loss=mnrl) or task.folds=null")
     task = cfg.get("task") or {}
     if task.get("refit"):  # the data's side (a BEIR folder, its val negatives): BeirSource.for_refit
         if loss_cls.needs_teacher:

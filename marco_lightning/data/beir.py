@@ -4,6 +4,8 @@ Ids stay the folder's strings in everything written; inside a data store a passa
 a query its row in queries.jsonl (dense ints, so ids of any shape fit the store's int64 arrays).
 The validation split is `qrels/<val_split>.tsv` when the folder has one, else a fixed share of the training
 queries drawn by a seeded permutation of their sorted ids: the same queries on every machine, never trained on.
+`val_fold=f` holds out the f-th such share of the permutation instead (fold 0 is the default split): the folds of
+task.folds, which cross-validates task.candidates when a val split of a few queries cannot choose.
 
 Real collections are messy. A document with neither title nor text, or a query with an empty text, is left out
 (counted, warned, `BeirFolder.left_out()`), not encoded as BEIR's " ": it has nothing a model or BM25 could match,
@@ -61,7 +63,7 @@ def _checked_id(id_: str, path: Path, n: int) -> str:
 
 class BeirFolder:
     def __init__(self, root, train_split: str = "train", val_split: str = "dev", test_split: str = "test",
-                 val_fraction: float = 0.1):
+                 val_fraction: float = 0.1, val_fold: int = 0):
         self.root = Path(root)
         if not self.root.is_dir():
             raise MissingFileError(f"data.root={root}: no such folder; point data.root at a BEIR folder "
@@ -70,7 +72,7 @@ class BeirFolder:
         if not (0 < val_fraction < 1):
             raise ConfigError(f"data.val_fraction={val_fraction}: use a share in (0, 1)")
         self.split_names = {"train": train_split, "val": val_split, "test": test_split}
-        self.val_fraction = val_fraction
+        self.val_fraction, self.val_fold = val_fraction, int(val_fold)
         self._queries: dict[str, str] | None = None
         self._pids: dict[str, int] | None = None
         self._qrels: dict[str, dict] = {}  # split file name -> its checked judgements
@@ -82,11 +84,11 @@ class BeirFolder:
         if not data.get("root"):
             raise ConfigError("data.root is required: the BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
         return cls(data["root"], data.get("train_split", "train"), data.get("val_split", "dev"),
-                   data.get("test_split", "test"), data.get("val_fraction", 0.1))
+                   data.get("test_split", "test"), data.get("val_fraction", 0.1), data.get("val_fold", 0))
 
     def settings(self) -> dict:
         return {"train_split": self.split_names["train"], "val_split": self.split_names["val"],
-                "test_split": self.split_names["test"], "val_fraction": self.val_fraction}
+                "test_split": self.split_names["test"], "val_fraction": self.val_fraction, "val_fold": self.val_fold}
 
     def files(self) -> list[Path]:
         """What the folder's data is read from (their sizes and times key the caches built from them)."""
@@ -197,18 +199,31 @@ class BeirFolder:
         return qrels
 
     def held_out(self) -> set[str]:
-        """The training queries set aside for validation when the folder has no validation split."""
+        """The training queries set aside for validation when the folder has no validation split: fold val_fold."""
         train = sorted(self._read_qrels(self.split_names["train"]))
-        n = max(1, math.ceil(self.val_fraction * len(train)))
+        n, f = max(1, math.ceil(self.val_fraction * len(train))), self.val_fold
         if n >= len(train):
             raise ConfigError(f"data.val_fraction={self.val_fraction} leaves no training query of {len(train)}: lower "
                               f"it, or add a qrels/{self.split_names['val']}.tsv to {self.root}")
-        order = np.random.default_rng(0).permutation(len(train))[:n]
+        if not 0 <= f < len(train) // n:
+            raise ConfigError(f"data.val_fold={f}: {len(train)} training queries make {len(train) // n} folds of "
+                              f"{n} (data.val_fraction={self.val_fraction}): use 0..{len(train) // n - 1}")
+        order = np.random.default_rng(0).permutation(len(train))[f * n:(f + 1) * n]
         return {train[i] for i in order}
+
+    def num_folds(self) -> int:
+        """How many disjoint val folds of data.val_fraction the training queries make (1 with a val split file)."""
+        if self.has_split_file(self.split_names["val"]):
+            return 1
+        train = self._read_qrels(self.split_names["train"])
+        return len(train) // max(1, math.ceil(self.val_fraction * len(train)))
 
     def qrels(self, split: str) -> dict[str, dict[str, int]]:
         """Judgements of `train`, `val` or `test` (or of any qrels/<name>.tsv), ids as in the folder."""
         name = self.split_names.get(split, split)
+        if self.val_fold and split in ("train", "val") and self.has_split_file(self.split_names["val"]):
+            raise ConfigError(f"data.val_fold={self.val_fold}: {self.root} has qrels/{self.split_names['val']}.tsv, "
+                              "its own val split; folds are shares of the training queries, held out when there is none")
         if split in ("train", "val") and not self.has_split_file(self.split_names["val"]):
             held = self.held_out()
             train = self._read_qrels(self.split_names["train"])
@@ -217,8 +232,9 @@ class BeirFolder:
 
     def describe_split(self, split: str) -> str:
         if split == "val" and not self.has_split_file(self.split_names["val"]):
+            fold = f", fold {self.val_fold}" if self.val_fold else ""
             return (f"val = {self.val_fraction:.0%} of qrels/{self.split_names['train']}.tsv's queries, held out "
-                    f"(no qrels/{self.split_names['val']}.tsv)")
+                    f"(no qrels/{self.split_names['val']}.tsv{fold})")
         return f"{split} = qrels/{self.split_names.get(split, split)}.tsv"
 
 

@@ -228,7 +228,7 @@ class BeirSource(Source):
                  collection: str, queries: str, val_run: str, val_top_k: int, val_rel_level: int = 1,
                  val_system: str = "bm25", train_split: str = "train", val_split: str = "dev",
                  test_split: str = "test", val_fraction: float = 0.1, eval_top_k: int | None = None,
-                 val_hard_negatives: str | None = None):
+                 val_hard_negatives: str | None = None, val_fold: int = 0):
         self.dataset, self.root, self.mined_dir = name, root, mined_dir
         self.name = f"beir-{Path(str(root)).name}" if root else "beir"
         self.val_hard_negatives_file = val_hard_negatives
@@ -238,7 +238,9 @@ class BeirSource(Source):
         self.val_top_k, self.val_rel_level, self.val_system, self.eval_top_k = val_top_k, val_rel_level, \
             val_system, eval_top_k
         self.split_names = {"train_split": train_split, "val_split": val_split, "test_split": test_split,
-                            "val_fraction": val_fraction}
+                            "val_fraction": val_fraction, "val_fold": int(val_fold)}
+        # fold f > 0 (task.folds) trains on fold 0's val queries too: task=mine's val file has their negatives
+        self.val_fold = int(val_fold)
         self._folder, self._rows, self._validation = None, None, None
 
     @property
@@ -286,8 +288,11 @@ class BeirSource(Source):
 
     def check(self, needs_teacher: bool) -> None:
         """A BEIR folder trains on what task=mine (and task=score, for distillation) wrote: say which to run."""
+        fold = ((("val_hard_negatives", self.val_hard_negatives_file, "mine"),
+                 (f"val_run of fold {self.val_fold} (the train split's run)", self.run_path("train"), "mine"))
+                if self.val_fold else ())
         for key, path, task in (("hard_negatives", self.hard_negatives_file, "mine"),
-                                ("val_run", self.run_path("val"), "mine"),
+                                ("val_run", self.run_path("val"), "mine"), *fold,
                                 ("teacher_scores", self.teacher_scores, "score")):
             if key == "teacher_scores" and not needs_teacher:
                 continue
@@ -321,7 +326,8 @@ class BeirSource(Source):
 
     def store_files(self) -> list[str]:
         files = [str(p) for p in self.folder.files()]
-        mined = (self.hard_negatives_file, self.teacher_scores, *((self.val_hard_negatives_file,) if self.refit else ()))
+        mined = (self.hard_negatives_file, self.teacher_scores,
+                 *((self.val_hard_negatives_file,) if self.refit or self.val_fold else ()))
         return files + [str(p) for p in mined if p and Path(p).exists()]
 
     def _training_qrels(self) -> dict[str, dict[str, int]]:
@@ -342,7 +348,7 @@ class BeirSource(Source):
         return {self.rows.query_row[q] for q in self._training_qrels()}
 
     def hard_negatives(self, dropped: Counter):
-        files = [self.hard_negatives_file, *((self.val_hard_negatives_file,) if self.refit else ())]
+        files = [self.hard_negatives_file, *((self.val_hard_negatives_file,) if self.refit or self.val_fold else ())]
         for path in files:  # a query in both files: the store keeps its first (train) list
             yield from self._hard_negatives(path, dropped)
 
@@ -378,12 +384,18 @@ class BeirSource(Source):
     def validation_set(self):
         if self._validation is None:
             ids = self.rows
-            qrels, run = ids.to_rows(self.folder.qrels("val")), ids.to_rows(read_run(self.run_path("val")))
+            run = read_run(self.run_path("val"))
+            if self.val_fold:  # fold f's queries are training queries for task=mine: their run is the train split's
+                run.update(read_run(self.run_path("train")))
+            qrels, run = ids.to_rows(self.folder.qrels("val")), ids.to_rows(run)
             self._validation = qrels, {q: docs for q, docs in run.items() if q in qrels}, ids
         return self._validation
 
     def split(self, name: str | None) -> EvalSplit:
         name = name or "test"
+        if name == "val" and self.val_fold:
+            raise ConfigError(f"data.val_fold={self.val_fold} with task.split=val: the val run task=mine wrote is "
+                              "fold 0's; evaluate a fold with task.mode=retrieve, or drop data.val_fold")
         return EvalSplit(lambda: self.folder.qrels(name), self.run_path(name), self.queries_file,
                          self.collection,
                          hint=f"\n  Mine it first: python run.py task=mine data=beir {self.spelling}")

@@ -6,6 +6,12 @@ overrides of the composed config, e.g. with and without the mined negative:
 
 Each candidate's value is its final model's val number: the best epoch's ("after"), or the start's when
 task.keep_start kept it. Ties go to the first listed.
+
+A val split of a few queries cannot choose (CISI's 4 ranked two candidates in the reverse of their test order). With
+task.folds=k (a BEIR folder without a val split file) each candidate also trains k-1 more times, each holding out
+another share of the training queries (data.val_fold=1..k-1, in `candidates/<name>/folds/<f>/`), and its value is the
+mean over the k folds: k times the val queries for k times the training. The model exported is still fold 0's, the
+run on the default split.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from marco_lightning.config import check_training_config
+from marco_lightning.data.sources import build_source
 from marco_lightning.errors import ConfigError
 
 
@@ -60,6 +67,40 @@ def candidate_configs(cfg: DictConfig) -> dict[str, DictConfig]:
     return configs
 
 
+def fold_configs(candidate: DictConfig, folds: int) -> list[DictConfig]:
+    """The runs behind a candidate's value: itself (fold 0) and, with task.folds=k, the same recipe holding out
+    folds 1..k-1 of the training queries instead, in its folds/<f>/ (no refit, no push: only their val counts)."""
+    runs = [candidate]
+    for fold in range(1, folds):
+        run = copy.deepcopy(candidate)
+        with open_dict(run):
+            run.data.val_fold = fold
+            run.paths.output_dir = str(Path(candidate.paths.output_dir) / "folds" / str(fold))
+            run.task.refit = False
+        runs.append(run)
+    return runs
+
+
+def check_folds(cfg: DictConfig) -> int:
+    """task.folds: null or 1 (the val split alone), or k >= 2 folds the training queries make (read here, before
+    anything trains)."""
+    folds = cfg.task.get("folds") or 1
+    if not isinstance(folds, int) or folds < 1:
+        raise ConfigError(f"task.folds={cfg.task.folds}: a number of folds >= 2 (null: the val split alone)")
+    if folds > 1:
+        if cfg.data.get("val_fold") is None or cfg.data.get("val_fold"):
+            raise ConfigError(f"task.folds={folds} needs data=beir (data.val_fold: 0) and sets data.val_fold itself")
+        folder = build_source(cfg.data).folder
+        available = folder.num_folds()
+        if folds > available:
+            why = (f"it has qrels/{folder.split_names['val']}.tsv, a val split of its own" if available == 1 else
+                   f"{available} folds of data.val_fraction={folder.val_fraction} fit its training queries")
+            raise ConfigError(f"task.folds={folds}: {folder.root}: {why}; use task.folds<={available} (or lower "
+                              "data.val_fraction)" if available > 1 else f"task.folds={folds}: {folder.root}: {why}; "
+                              "folds hold out shares of the training queries: set task.folds=null")
+    return folds
+
+
 # the same for every candidate: what they are compared on (the val split, the monitored metric) and where they run
 FIXED = ("task", "paths", "hydra", "data", "monitor", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
          "trainer.accelerator")
@@ -97,8 +138,10 @@ def choose(cfg: DictConfig, train, push) -> dict:
     from pytorch_lightning.utilities import rank_zero_only
 
     configs = candidate_configs(cfg)
+    folds = check_folds(cfg)
     for config in configs.values():  # every candidate's incompatible choices fail before the first one trains
-        check_training_config(config)
+        for run in fold_configs(config, folds):
+            check_training_config(run)
     key, run_dir = cfg.monitor.removeprefix("val/"), Path(cfg.paths.output_dir)
     if rank_zero_only.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,11 +151,17 @@ def choose(cfg: DictConfig, train, push) -> dict:
         overrides = list(cfg.task.candidates[name])
         print(f"Candidate {i}/{len(configs)} {name!r}: {' '.join(overrides) or 'the recipe as configured'}")
         start = time.perf_counter()
-        results[name] = train(config)
+        values = []
+        for fold, run in enumerate(fold_configs(config, folds)):
+            if folds > 1:
+                print(f"Candidate {name!r}, fold {fold + 1}/{folds}")
+            metrics = train(run)
+            results.setdefault(name, metrics)  # fold 0's: the run whose final_model/ is exported
+            values.append(final_value(metrics, key))
         exported = results[name].get("final_model") or ("refit" if "refit" in results[name] else "trained")
-        table[name] = {"overrides": overrides, "val": final_value(results[name], key), "final_model": exported,
-                       "run": f"candidates/{name}",
-                       "seconds": round(time.perf_counter() - start, 1)}
+        table[name] = {"overrides": overrides, "val": sum(values) / len(values), "final_model": exported,
+                       "run": f"candidates/{name}", "seconds": round(time.perf_counter() - start, 1),
+                       **({"val_folds": values} if folds > 1 else {})}
     chosen = max(table, key=lambda n: table[n]["val"])  # the first of equals: max keeps the first maximum
     metrics = {**results[chosen], "candidates": table, "chosen": chosen}
     for where in (metrics, metrics.get("selection", {})):  # the chosen run's checkpoint, from this run folder
@@ -122,20 +171,24 @@ def choose(cfg: DictConfig, train, push) -> dict:
         final = run_dir / "final_model"
         shutil.copytree(run_dir / "candidates" / chosen / "final_model", final)
         with open(final / "README.md", "a", encoding="utf-8") as card:
-            card.write(chosen_section(table, chosen, cfg.monitor))
+            card.write(chosen_section(table, chosen, cfg.monitor, folds))
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        print(chosen_section(table, chosen, cfg.monitor))
+        print(chosen_section(table, chosen, cfg.monitor, folds))
         print(f"final_model/ is candidate {chosen!r} (candidates/{chosen}/final_model)")
         if cfg.task.get("push_to_hub"):
             push(cfg.task.push_to_hub, final)
     return metrics
 
 
-def chosen_section(table: dict, chosen: str, monitor: str) -> str:
+def chosen_section(table: dict, chosen: str, monitor: str, folds: int = 1) -> str:
     rows = [f"| {'**' + n + '**' if n == chosen else n} | {' '.join(t['overrides']) or '(as configured)'} | "
             f"{t['val']:.4f} | {t['final_model']} |" for n, t in table.items()]
     why = (f"Each candidate trained on its own (`candidates/<name>/`); this model is the one whose final model "
            f"scored best on `{monitor}` (the start's number where a candidate kept the start; a refit's selection "
            "run's, as a refit has no held-out number).")
+    if folds > 1:
+        why += (f" The number is the mean over {folds} folds of the training queries (task.folds): each candidate "
+                "also trained holding out each other fold in turn (`candidates/<name>/folds/<f>/`); this model is "
+                "its fold-0 run's.")
     return "\n".join(["", "### Chosen by validation (`task.candidates`)", "", why, "",
                       f"| candidate | overrides | {monitor} | final model |", "|---|---|---:|---|", *rows, ""])

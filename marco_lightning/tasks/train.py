@@ -131,12 +131,13 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
         metrics["after"] = evaluate("best" if checkpoint.best_model_path else None)
     key = cfg.monitor.removeprefix("val/")
     if "before" in metrics and key in metrics["after"]:
-        metrics["improved"] = metrics["after"][key] >= metrics["before"][key]
+        # a tie is no evidence that training helped (CACM's 3 val queries did not move; the start was better on test)
+        metrics["improved"] = metrics["after"][key] > metrics["before"][key]
         if not metrics["improved"] and trainer.is_global_zero:
-            print(f"WARNING: training made the model worse on {key}: {metrics['before'][key]:.4f} before, "
+            print(f"WARNING: training did not improve the model on {key}: {metrics['before'][key]:.4f} before, "
                   f"{metrics['after'][key]:.4f} after. Try a lower optimizer.lr, fewer steps, or a loss on the "
                   "model's own similarity (README \"Results\").")
-    # task.keep_start: val says training made the model worse, so final_model/ is the model it started from (the
+    # task.keep_start: val says training did not improve the model, so final_model/ is the model it started from (the
     # trained one goes to trained_model/); a refit of what val rejected would be no better
     keep_start = bool(cfg.task.get("keep_start")) and metrics.get("improved") is False
     if keep_start:
@@ -255,7 +256,7 @@ def refit(cfg, source, epochs: int, run_dir: Path):
 
 def export(cfg, source, model, loss, metrics: dict, steps: int, path, trained: bool = True) -> None:
     """A model folder with a model card that says how it was made (trained=False: the starting model, kept because
-    val said training made it worse); never from non-finite weights."""
+    val said training did not improve it); never from non-finite weights."""
     if not all(p.isfinite().all() for p in model.parameters()):
         raise FloatingPointError(f"the trained weights are not finite: {path.name}/ not exported")
     card_data(model, cfg, trained)
