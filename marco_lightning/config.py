@@ -106,6 +106,9 @@ def check_training_config(cfg: DictConfig) -> None:
                           f"no teacher scores (task=score scores the training queries' pairs), and loss={loss_choice} "
                           "distils them: use a supervised loss (loss=mnrl) or task.folds=null")
     task = cfg.get("task") or {}
+    if task.get("folds") and not task.get("candidates"):
+        raise ConfigError(f"task.folds={task.folds} cross-validates the choice among task.candidates: set "
+                          "task.candidates too, or task.folds=null")
     if task.get("refit"):  # the data's side (a BEIR folder, its val negatives): BeirSource.for_refit
         if loss_cls.needs_teacher:
             raise ConfigError(f"task.refit=true trains on the val queries too, which have no teacher scores (task=score "

@@ -197,6 +197,31 @@ def test_select_negatives_equals_sentence_transformers_mine_hard_negatives(tmp_p
             assert [row[f"negative_{i}"] for i in (1, 2, 3)] == ours[row["q"]], kwargs
 
 
+def test_val_folds_are_disjoint_shares_of_the_training_queries(tmp_path):
+    """data.val_fold=f holds out the f-th share of the same seeded permutation: fold 0 is the default val split, the
+    folds are disjoint, each trains on every other training query; folds past the last, or with a val split file of
+    the folder's own, are refused naming the key."""
+    from marco_lightning.errors import ConfigError
+
+    root = make_folder(tmp_path / "f")
+    default = BeirFolder(root)
+    assert default.num_folds() == 8  # 24 training queries, 3 (ceil 10%) a fold
+    everything = {**default.qrels("train"), **default.qrels("val")}
+    folds = [BeirFolder(root, val_fold=f) for f in range(8)]
+    assert folds[0].qrels("val") == default.qrels("val") and folds[0].qrels("train") == default.qrels("train")
+    held = [set(f.qrels("val")) for f in folds]
+    assert all(len(h) == 3 for h in held) and set().union(*held) == set(everything)  # 8 x 3 = all 24, disjoint
+    for fold, h in zip(folds, held):
+        assert set(fold.qrels("train")) == set(everything) - h
+    assert "fold 5" in folds[5].describe_split("val")
+    with pytest.raises(ConfigError, match="data.val_fold=8: 24 training queries make 8 folds of 3"):
+        BeirFolder(root, val_fold=8).qrels("val")
+    (root / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq-1\t01\t1\n")
+    assert BeirFolder(root).num_folds() == 1
+    with pytest.raises(ConfigError, match="data.val_fold=1: .* has qrels/dev.tsv"):
+        BeirFolder(root, val_fold=1).qrels("train")
+
+
 # --- mine -> score -> train -> evaluate -------------------------------------------------------------------------
 
 def _mine(root, *extra):
@@ -609,3 +634,74 @@ def test_beir_mnrl_trains_every_pair_on_the_models_own_top_negative(tmp_path):
             assert neg == mined[q]["neg"][name][0], (epoch, q)
             drawn.setdefault(q, []).append(pos)
         assert {q: sorted(p) for q, p in drawn.items()} == {q: sorted(d["pos"]) for q, d in mined.items()}
+
+
+def test_candidates_with_folds_choose_by_the_mean_val_over_the_folds(tmp_path, monkeypatch):
+    """task.folds=2: each candidate also trains holding out fold 1 (in candidates/<name>/folds/1/: that fold's
+    queries validated on the train split's mined run, every other training query trained, fold 0's with the
+    negatives task=mine wrote for the val queries); the value is the mean over the folds. Scripted val: 'a' 0.8 on
+    fold 0 and 0.2 on fold 1 (mean 0.5), 'b' 0.6 on both: fold 0 alone would pick 'a', the folds pick 'b', and
+    final_model/ is b's fold-0 model."""
+    import filecmp
+
+    from conftest import compose
+    from omegaconf import OmegaConf
+
+    from marco_lightning.data.datamodule import store_path
+    from marco_lightning.data.sources import build_source
+    from marco_lightning.data.store import Store
+    from marco_lightning.data.trec import read_run
+    from marco_lightning.module import RetrieverModule
+    from marco_lightning.tasks.report import find_runs
+    from marco_lightning.tasks.train import main
+
+    measure = RetrieverModule.measure
+    scripted = {("a", False): 0.8, ("a", True): 0.2, ("b", False): 0.6, ("b", True): 0.6}
+
+    def scripted_measure(self, run):
+        if self._trainer is None or self.trainer.global_step == 0:
+            return {**measure(self, run), "ndcg@10": 0.1}  # the start: below every candidate (kept by none)
+        where = self.trainer.default_root_dir
+        name = "a" if "candidates/a" in where else "b"
+        return {**measure(self, run), "ndcg@10": scripted[name, "folds/1" in where]}
+
+    monkeypatch.setattr(RetrieverModule, "measure", scripted_measure)
+    root = make_folder(tmp_path / "f")
+    assert _mine(root, "task.systems=[bm25]").returncode == 0
+    fast = [x for x in FAST if not x.startswith("data.val_top_k")]
+    out = tmp_path / "run"
+    metrics = main(compose(["data=beir", f"data.root={root}", "loss=mnrl", *fast, "logger=none", "task.folds=2",
+                            "task.candidates={a:[],b:['optimizer.lr=1e-4']}"], out))
+    table = metrics["candidates"]
+    assert table["a"]["val_folds"] == [0.8, 0.2] and table["b"]["val_folds"] == [0.6, 0.6]
+    assert table["a"]["val"] == pytest.approx(0.5) and metrics["chosen"] == "b"
+    fold1 = BeirFolder(root, val_fold=1)
+    for name in ("a", "b"):
+        run = out / "candidates" / name / "folds" / "1"
+        assert set(read_run(run / "val_run.trec")) == set(fold1.qrels("val"))  # fold 1's queries, the train run's
+        config = OmegaConf.load(run / "config.yaml")
+        store = Store(store_path(config.paths.cache_dir, build_source(config.data), config.negatives))
+        rows = {q: i for i, q in enumerate(fold1.queries)}  # fold 0's val queries train here: 24 - fold 1's 3
+        assert config.data.val_fold == 1 and set(store.train.qids.tolist()) == {rows[q] for q in fold1.qrels("train")}
+    files = [p.name for p in (out / "candidates" / "b" / "final_model").iterdir() if p.is_file()]
+    _, differ, _ = filecmp.cmpfiles(out / "final_model", out / "candidates" / "b" / "final_model", files, shallow=False)
+    assert differ == ["README.md"] and "mean over 2 folds" in (out / "final_model" / "README.md").read_text()
+    assert find_runs([out]) == [out / "candidates" / "a", out / "candidates" / "b"]  # the folds are no rows
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["task.folds=9"], "task.folds=9: .*8 folds of data.val_fraction=0.1 fit"),
+    (["task.folds=2", "loss=margin_mse_cos"], "no teacher scores"),
+])
+def test_folds_are_refused_before_anything_trains(overrides, message, tmp_path):
+    from conftest import compose
+
+    from marco_lightning.errors import ConfigError
+    from marco_lightning.tasks.train import main
+
+    root = make_folder(tmp_path / "f")
+    loss = [] if any(o.startswith("loss=") for o in overrides) else ["loss=mnrl"]
+    with pytest.raises(ConfigError, match=message):
+        main(compose(["data=beir", f"data.root={root}", *loss, *FAST, "logger=none", *overrides,
+                      "task.candidates={a:[],b:['optimizer.lr=1e-4']}"], tmp_path / "run"))
+    assert not (tmp_path / "run" / "candidates").exists()

@@ -74,3 +74,24 @@ def test_grad_cache_under_ddp_gives_the_plain_ddp_weights(tmp_path):
         states.append(final_state(out)[1])
     for name in states[0]:
         torch.testing.assert_close(states[1][name], states[0][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_candidates_under_ddp_train_each_on_both_ranks_and_export_the_chosen(tmp_path):
+    """task.candidates on 2 gloo processes: each candidate is one more fit in the same process group (the ranks
+    split its batches), rank 0 alone writes the run's final_model/ and metrics.json."""
+    from sentence_transformers import SentenceTransformer
+
+    result = run_cli([*SMALL, "trainer=ddp_cpu", "trainer.devices=2", "loss=mnrl", "trainer.max_steps=2",
+                      "task.candidates={a:[],b:['optimizer.lr=1e-4']}", "task.keep_start=false",
+                      f"hydra.run.dir={tmp_path}"], timeout=840)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["candidates"]) == {"a", "b"} and metrics["chosen"] in ("a", "b")
+    for name in ("a", "b"):
+        step, _ = final_state(tmp_path / "candidates" / name)
+        assert step == 2  # two DDP steps each: the second fit ran on both ranks too
+    chosen = metrics["candidates"][metrics["chosen"]]["val"]
+    assert chosen == max(c["val"] for c in metrics["candidates"].values())
+    assert SentenceTransformer(str(tmp_path / "final_model"), device="cpu").encode(["a query"]).shape == (1, 32)

@@ -195,6 +195,20 @@ def test_a_model_training_made_worse_is_not_exported(tmp_path, training_makes_it
     assert "This is the starting model" not in (out / "trained_model" / "README.md").read_text(encoding="utf-8")
 
 
+def test_a_val_tie_keeps_the_start(tmp_path, monkeypatch):
+    """A trained model that val cannot tell from the start (a scripted 0.5 before and after: CACM's 3 val queries did
+    not move) is no evidence training helped: task.keep_start exports the start."""
+    from marco_lightning.module import RetrieverModule
+    from marco_lightning.tasks import train
+
+    measure = RetrieverModule.measure
+    monkeypatch.setattr(RetrieverModule, "measure", lambda self, run: {**measure(self, run), "ndcg@10": 0.5})
+    metrics = train.main(compose([*FAST, "logger=none"], tmp_path / "run"))
+    assert metrics["before"]["ndcg@10"] == metrics["after"]["ndcg@10"] == 0.5
+    assert metrics["improved"] is False and metrics["final_model"] == "start"
+    assert (tmp_path / "run" / "trained_model").is_dir()
+
+
 def test_candidates_train_one_after_the_other_and_the_best_by_val_is_final_model(tmp_path, monkeypatch):
     """task.candidates: each variant trains in candidates/<name>/ with its overrides; final_model/ is a copy of the
     one whose val is best (scripted: 0.6 for 'slow', 0.8 for 'fast', both above the start's 0.5), and metrics.json

@@ -61,7 +61,7 @@ def candidate_configs(cfg: DictConfig) -> dict[str, DictConfig]:
         with open_dict(candidate):
             candidate.merge_with(OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
             candidate.paths.output_dir = str(run_dir / "candidates" / name)
-            candidate.task.candidates = None
+            candidate.task.candidates = candidate.task.folds = None
             candidate.task.push_to_hub = None  # only the chosen model is pushed, at the end
         configs[name] = candidate
     return configs
@@ -190,5 +190,6 @@ def chosen_section(table: dict, chosen: str, monitor: str, folds: int = 1) -> st
         why += (f" The number is the mean over {folds} folds of the training queries (task.folds): each candidate "
                 "also trained holding out each other fold in turn (`candidates/<name>/folds/<f>/`); this model is "
                 "its fold-0 run's.")
+    value = f"{monitor} (mean of {folds} folds)" if folds > 1 else monitor
     return "\n".join(["", "### Chosen by validation (`task.candidates`)", "", why, "",
-                      f"| candidate | overrides | {monitor} | final model |", "|---|---|---:|---|", *rows, ""])
+                      f"| candidate | overrides | {value} | final model |", "|---|---|---:|---|", *rows, ""])
