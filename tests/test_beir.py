@@ -216,6 +216,9 @@ def test_val_folds_are_disjoint_shares_of_the_training_queries(tmp_path):
     assert "fold 5" in folds[5].describe_split("val")
     with pytest.raises(ConfigError, match="data.val_fold=8: 24 training queries make 8 folds of 3"):
         BeirFolder(root, val_fold=8).qrels("val")
+    mined = _mine(root, "data.val_fold=1")  # mining writes fold 0's files, which every fold reads
+    assert mined.returncode != 0 and "data.val_fold=1: task=mine mines the training queries once" in mined.stderr
+    assert not (root / "mined").exists()
     (root / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq-1\t01\t1\n")
     assert BeirFolder(root).num_folds() == 1
     with pytest.raises(ConfigError, match="data.val_fold=1: .* has qrels/dev.tsv"):

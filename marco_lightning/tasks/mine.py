@@ -135,6 +135,9 @@ def load_system(entry, cfg: DictConfig, cache: Path):
 
 def main(cfg: DictConfig) -> dict:
     folder = build_source(cfg.data).mining_folder("mine")  # a BEIR folder (MS MARCO's negatives are published)
+    if folder.val_fold:  # every fold trains on what fold 0's mining wrote (task.folds): one set of files
+        raise ConfigError(f"data.val_fold={folder.val_fold}: task=mine mines the training queries once, for every "
+                          "fold (the val split's negatives and run are fold 0's): drop data.val_fold")
     task = cfg.task
     lo, hi = (list(task.range) + [None, None])[:2]
     lo = int(lo or 0)
