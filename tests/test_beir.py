@@ -708,3 +708,20 @@ def test_folds_are_refused_before_anything_trains(overrides, message, tmp_path):
         main(compose(["data=beir", f"data.root={root}", *loss, *FAST, "logger=none", *overrides,
                       "task.candidates={a:[],b:['optimizer.lr=1e-4']}"], tmp_path / "run"))
     assert not (tmp_path / "run" / "candidates").exists()
+
+
+def test_beir_choose_cross_validates_the_mined_negative_against_none(tmp_path):
+    """experiment=beir_choose is beir_mnrl twice, with its top-1 mined negative and without, chosen on 3 folds."""
+    from conftest import compose
+
+    from marco_lightning.tasks.choose import candidate_configs, check_folds, fold_configs
+
+    root = make_folder(tmp_path / "f")
+    cfg = compose(["experiment=beir_choose", f"data.root={root}"], tmp_path / "run")
+    configs = candidate_configs(cfg)
+    # mined: every one of the num_negatives=1 the row carries (null); in_batch: none of it in the loss
+    assert {n: c.loss.num_hard_negatives for n, c in configs.items()} == {"mined": None, "in_batch": 0}
+    assert cfg.num_negatives == 1
+    assert all(c.train_rows == "positive" and list(c.negatives.systems) == ["model"] for c in configs.values())
+    assert check_folds(cfg) == 3
+    assert [r.data.val_fold for r in fold_configs(configs["mined"], 3)] == [0, 1, 2]
