@@ -692,17 +692,20 @@ def test_candidates_with_folds_choose_by_the_mean_val_over_the_folds(tmp_path, m
     assert find_runs([out]) == [out / "candidates" / "a", out / "candidates" / "b"]  # the folds are no rows
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["task.folds=9"], "task.folds=9: .*8 folds of data.val_fraction=0.1 fit"),
-    (["task.folds=2", "loss=margin_mse_cos"], "no teacher scores"),
+@pytest.mark.parametrize("overrides, dev, message", [
+    (["task.folds=9"], False, "task.folds=9: 8 folds of data.val_fraction=0.1 fit"),
+    (["task.folds=2"], True, "has qrels/dev.tsv, a val split of its own"),
+    (["task.folds=2", "loss=margin_mse_cos"], False, "no teacher scores"),
 ])
-def test_folds_are_refused_before_anything_trains(overrides, message, tmp_path):
+def test_folds_are_refused_before_anything_trains(overrides, dev, message, tmp_path):
     from conftest import compose
 
     from marco_lightning.errors import ConfigError
     from marco_lightning.tasks.train import main
 
     root = make_folder(tmp_path / "f")
+    if dev:
+        (root / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq-1\t01\t1\n")
     loss = [] if any(o.startswith("loss=") for o in overrides) else ["loss=mnrl"]
     with pytest.raises(ConfigError, match=message):
         main(compose(["data=beir", f"data.root={root}", *loss, *FAST, "logger=none", *overrides,

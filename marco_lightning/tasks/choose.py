@@ -92,12 +92,13 @@ def check_folds(cfg: DictConfig) -> int:
             raise ConfigError(f"task.folds={folds} needs data=beir (data.val_fold: 0) and sets data.val_fold itself")
         folder = build_source(cfg.data).folder
         available = folder.num_folds()
+        if available == 1:
+            raise ConfigError(f"task.folds={folds}: {folder.root} has qrels/{folder.split_names['val']}.tsv, a val "
+                              "split of its own; folds are shares of the training queries: set task.folds=null")
         if folds > available:
-            why = (f"it has qrels/{folder.split_names['val']}.tsv, a val split of its own" if available == 1 else
-                   f"{available} folds of data.val_fraction={folder.val_fraction} fit its training queries")
-            raise ConfigError(f"task.folds={folds}: {folder.root}: {why}; use task.folds<={available} (or lower "
-                              "data.val_fraction)" if available > 1 else f"task.folds={folds}: {folder.root}: {why}; "
-                              "folds hold out shares of the training queries: set task.folds=null")
+            raise ConfigError(f"task.folds={folds}: {available} folds of data.val_fraction={folder.val_fraction} fit "
+                              f"the training queries of {folder.root}: use task.folds<={available} (or lower "
+                              "data.val_fraction)")
     return folds
 
 
