@@ -251,6 +251,28 @@ def test_candidates_train_one_after_the_other_and_the_best_by_val_is_final_model
     assert "Chosen by validation" in (out / "final_model" / "README.md").read_text(encoding="utf-8")
 
 
+def test_candidates_rank_by_what_they_trained_where_both_kept_the_start(tmp_path, monkeypatch):
+    """Both candidates fall below the start (scripted val: 0.9 before training; 'a' 0.3, 'b' 0.5 after): each run
+    exports the start (task.keep_start), and the candidates still rank by their trained models, not both at the
+    start's 0.9 (a tie the first listed would win)."""
+    from marco_lightning.module import RetrieverModule
+    from marco_lightning.tasks import train
+
+    measure = RetrieverModule.measure
+
+    def scripted_measure(self, run):
+        if self._trainer is None or self.trainer.global_step == 0:
+            return {**measure(self, run), "ndcg@10": 0.9}
+        return {**measure(self, run), "ndcg@10": 0.5 if "candidates/b" in self.trainer.default_root_dir else 0.3}
+
+    monkeypatch.setattr(RetrieverModule, "measure", scripted_measure)
+    metrics = train.main(compose([*FAST, "logger=none", "task.candidates={a:[],b:['optimizer.lr=1e-4']}"],
+                                 tmp_path / "run"))
+    table = metrics["candidates"]
+    assert [table[n]["val"] for n in "ab"] == [0.3, 0.5] and metrics["chosen"] == "b"
+    assert table["a"]["final_model"] == table["b"]["final_model"] == metrics["final_model"] == "start"
+
+
 @pytest.mark.parametrize("candidates, expect", [
     ("{a:[],b:['loss=mnrl']}", "config group choice"),
     ("{a:[],b:['optimizer.learning_rate=1']}", "names no setting"),

@@ -4,8 +4,11 @@ overrides of the composed config, e.g. with and without the mined negative:
 
     task.candidates: {mined: [], in_batch: [loss.num_hard_negatives=0]}
 
-Each candidate's value is its final model's val number: the best epoch's ("after"), or the start's when
-task.keep_start kept it. Ties go to the first listed.
+Each candidate's value is the val number of the model it trained (the best epoch's, "after"; under task.refit the
+selection run's), also where task.keep_start then exported the start: the candidates are recipes, ranked by what
+they train; whether the chosen one beat its start is its own run's task.keep_start. (A fold where every candidate
+fell below the start would otherwise rank them all at the start's number: CISI's folds 1 and 2 did.) Ties go to
+the first listed.
 
 A val split of a few queries cannot choose (CISI's 4 ranked two candidates in the reverse of their test order). With
 task.folds=k (a BEIR folder without a val split file) each candidate also trains k-1 more times, each holding out
@@ -125,11 +128,9 @@ def _is_setting(cfg: DictConfig, key: str) -> bool:
     return node is not _ABSENT and not isinstance(node, DictConfig)
 
 
-def final_value(metrics: dict, key: str) -> float:
-    """The val number of the model a run exported: its best epoch's, the start's when it kept the start, the
-    selection run's under task.refit."""
-    shown = metrics.get("selection", metrics)
-    return shown["before" if metrics.get("final_model") == "start" else "after"][key]
+def trained_value(metrics: dict, key: str) -> float:
+    """The val number of the model a run trained: its best epoch's (the selection run's under task.refit)."""
+    return metrics.get("selection", metrics)["after"][key]
 
 
 def choose(cfg: DictConfig, train, push) -> dict:
@@ -158,7 +159,7 @@ def choose(cfg: DictConfig, train, push) -> dict:
                 print(f"Candidate {name!r}, fold {fold + 1}/{folds}")
             metrics = train(run)
             results.setdefault(name, metrics)  # fold 0's: the run whose final_model/ is exported
-            values.append(final_value(metrics, key))
+            values.append(trained_value(metrics, key))
         exported = results[name].get("final_model") or ("refit" if "refit" in results[name] else "trained")
         table[name] = {"overrides": overrides, "val": sum(values) / len(values), "final_model": exported,
                        "run": f"candidates/{name}", "seconds": round(time.perf_counter() - start, 1),
@@ -184,9 +185,9 @@ def choose(cfg: DictConfig, train, push) -> dict:
 def chosen_section(table: dict, chosen: str, monitor: str, folds: int = 1) -> str:
     rows = [f"| {'**' + n + '**' if n == chosen else n} | {' '.join(t['overrides']) or '(as configured)'} | "
             f"{t['val']:.4f} | {t['final_model']} |" for n, t in table.items()]
-    why = (f"Each candidate trained on its own (`candidates/<name>/`); this model is the one whose final model "
-           f"scored best on `{monitor}` (the start's number where a candidate kept the start; a refit's selection "
-           "run's, as a refit has no held-out number).")
+    why = (f"Each candidate trained on its own (`candidates/<name>/`); this model is the one whose trained model "
+           f"scored best on `{monitor}` (a refit's selection run's, as a refit has no held-out number; the final "
+           "model column says where task.keep_start then exported the start).")
     if folds > 1:
         why += (f" The number is the mean over {folds} folds of the training queries (task.folds): each candidate "
                 "also trained holding out each other fold in turn (`candidates/<name>/folds/<f>/`); this model is "
