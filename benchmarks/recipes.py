@@ -43,6 +43,7 @@ VARIANTS = {
     "st_like": ("default", ["experiment=beir_mnrl", "data.val_top_k=30", Q32]),
     "refresh": ("default", ["experiment=beir_mnrl", "negatives.refresh.every_n_epochs=1"]),
     # one command: with and without the mined negative, chosen by the mean val over 3 folds of the training queries
+    # (what experiment=beir_choose sets, spelled out as measured)
     "choose_folds3": ("default", ["experiment=beir_mnrl", "task.folds=3",
                                   "task.candidates={mined:[],in_batch:['loss.num_hard_negatives=0']}"]),
 }
