@@ -273,6 +273,32 @@ def test_candidates_rank_by_what_they_trained_where_both_kept_the_start(tmp_path
     assert table["a"]["final_model"] == table["b"]["final_model"] == metrics["final_model"] == "start"
 
 
+def test_candidates_that_change_the_start_compare_what_they_exported(tmp_path, monkeypatch):
+    """Overrides that change the start's val (scripted: 'a' starts at 0.9 and trains to 0.85, so it keeps its start;
+    'b' starts at 0.7 and trains to 0.88): the models exported compare, 0.9 against 0.88, and 'a' wins."""
+    from marco_lightning.module import RetrieverModule
+    from marco_lightning.tasks import train
+
+    measure, check, running = RetrieverModule.measure, train.check_training_config, {}
+
+    def scripted_measure(self, run):  # the start is measured before any trainer exists: which run is it?
+        b = "candidates/b" in running["dir"]
+        before = self._trainer is None or self.trainer.global_step == 0
+        return {**measure(self, run), "ndcg@10": (0.7 if b else 0.9) if before else (0.88 if b else 0.85)}
+
+    def checked(cfg):  # each candidate's run begins here
+        running["dir"] = cfg.paths.output_dir
+        check(cfg)
+
+    monkeypatch.setattr(RetrieverModule, "measure", scripted_measure)
+    monkeypatch.setattr(train, "check_training_config", checked)
+    metrics = train.main(compose([*FAST, "logger=none", "task.candidates={a:[],b:['optimizer.lr=1e-4']}"],
+                                 tmp_path / "run"))
+    table = metrics["candidates"]
+    assert [table[n]["val"] for n in "ab"] == [0.9, 0.88] and metrics["chosen"] == "a"
+    assert table["a"]["final_model"] == "start" and table["b"]["final_model"] == "trained"
+
+
 @pytest.mark.parametrize("candidates, expect", [
     ("{a:[],b:['loss=mnrl']}", "config group choice"),
     ("{a:[],b:['optimizer.learning_rate=1']}", "names no setting"),

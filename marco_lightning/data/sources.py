@@ -289,7 +289,7 @@ class BeirSource(Source):
     def check(self, needs_teacher: bool) -> None:
         """A BEIR folder trains on what task=mine (and task=score, for distillation) wrote: say which to run."""
         fold = ((("val_hard_negatives", self.val_hard_negatives_file, "mine"),
-                 (f"val_run of fold {self.val_fold} (the train split's run)", self.run_path("train"), "mine"))
+                 ("val_run", self.run_path("train"), "mine"))  # fold f's val queries: the train split's run
                 if self.val_fold else ())
         for key, path, task in (("hard_negatives", self.hard_negatives_file, "mine"),
                                 ("val_run", self.run_path("val"), "mine"), *fold,

@@ -8,7 +8,8 @@ Each candidate's value is the val number of the model it trained (the best epoch
 selection run's), also where task.keep_start then exported the start: the candidates are recipes, ranked by what
 they train; whether the chosen one beat its start is its own run's task.keep_start. (A fold where every candidate
 fell below the start would otherwise rank them all at the start's number: CISI's folds 1 and 2 did.) Ties go to
-the first listed.
+the first listed. Candidates whose overrides change the start's val (model.max_query_length, say) compare the
+models they exported instead.
 
 A val split of a few queries cannot choose (CISI's 4 ranked two candidates in the reverse of their test order). With
 task.folds=k (a BEIR folder without a val split file) each candidate also trains k-1 more times, each holding out
@@ -88,14 +89,14 @@ def check_folds(cfg: DictConfig) -> int:
     """task.folds: null or 1 (the val split alone), or k >= 2 folds the training queries make (read here, before
     anything trains)."""
     folds = cfg.task.get("folds") or 1
-    if not isinstance(folds, int) or folds < 1:
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
         raise ConfigError(f"task.folds={cfg.task.folds}: a number of folds >= 2 (null: the val split alone)")
     if folds > 1:
         if cfg.data.get("val_fold") is None or cfg.data.get("val_fold"):
             raise ConfigError(f"task.folds={folds} needs data=beir (data.val_fold: 0) and sets data.val_fold itself")
         folder = build_source(cfg.data).folder
         available = folder.num_folds()
-        if available == 1:
+        if folder.has_split_file(folder.split_names["val"]):
             raise ConfigError(f"task.folds={folds}: {folder.root} has qrels/{folder.split_names['val']}.tsv, a val "
                               "split of its own; folds are shares of the training queries: set task.folds=null")
         if folds > available:
@@ -133,6 +134,11 @@ def trained_value(metrics: dict, key: str) -> float:
     return metrics.get("selection", metrics)["after"][key]
 
 
+def final_value(metrics: dict, key: str) -> float:
+    """The val number of the model a run exported: the start's where task.keep_start kept it."""
+    return metrics.get("selection", metrics)["before" if metrics.get("final_model") == "start" else "after"][key]
+
+
 def choose(cfg: DictConfig, train, push) -> dict:
     """Train every candidate with `train` (tasks.train.main), copy the best one's final_model/ to the run folder
     (and `push` it to task.push_to_hub)."""
@@ -148,23 +154,28 @@ def choose(cfg: DictConfig, train, push) -> dict:
     if rank_zero_only.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    results, table = {}, {}
+    runs, table = {}, {}
     for i, (name, config) in enumerate(configs.items(), 1):
         overrides = list(cfg.task.candidates[name])
         print(f"Candidate {i}/{len(configs)} {name!r}: {' '.join(overrides) or 'the recipe as configured'}")
         start = time.perf_counter()
-        values = []
+        runs[name] = []  # fold 0's first: the run whose final_model/ is exported
         for fold, run in enumerate(fold_configs(config, folds)):
             if folds > 1:
                 print(f"Candidate {name!r}, fold {fold + 1}/{folds}")
-            metrics = train(run)
-            results.setdefault(name, metrics)  # fold 0's: the run whose final_model/ is exported
-            values.append(trained_value(metrics, key))
-        exported = results[name].get("final_model") or ("refit" if "refit" in results[name] else "trained")
-        table[name] = {"overrides": overrides, "val": sum(values) / len(values), "final_model": exported,
-                       "run": f"candidates/{name}", "seconds": round(time.perf_counter() - start, 1),
-                       **({"val_folds": values} if folds > 1 else {})}
+            runs[name].append(train(run))
+        exported = runs[name][0].get("final_model") or ("refit" if "refit" in runs[name][0] else "trained")
+        table[name] = {"overrides": overrides, "final_model": exported, "run": f"candidates/{name}",
+                       "seconds": round(time.perf_counter() - start, 1)}
+    # candidates with one start rank by what they trained; overrides that change the start (its val differs)
+    # compare the exported models, so a trained one that beat a weaker start cannot win over a stronger start kept
+    starts = {json.dumps([m.get("selection", m).get("before") for m in r], sort_keys=True) for r in runs.values()}
+    value = trained_value if len(starts) == 1 else final_value
+    for name, fold_metrics in runs.items():
+        values = [value(m, key) for m in fold_metrics]
+        table[name].update(val=sum(values) / len(values), **({"val_folds": values} if folds > 1 else {}))
     chosen = max(table, key=lambda n: table[n]["val"])  # the first of equals: max keeps the first maximum
+    results = {name: r[0] for name, r in runs.items()}
     metrics = {**results[chosen], "candidates": table, "chosen": chosen}
     for where in (metrics, metrics.get("selection", {})):  # the chosen run's checkpoint, from this run folder
         if where.get("best_checkpoint"):

@@ -28,7 +28,8 @@ def find_runs(folders) -> list[Path]:
         # a task.candidates run repeats its chosen candidate's metrics: its candidates/<name>/ runs stand for it;
         # their folds/<f>/ (task.folds) were validated on other queries
         found = sorted({p.parent for p in folder.rglob("metrics.json") if not (p.parent / "candidates").is_dir()
-                        and p.parent.parent.name != "folds"}, key=natural)
+                        and not (len(p.parents) > 3 and p.parents[1].name == "folds" and p.parents[3].name == "candidates")},
+                       key=natural)
         if not found:
             raise ConfigError(f"task.runs: no run folders (with metrics.json) at or below {folder}: point it at a "
                               "run folder (outputs/DATE/TIME) or a sweep folder (multirun/DATE/TIME)")
