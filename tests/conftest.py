@@ -89,3 +89,28 @@ def training_makes_it_worse(monkeypatch):
         return {**measure(self, run), "ndcg@10": 0.9 if before else 0.1}
 
     monkeypatch.setattr(RetrieverModule, "measure", scripted_measure)
+
+
+@pytest.fixture
+def scripted_val(monkeypatch):
+    """script(before, after): val nDCG@10 scripted per run: before(run_dir) for the model not yet trained (a module
+    not attached to a trainer, or at step 0), after(run_dir) once it trains; the other measures are the real ones.
+    run_dir is the output folder of the task=train run being measured (each candidate's, each fold's)."""
+    from marco_lightning.module import RetrieverModule
+    from marco_lightning.tasks import train
+
+    measure, check, running = RetrieverModule.measure, train.check_training_config, {}
+
+    def checked(cfg):  # every run (a candidate, a fold) begins here; the start is measured before any trainer
+        running["dir"] = str(cfg.paths.output_dir)
+        check(cfg)
+
+    def script(before, after):
+        def scripted_measure(self, run):
+            untrained = self._trainer is None or self.trainer.global_step == 0
+            return {**measure(self, run), "ndcg@10": (before if untrained else after)(running["dir"])}
+
+        monkeypatch.setattr(RetrieverModule, "measure", scripted_measure)
+        monkeypatch.setattr(train, "check_training_config", checked)
+
+    return script

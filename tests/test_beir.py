@@ -639,7 +639,7 @@ def test_beir_mnrl_trains_every_pair_on_the_models_own_top_negative(tmp_path):
         assert {q: sorted(p) for q, p in drawn.items()} == {q: sorted(d["pos"]) for q, d in mined.items()}
 
 
-def test_candidates_with_folds_choose_by_the_mean_val_over_the_folds(tmp_path, monkeypatch):
+def test_candidates_with_folds_choose_by_the_mean_val_over_the_folds(tmp_path, scripted_val):
     """task.folds=2: each candidate also trains holding out fold 1 (in candidates/<name>/folds/1/: that fold's
     queries validated on the train split's mined run, every other training query trained, fold 0's with the
     negatives task=mine wrote for the val queries); the value is the mean over the folds. Scripted val: 'a' 0.8 on
@@ -654,21 +654,12 @@ def test_candidates_with_folds_choose_by_the_mean_val_over_the_folds(tmp_path, m
     from marco_lightning.data.sources import build_source
     from marco_lightning.data.store import Store
     from marco_lightning.data.trec import read_run
-    from marco_lightning.module import RetrieverModule
     from marco_lightning.tasks.report import find_runs
     from marco_lightning.tasks.train import main
 
-    measure = RetrieverModule.measure
     scripted = {("a", False): 0.8, ("a", True): 0.2, ("b", False): 0.6, ("b", True): 0.6}
-
-    def scripted_measure(self, run):
-        if self._trainer is None or self.trainer.global_step == 0:
-            return {**measure(self, run), "ndcg@10": 0.1}  # the start: below every candidate (kept by none)
-        where = self.trainer.default_root_dir
-        name = "a" if "candidates/a" in where else "b"
-        return {**measure(self, run), "ndcg@10": scripted[name, "folds/1" in where]}
-
-    monkeypatch.setattr(RetrieverModule, "measure", scripted_measure)
+    # the start: 0.1, below every candidate (kept by none)
+    scripted_val(lambda run: 0.1, lambda run: scripted["a" if "candidates/a" in run else "b", "folds/1" in run])
     root = make_folder(tmp_path / "f")
     assert _mine(root, "task.systems=[bm25]").returncode == 0
     fast = [x for x in FAST if not x.startswith("data.val_top_k")]

@@ -195,21 +195,19 @@ def test_a_model_training_made_worse_is_not_exported(tmp_path, training_makes_it
     assert "This is the starting model" not in (out / "trained_model" / "README.md").read_text(encoding="utf-8")
 
 
-def test_a_val_tie_keeps_the_start(tmp_path, monkeypatch):
+def test_a_val_tie_keeps_the_start(tmp_path, scripted_val):
     """A trained model that val cannot tell from the start (a scripted 0.5 before and after: CACM's 3 val queries did
     not move) is no evidence training helped: task.keep_start exports the start."""
-    from marco_lightning.module import RetrieverModule
     from marco_lightning.tasks import train
 
-    measure = RetrieverModule.measure
-    monkeypatch.setattr(RetrieverModule, "measure", lambda self, run: {**measure(self, run), "ndcg@10": 0.5})
+    scripted_val(lambda run: 0.5, lambda run: 0.5)
     metrics = train.main(compose([*FAST, "logger=none"], tmp_path / "run"))
     assert metrics["before"]["ndcg@10"] == metrics["after"]["ndcg@10"] == 0.5
     assert metrics["improved"] is False and metrics["final_model"] == "start"
     assert (tmp_path / "run" / "trained_model").is_dir()
 
 
-def test_candidates_train_one_after_the_other_and_the_best_by_val_is_final_model(tmp_path, monkeypatch):
+def test_candidates_train_one_after_the_other_and_the_best_by_val_is_final_model(tmp_path, scripted_val):
     """task.candidates: each variant trains in candidates/<name>/ with its overrides; final_model/ is a copy of the
     one whose val is best (scripted: 0.6 for 'slow', 0.8 for 'fast', both above the start's 0.5), and metrics.json
     is its metrics plus the candidates' table."""
@@ -217,17 +215,9 @@ def test_candidates_train_one_after_the_other_and_the_best_by_val_is_final_model
 
     from omegaconf import OmegaConf
 
-    from marco_lightning.module import RetrieverModule
     from marco_lightning.tasks import train
 
-    measure = RetrieverModule.measure
-
-    def scripted_measure(self, run):
-        if self._trainer is None or self.trainer.global_step == 0:
-            return {**measure(self, run), "ndcg@10": 0.5}
-        return {**measure(self, run), "ndcg@10": 0.8 if "candidates/fast" in self.trainer.default_root_dir else 0.6}
-
-    monkeypatch.setattr(RetrieverModule, "measure", scripted_measure)
+    scripted_val(lambda run: 0.5, lambda run: 0.8 if "candidates/fast" in run else 0.6)
     out = tmp_path / "run"
     cfg = compose([*FAST, "logger=none", "task.candidates={slow:[],fast:['optimizer.lr=1e-3','+seen=1']}"], out)
     metrics = train.main(cfg)
@@ -251,21 +241,13 @@ def test_candidates_train_one_after_the_other_and_the_best_by_val_is_final_model
     assert "Chosen by validation" in (out / "final_model" / "README.md").read_text(encoding="utf-8")
 
 
-def test_candidates_rank_by_what_they_trained_where_both_kept_the_start(tmp_path, monkeypatch):
+def test_candidates_rank_by_what_they_trained_where_both_kept_the_start(tmp_path, scripted_val):
     """Both candidates fall below the start (scripted val: 0.9 before training; 'a' 0.3, 'b' 0.5 after): each run
     exports the start (task.keep_start), and the candidates still rank by their trained models, not both at the
     start's 0.9 (a tie the first listed would win)."""
-    from marco_lightning.module import RetrieverModule
     from marco_lightning.tasks import train
 
-    measure = RetrieverModule.measure
-
-    def scripted_measure(self, run):
-        if self._trainer is None or self.trainer.global_step == 0:
-            return {**measure(self, run), "ndcg@10": 0.9}
-        return {**measure(self, run), "ndcg@10": 0.5 if "candidates/b" in self.trainer.default_root_dir else 0.3}
-
-    monkeypatch.setattr(RetrieverModule, "measure", scripted_measure)
+    scripted_val(lambda run: 0.9, lambda run: 0.5 if "candidates/b" in run else 0.3)
     metrics = train.main(compose([*FAST, "logger=none", "task.candidates={a:[],b:['optimizer.lr=1e-4']}"],
                                  tmp_path / "run"))
     table = metrics["candidates"]
@@ -273,25 +255,12 @@ def test_candidates_rank_by_what_they_trained_where_both_kept_the_start(tmp_path
     assert table["a"]["final_model"] == table["b"]["final_model"] == metrics["final_model"] == "start"
 
 
-def test_candidates_that_change_the_start_compare_what_they_exported(tmp_path, monkeypatch):
+def test_candidates_that_change_the_start_compare_what_they_exported(tmp_path, scripted_val):
     """Overrides that change the start's val (scripted: 'a' starts at 0.9 and trains to 0.85, so it keeps its start;
     'b' starts at 0.7 and trains to 0.88): the models exported compare, 0.9 against 0.88, and 'a' wins."""
-    from marco_lightning.module import RetrieverModule
     from marco_lightning.tasks import train
 
-    measure, check, running = RetrieverModule.measure, train.check_training_config, {}
-
-    def scripted_measure(self, run):  # the start is measured before any trainer exists: which run is it?
-        b = "candidates/b" in running["dir"]
-        before = self._trainer is None or self.trainer.global_step == 0
-        return {**measure(self, run), "ndcg@10": (0.7 if b else 0.9) if before else (0.88 if b else 0.85)}
-
-    def checked(cfg):  # each candidate's run begins here
-        running["dir"] = cfg.paths.output_dir
-        check(cfg)
-
-    monkeypatch.setattr(RetrieverModule, "measure", scripted_measure)
-    monkeypatch.setattr(train, "check_training_config", checked)
+    scripted_val(lambda run: 0.7 if "candidates/b" in run else 0.9, lambda run: 0.88 if "candidates/b" in run else 0.85)
     metrics = train.main(compose([*FAST, "logger=none", "task.candidates={a:[],b:['optimizer.lr=1e-4']}"],
                                  tmp_path / "run"))
     table = metrics["candidates"]

@@ -201,7 +201,7 @@ class BeirFolder:
     def held_out(self) -> set[str]:
         """The training queries set aside for validation when the folder has no validation split: fold val_fold."""
         train = sorted(self._read_qrels(self.split_names["train"]))
-        n, f = max(1, math.ceil(self.val_fraction * len(train))), self.val_fold
+        n, f = self._fold_size(len(train)), self.val_fold
         if n >= len(train):
             raise ConfigError(f"data.val_fraction={self.val_fraction} leaves no training query of {len(train)}: lower "
                               f"it, or add a qrels/{self.split_names['val']}.tsv to {self.root}")
@@ -211,12 +211,15 @@ class BeirFolder:
         order = np.random.default_rng(0).permutation(len(train))[f * n:(f + 1) * n]
         return {train[i] for i in order}
 
+    def _fold_size(self, num_train: int) -> int:
+        return max(1, math.ceil(self.val_fraction * num_train))
+
     def num_folds(self) -> int:
         """How many disjoint val folds of data.val_fraction the training queries make (1 with a val split file)."""
         if self.has_split_file(self.split_names["val"]):
             return 1
-        train = self._read_qrels(self.split_names["train"])
-        return len(train) // max(1, math.ceil(self.val_fraction * len(train)))
+        num_train = len(self._read_qrels(self.split_names["train"]))
+        return num_train // self._fold_size(num_train)
 
     def qrels(self, split: str) -> dict[str, dict[str, int]]:
         """Judgements of `train`, `val` or `test` (or of any qrels/<name>.tsv), ids as in the folder."""

@@ -92,13 +92,13 @@ def check_folds(cfg: DictConfig) -> int:
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
         raise ConfigError(f"task.folds={cfg.task.folds}: a number of folds >= 2 (null: the val split alone)")
     if folds > 1:
-        if cfg.data.get("val_fold") is None or cfg.data.get("val_fold"):
+        if cfg.data.get("val_fold") != 0:  # absent (not a BEIR folder) or already set
             raise ConfigError(f"task.folds={folds} needs data=beir (data.val_fold: 0) and sets data.val_fold itself")
         folder = build_source(cfg.data).folder
-        available = folder.num_folds()
         if folder.has_split_file(folder.split_names["val"]):
             raise ConfigError(f"task.folds={folds}: {folder.root} has qrels/{folder.split_names['val']}.tsv, a val "
                               "split of its own; folds are shares of the training queries: set task.folds=null")
+        available = folder.num_folds()
         if folds > available:
             raise ConfigError(f"task.folds={folds}: {available} folds of data.val_fraction={folder.val_fraction} fit "
                               f"the training queries of {folder.root}: use task.folds<={available} (or lower "

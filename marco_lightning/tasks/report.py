@@ -25,16 +25,19 @@ def find_runs(folders) -> list[Path]:
     for folder in map(Path, folders):
         if not folder.is_dir():
             raise ConfigError(f"task.runs: no such folder: {folder}")
-        # a task.candidates run repeats its chosen candidate's metrics: its candidates/<name>/ runs stand for it;
-        # their folds/<f>/ (task.folds) were validated on other queries
-        found = sorted({p.parent for p in folder.rglob("metrics.json") if not (p.parent / "candidates").is_dir()
-                        and not (len(p.parents) > 3 and p.parents[1].name == "folds" and p.parents[3].name == "candidates")},
-                       key=natural)
+        found = sorted({p.parent for p in folder.rglob("metrics.json") if _stands_for_itself(p.parent)}, key=natural)
         if not found:
             raise ConfigError(f"task.runs: no run folders (with metrics.json) at or below {folder}: point it at a "
                               "run folder (outputs/DATE/TIME) or a sweep folder (multirun/DATE/TIME)")
         runs += found
     return list(dict.fromkeys(runs))
+
+
+def _stands_for_itself(run: Path) -> bool:
+    """A task.candidates run repeats its chosen candidate's metrics (its candidates/<name>/ runs stand for it), and
+    their folds/<f>/ (task.folds) were validated on other queries: neither is a row of its own."""
+    fold = len(run.parents) > 2 and run.parent.name == "folds" and run.parents[2].name == "candidates"
+    return not (run / "candidates").is_dir() and not fold
 
 
 def read_metrics(run: Path) -> dict:
