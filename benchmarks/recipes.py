@@ -41,7 +41,11 @@ VARIANTS = {
     "own_rel05": ("own_rel05", [*ROTATION, "train_rows=positive", "data.val_system=all-MiniLM-L6-v2"]),
     # the shipped recipe as first measured (val on the top 30)
     "st_like": ("default", ["experiment=beir_mnrl", "data.val_top_k=30", Q32]),
+    # re-mined by the model being trained before every epoch but the first: the recipe's rule (its own top-1), and
+    # negatives.refresh's default rule (a random one of its top 5 under NV-Retriever's rule)
     "refresh": ("default", ["experiment=beir_mnrl", "negatives.refresh.every_n_epochs=1"]),
+    "refresh_top5_rel05": ("default", ["experiment=beir_mnrl", "negatives.refresh.every_n_epochs=1",
+                                       "negatives.refresh.depth=5", "negatives.refresh.relative_margin=0.05"]),
     # the shipped recipe's levers (README "Levers"): a fresh model on train + val for the epochs val chose; up to
     # @N epochs, stopped by val (patience 2); 4x the in-batch negatives at the same passes and memory (GradCache)
     "refit": ("default", ["experiment=beir_mnrl", "task.refit=true"]),

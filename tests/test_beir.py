@@ -603,6 +603,19 @@ def test_refit_without_the_val_negatives_says_how_to_mine_them(tmp_path):
         build_source(cfg.data).for_refit()
 
 
+def test_beir_mnrl_refreshes_its_negatives_by_the_rule_it_mined_them_with(tmp_path):
+    """negatives.refresh under beir_mnrl keeps the recipe's negative: the model's own top-1 under task=mine's
+    margins and range (not negatives.refresh's default, a random one of the top 5 under NV-Retriever's rule)."""
+    from conftest import compose
+
+    mine = compose(["task=mine", "data=beir", "data.root=x"], tmp_path).task
+    cfg = compose(["experiment=beir_mnrl", "data.root=x", "negatives.refresh.every_n_epochs=1"], tmp_path)
+    refresh = cfg.negatives.refresh
+    assert (refresh.depth, cfg.negatives.num_per_system) == (1, 1)
+    assert (refresh.relative_margin, refresh.absolute_margin) == (mine.relative_margin, mine.absolute_margin)
+    assert [refresh.range_min, refresh.range_max] == list(mine.range)
+
+
 def test_beir_mnrl_trains_every_pair_on_the_models_own_top_negative(tmp_path):
     """experiment=beir_mnrl is sentence-transformers' mined path: a row per (training query, positive) pair, each
     with the top-1 negative task=mine wrote for the model= bi-encoder (named by its backbone), never BM25's."""
