@@ -1,6 +1,7 @@
 """SciFact end to end, project vs sentence-transformers' own path, side by side in one run (`make bench-scifact`).
 
-Project: `task=mine` (bm25 + all-MiniLM-L6-v2), `experiment=beir_mnrl` (epochs chosen by the val split), and
+Project: `task=mine` (bm25 + all-MiniLM-L6-v2), `experiment=beir_mnrl` (epochs chosen by the val split), the same
+with its negatives re-mined by the model being trained every epoch (`negatives.refresh.every_n_epochs=1`), and
 `task=evaluate task.mode=retrieve task.split=test`, each timed as a user runs it (a subprocess).
 sentence-transformers: `encode` + exact search (zero-shot), `util.mine_hard_negatives` + MNRL, and in-batch-only
 MNRL, trained with SentenceTransformerTrainer at the project's settings for the epochs the project's val split
@@ -136,6 +137,14 @@ def run(epochs: int, log=print, mined: str | None = None) -> dict:
     res["project_split"] = metrics["seconds"]  # training, each validation pass
     res["fine_tuned"] = evaluate("fine_tuned", "task.mode=retrieve", f"task.model_path={train_dir / 'final_model'}")
 
+    log("project: experiment=beir_mnrl negatives.refresh.every_n_epochs=1")  # the same, re-mined every epoch
+    refresh_dir = tmp / "train-refresh"
+    res["seconds"]["project_train_refresh"] = cli([*data, "experiment=beir_mnrl", "negatives.refresh.every_n_epochs=1",
+                                                   f"trainer.max_epochs={epochs}", f"hydra.run.dir={refresh_dir}"],
+                                                  log)
+    res["refresh_split"] = json.loads((refresh_dir / "metrics.json").read_text())["seconds"]
+    res["refreshed"] = evaluate("refreshed", "task.mode=retrieve", f"task.model_path={refresh_dir / 'final_model'}")
+
     # sentence-transformers for the epochs the project's val split chose: the same budget
     for name, with_negatives in (("st_mined", True), ("st_in_batch", False)):
         res[name], st_seconds = st_fine_tune(folder, res["best_epoch"], with_negatives, tmp / name, log)
@@ -153,6 +162,11 @@ def markdown(res: dict) -> str:
               f"{res['best_epoch']})"), res["fine_tuned"],
              (f"{s['project_mine'] + s['project_train']:.0f} s (mine {s['project_mine']:.0f} + train "
               f"{s['project_train']:.0f})")),
+            *([(f"project: the same with negatives.refresh.every_n_epochs=1 (up to {res['epochs_max']} epochs)",
+                res["refreshed"], (f"{s['project_mine'] + s['project_train_refresh']:.0f} s (mine "
+                                   f"{s['project_mine']:.0f} + train {s['project_train_refresh']:.0f}, of which "
+                                   f"refresh {sum(res['refresh_split']['refresh']):.0f})"))]
+              if "refreshed" in res else []),
             (f"sentence-transformers: mine_hard_negatives + MNRL, {res['best_epoch']} epoch(s)", res["st_mined"],
              f"{s['st_mined_train']:.0f} s"),
             (f"sentence-transformers: in-batch-only MNRL, {res['best_epoch']} epoch(s)", res["st_in_batch"],
