@@ -39,7 +39,7 @@ def card_data(model, cfg: DictConfig, trained: bool = True) -> None:
 def training_section(cfg: DictConfig, source, metrics: dict, steps: int, model, loss, trained: bool = True) -> str:
     """Markdown: recipe, data, negatives, steps, seed, commit, and before/after with their protocol. The similarity,
     prompts and scale are the trained model's and loss's own (a null in the config stands for a resolved value).
-    trained=False: the card of the starting model, kept (task.keep_start) because training made val worse."""
+    trained=False: the card of the starting model, kept (task.keep_start) because training did not improve val."""
     settings = {**{k: v for k, v in cfg.loss.items() if k != "_target_"}, "scale": loss.scale}
     scores = (f"similarity `{model.similarity}` (declared in config_sentence_transformers.json, used by "
               "`model.similarity`)" if model.similarity else "scores: the cross-encoder's logit")
@@ -59,6 +59,9 @@ def training_section(cfg: DictConfig, source, metrics: dict, steps: int, model, 
     base = f"- Base model: `{cfg.model.backbone}`" + (" (random initialisation)" if cfg.model.get("random_init") else "")
     systems = neg.systems if isinstance(neg.systems, str) else list(neg.systems)
     data, val_queries = source.describe()
+    teacher = getattr(source, "teacher_scores", None)
+    if loss.needs_teacher and teacher:  # only a distilling loss trained on them
+        data += f"; teacher scores `{Path(str(teacher)).name}`"
     protocol = (f"Re-ranking the top {source.val_top_k} of `{Path(str(source.val_run)).name}` for the queries of "
                 f"{val_queries}; nDCG with graded gains, MRR and recall count grade >= "
                 f"{source.val_rel_level} relevant; every judged query counts (ir-measures). \"before\" is the base "
@@ -73,8 +76,8 @@ def training_section(cfg: DictConfig, source, metrics: dict, steps: int, model, 
                     + protocol.replace('"after" is this model', '"after" is the selection run\'s model'))
     if not trained:
         key = cfg.monitor.removeprefix("val/")
-        protocol = (f"**This is the starting model, unchanged.** The training run below made its validation "
-                    f"{key} worse ({metrics['before'][key]:.4f} before, {metrics['after'][key]:.4f} after), so the "
+        protocol = (f"**This is the starting model, unchanged.** The training run below did not improve its "
+                    f"validation {key} ({metrics['before'][key]:.4f} before, {metrics['after'][key]:.4f} after), so the "
                     "run kept the model it started from (`task.keep_start`); the trained model is the run's "
                     "`trained_model/`. \"before\" is this model.\n\n" + protocol.replace('"after" is this model',
                                                                                     '"after" is the trained model'))

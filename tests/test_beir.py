@@ -527,6 +527,7 @@ def test_refit_trains_on_train_and_val_for_the_epochs_val_chose(tmp_path):
     assert SentenceTransformer(str(tmp_path / "run" / "final_model"), device="cpu").encode(["a query"]).shape[0] == 1
     card = (tmp_path / "run" / "final_model" / "README.md").read_text()
     assert "no held-out validation number" in card and "task.refit" in card
+    assert "negatives mined by task=mine)\n" in card and "teacher scores" not in card  # MNRL: no teacher
 
 
 def test_refit_is_skipped_when_val_keeps_the_starting_model(tmp_path, training_makes_it_worse):

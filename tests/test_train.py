@@ -1,6 +1,7 @@
 """End to end on the committed real sample: train a tiny model, then check every artefact a user relies on."""
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,6 +147,7 @@ def test_final_model_card_says_how_it_was_made(trained):
     card = (out / "final_model" / "README.md").read_text(encoding="utf-8")
     assert "# all-MiniLM-L6-v2\n" not in card  # not the base model's own card
     for fact in ("marco-lightning", "MarginMSELoss", "similarity `cos`", "Data: `sample`", "systems ['bm25']",
+                 f"teacher scores `{Path(cfg.data.teacher_scores).name}`",
                  f"seed {cfg.seed}", "commit: `", "run.dev.bm25.trec", "grade >= 2",
                  f"{metrics['before']['ndcg@10']:.4f}", f"{metrics['after']['ndcg@10']:.4f}"):
         assert fact in card, fact
@@ -205,6 +207,8 @@ def test_a_val_tie_keeps_the_start(tmp_path, scripted_val):
     assert metrics["before"]["ndcg@10"] == metrics["after"]["ndcg@10"] == 0.5
     assert metrics["improved"] is False and metrics["final_model"] == "start"
     assert (tmp_path / "run" / "trained_model").is_dir()
+    card = (tmp_path / "run" / "final_model" / "README.md").read_text(encoding="utf-8")
+    assert "did not improve its validation ndcg@10 (0.5000 before, 0.5000 after)" in card
 
 
 def test_candidates_train_one_after_the_other_and_the_best_by_val_is_final_model(tmp_path, scripted_val):

@@ -211,9 +211,7 @@ class MarcoSource(Source):
         return EvalSplit(lambda: read_qrels(self.val_qrels), self.val_run, self.val_queries, self.collection)
 
     def describe(self) -> tuple[str, str]:
-        teacher = Path(str(self.teacher_scores)).name if self.teacher_scores else None
-        return (f"`{self.name}` (train qrels `{Path(str(self.train_qrels_file)).name}`, teacher scores `{teacher}`)",
-                f"`{Path(str(self.val_qrels)).name}`")
+        return f"`{self.name}` (train qrels `{Path(str(self.train_qrels_file)).name}`)", f"`{Path(str(self.val_qrels)).name}`"
 
 
 class BeirSource(Source):
@@ -402,11 +400,9 @@ class BeirSource(Source):
 
     def describe(self) -> tuple[str, str]:
         folder = self.folder
-        teacher = Path(str(self.teacher_scores)).name if self.teacher_scores else None
         queries = (f"split {folder.split_names['train']} and the val queries ({folder.describe_split('val')}): "
                    "task.refit" if self.refit else f"split {folder.split_names['train']} minus the held-out val queries")
-        data = (f"BEIR folder `{folder.root.name}` ({queries}, negatives mined by task=mine, teacher scores "
-                f"`{teacher}`)")
+        data = f"BEIR folder `{folder.root.name}` ({queries}, negatives mined by task=mine)"
         return data, folder.describe_split("val")
 
     def run_record(self) -> dict:
