@@ -36,7 +36,7 @@ bench: install
 bench-data: install
 	$(BIN)/python -m benchmarks.data_pipeline
 
-bench-scifact: install  # SciFact from task=mine to test metrics, project (static and refreshed negatives) vs sentence-transformers (about 1.5 hours)
+bench-scifact: install  # SciFact from task=mine to test metrics, project (static and refreshed negatives) vs sentence-transformers at 1, 2 and the chosen epochs (about 4 hours on 2 cores)
 	$(BIN)/python -m benchmarks.run_all --only scifact
 
 bench-recipes: install  # own-collection recipes and their levers vs sentence-transformers' paths (hours on 2 cores)

@@ -27,7 +27,7 @@ PLACEHOLDER = {
     "torch.compile": "## torch.compile\n\nNot measured yet: `python -m benchmarks.run_all --only compile` "
                      "(compiling takes minutes on CPU).\n",
     "SciFact: time to a trained model": "## SciFact: time to a trained model\n\nNot measured yet: "
-                                        "`make bench-scifact` (about 1.5 hours on 2 cores).\n",
+                                        "`make bench-scifact` (about 4 hours on 2 cores).\n",
 }
 
 
@@ -60,7 +60,7 @@ def suites(quick: bool, passages: int, batch_size: int) -> dict:
         "profiles": lambda log: profiles.markdown(profiles.run(batch_size=batch_size, log=log)),
         "compile": lambda log: hotpath.compile_markdown(hotpath.compile_run(log=log)),
         "mining": lambda log: mining.markdown(mining.run(log=log)),
-        "scifact": lambda log: scifact.markdown(scifact.run(epochs=4, log=log)),  # about 1.5 hours: make bench-scifact
+        "scifact": lambda log: scifact.markdown(scifact.run(epochs=4, log=log)),  # about 4 hours: make bench-scifact
     }
 
 

@@ -4,8 +4,8 @@ Project: `task=mine` (bm25 + all-MiniLM-L6-v2), `experiment=beir_mnrl` (epochs c
 with its negatives re-mined by the model being trained every epoch (`negatives.refresh.every_n_epochs=1`), and
 `task=evaluate task.mode=retrieve task.split=test`, each timed as a user runs it (a subprocess).
 sentence-transformers: `encode` + exact search (zero-shot), `util.mine_hard_negatives` + MNRL, and in-batch-only
-MNRL, trained with SentenceTransformerTrainer at the project's settings for the epochs the project's val split
-chose, then scored with its own encode + exact search. Every metric: ir-measures on qrels/test.tsv.
+MNRL, trained with SentenceTransformerTrainer at the project's settings for 1 and 2 epochs and for the epochs the
+project's val split chose, then scored with its own encode + exact search. Every metric: ir-measures on qrels/test.tsv.
 
     python -m benchmarks.scifact [--epochs 4] [--out benchmarks/scifact.json]
 """
@@ -26,6 +26,7 @@ from benchmarks.common import ROOT
 
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+ST_PATHS = {"mined": "mine_hard_negatives + MNRL", "in_batch": "in-batch-only MNRL"}
 
 
 def cli(args: list[str], log) -> float:
@@ -126,11 +127,14 @@ def run(epochs: int, log=print, mined: str | None = None) -> dict:
     res["st_zero_shot"] = st_test_metrics(SentenceTransformer(resolve_backbone(MINILM), device="cpu"), folder)
     res["seconds"]["st_zero_shot"] = time.time() - start
 
+    def train(name, *extra):  # experiment=beir_mnrl as a user runs it: its folder and metrics.json
+        out = tmp / name
+        res["seconds"][f"project_{name}"] = cli([*data, "experiment=beir_mnrl", f"trainer.max_epochs={epochs}", *extra,
+                                                 f"hydra.run.dir={out}"], log)
+        return out, json.loads((out / "metrics.json").read_text())
+
     log("project: experiment=beir_mnrl")
-    train_dir = tmp / "train"
-    res["seconds"]["project_train"] = cli([*data, "experiment=beir_mnrl", f"trainer.max_epochs={epochs}",
-                                           f"hydra.run.dir={train_dir}"], log)
-    metrics = json.loads((train_dir / "metrics.json").read_text())
+    train_dir, metrics = train("train")
     best = metrics["best_checkpoint"] or ""
     res["best_epoch"] = int(best.split("epoch")[1].split("-")[0]) + 1 if "epoch" in best else epochs
     res["project_val"] = {k: metrics[k] for k in ("before", "after")}
@@ -138,18 +142,16 @@ def run(epochs: int, log=print, mined: str | None = None) -> dict:
     res["fine_tuned"] = evaluate("fine_tuned", "task.mode=retrieve", f"task.model_path={train_dir / 'final_model'}")
 
     log("project: experiment=beir_mnrl negatives.refresh.every_n_epochs=1")  # the same, re-mined every epoch
-    refresh_dir = tmp / "train-refresh"
-    res["seconds"]["project_train_refresh"] = cli([*data, "experiment=beir_mnrl", "negatives.refresh.every_n_epochs=1",
-                                                   f"trainer.max_epochs={epochs}", f"hydra.run.dir={refresh_dir}"],
-                                                  log)
-    res["refresh_split"] = json.loads((refresh_dir / "metrics.json").read_text())["seconds"]
+    refresh_dir, metrics = train("train_refresh", "negatives.refresh.every_n_epochs=1")
+    res["refresh_split"] = metrics["seconds"]
     res["refreshed"] = evaluate("refreshed", "task.mode=retrieve", f"task.model_path={refresh_dir / 'final_model'}")
 
-    # sentence-transformers for the epochs the project's val split chose: the same budget
-    for name, with_negatives in (("st_mined", True), ("st_in_batch", False)):
-        res[name], st_seconds = st_fine_tune(folder, res["best_epoch"], with_negatives, tmp / name, log)
-        res["seconds"][f"{name}_train"] = st_seconds["total"]  # to the trained model
-        res["seconds"][f"{name}_split"] = st_seconds
+    # sentence-transformers at 1 and 2 epochs and at the epochs the project's val split chose (the same budget)
+    res["st"] = []
+    for n in sorted({1, 2, res["best_epoch"]}):
+        for kind, with_negatives in (("mined", True), ("in_batch", False)):
+            test, seconds = st_fine_tune(folder, n, with_negatives, tmp / f"st-{kind}-{n}", log)
+            res["st"].append({"kind": kind, "epochs": n, "test": test, "seconds": seconds})
     return res
 
 
@@ -167,10 +169,8 @@ def markdown(res: dict) -> str:
                                    f"{s['project_mine']:.0f} + train {s['project_train_refresh']:.0f}, of which "
                                    f"refresh {sum(res['refresh_split']['refresh']):.0f})"))]
               if "refreshed" in res else []),
-            (f"sentence-transformers: mine_hard_negatives + MNRL, {res['best_epoch']} epoch(s)", res["st_mined"],
-             f"{s['st_mined_train']:.0f} s"),
-            (f"sentence-transformers: in-batch-only MNRL, {res['best_epoch']} epoch(s)", res["st_in_batch"],
-             f"{s['st_in_batch_train']:.0f} s")]
+            *[(f"sentence-transformers: {ST_PATHS[r['kind']]}, {r['epochs']} epoch(s)", r["test"],
+               f"{r['seconds']['total']:.0f} s") for r in res["st"]]]
     lines = ["## SciFact: time to a trained model", "",
              ("SciFact test split (300 claims, 5,183 abstracts), nDCG@10 and recall@100 by ir-measures on "
               "qrels/test.tsv; training on qrels/train.tsv less the 10% the project holds out for validation "
@@ -178,7 +178,8 @@ def markdown(res: dict) -> str:
              "| model | nDCG@10 | recall@100 | time to the trained model |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {m['ndcg@10']:.4f} | {m['recall@100']:.4f} | {t} |" for name, m, t in rows]
     if "project_split" in res:  # where the time to a model goes (issue 22's item 6)
-        split, st = res["project_split"], s["st_mined_split"]
+        split = res["project_split"]
+        st = next(r["seconds"] for r in res["st"] if r["kind"] == "mined" and r["epochs"] == res["best_epoch"])
         val = sum(split["validation"])
         lines += ["", "| time (s) | project (beir_mnrl) | sentence-transformers (mined) |", "|---|---:|---:|",
                   (f"| mining (task=mine: bm25 + the model / mine_hard_negatives) | {s['project_mine']:.0f} | "
