@@ -201,6 +201,19 @@ def test_early_stop_ends_training_when_val_stops_improving_and_exports_the_best_
         torch.testing.assert_close(tensor, best["state_dict"]["model.st.0.model." + name], atol=0, rtol=0)
 
 
+def stoppers(overrides, tmp_path):
+    return [(c.monitor, c.mode, c.patience) for c in callbacks(overrides, tmp_path) if isinstance(c, cb.EarlyStopping)]
+
+
 def test_early_stop_is_off_by_default(tmp_path):
     assert compose([], tmp_path).callbacks.get("early_stop") is None
-    assert not any(isinstance(c, cb.EarlyStopping) for c in callbacks([], tmp_path))
+    assert stoppers([], tmp_path) == stoppers(["experiment=bi_mnrl"], tmp_path) == []
+
+
+@pytest.mark.parametrize("experiment", ["beir_mnrl", "beir_margin_mse", "beir_choose"])
+def test_the_beir_experiments_stop_after_two_validations_without_a_gain(experiment, tmp_path):
+    """Own collections train up to 10 epochs and end by themselves (SciFact: best epoch 4, stopped after 6);
+    callbacks=default trains them all."""
+    assert stoppers([f"experiment={experiment}", "data.root=x"], tmp_path) == [("val/ndcg@10", "max", 2)]
+    assert compose([f"experiment={experiment}", "data.root=x"], tmp_path).trainer.max_epochs == 10
+    assert stoppers([f"experiment={experiment}", "data.root=x", "callbacks=default"], tmp_path) == []
