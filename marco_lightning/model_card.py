@@ -87,10 +87,18 @@ def training_section(cfg: DictConfig, source, metrics: dict, steps: int, model, 
         f"- Data: {data}",
         (f"- Hard negatives: systems {systems}, up to {neg.num_per_system} per system, ce_score_margin "
          f"{neg.ce_score_margin}, {cfg.num_negatives} per query per step" + refreshed(metrics.get("refresh"))),
-        (f"- Steps: {steps}, batch size {cfg.batch_size} per device, lr {cfg.optimizer.lr}, seed {cfg.seed}, "
-         f"precision {cfg.trainer.precision}"),
+        (f"- Steps: {steps}{epochs_clause(metrics.get('epochs'))}, batch size {cfg.batch_size} per device, lr "
+         f"{cfg.optimizer.lr}, seed {cfg.seed}, precision {cfg.trainer.precision}"),
         f"- marco-lightning commit: `{git_commit()}`",
         "", "### Validation", "", protocol, "", *table, ""])
+
+
+def epochs_clause(epochs: dict | None) -> str:
+    """Which epoch the exported checkpoint is, of how many trained (metrics.json "epochs")."""
+    if not epochs:
+        return ""
+    ended = "early stopping on val ended the run" if epochs["stopped_early"] else "the best by val"
+    return f" (epoch {epochs['best']} of the {epochs['trained']} trained, up to {epochs['max']}: {ended})"
 
 
 def refreshed(refresh: dict | None) -> str:

@@ -195,6 +195,11 @@ def test_early_stop_ends_training_when_val_stops_improving_and_exports_the_best_
     assert trained == {0, 1, 2}  # 3 epochs of 6: stopped by the third validation without a better nDCG@10
     best = torch.load(tmp_path / metrics["best_checkpoint"], map_location="cpu", weights_only=True)
     assert best["epoch"] == 1 and metrics["best_checkpoint"].startswith(f"checkpoints/epoch1-step{best['global_step']}")
+    # metrics.json and the card say which epoch final_model/ is, of how many, and why the run ended
+    assert metrics["epochs"] == {"best": 2, "trained": 3, "max": 6, "stopped_early": True}
+    card = (tmp_path / "final_model" / "README.md").read_text()
+    assert (f"Steps: {best['global_step']} (epoch 2 of the 3 trained, up to 6: early stopping on val ended the run)"
+            in card)
     exported = load_file(tmp_path / "final_model" / "model.safetensors")
     assert exported
     for name, tensor in exported.items():  # final_model/ holds the best epoch's weights

@@ -121,6 +121,9 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
         metrics["before"] = evaluate(target=start_module)
     fit_start, passes_before = time.perf_counter(), len(module.val_seconds)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path")))
+    # read now: validating the best checkpoint below restores the callbacks' state saved with it
+    stop = trainer.early_stopping_callback
+    ran = {"trained": trainer.current_epoch, "max": cfg.trainer.max_epochs, "stopped_early": bool(stop and stop.stopped_epoch)}
     seconds = time_split(time.perf_counter() - fit_start, module.val_seconds[passes_before:],
                          datamodule.refresh_seconds, len(module.trained_epochs))
     best_step = checkpoint_step(checkpoint.best_model_path)
@@ -154,8 +157,10 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
                                  "steps": best_step if best_step is not None else trainer.global_step}}
         exported, refit_trainer, metrics["refit"] = refit(cfg, refit_source, epochs, run_dir)
         source, steps = refit_source, refit_trainer.global_step
-    else:
-        steps = trainer.global_step
+    else:  # final_model/ holds the best checkpoint's weights: its steps and epoch, not the run's last
+        steps = best_step if best_step is not None else trainer.global_step
+        if best_step is not None:
+            metrics["epochs"] = {"best": checkpoint_epoch(checkpoint.best_model_path) + 1, **ran}
     if trainer.is_global_zero:
         write_run(named(module.last_val_run), run_dir / "val_run.trec", tag=f"marco-lightning-{run_dir.name}")
         metrics.update(source.run_record())
