@@ -98,7 +98,8 @@ def epochs_clause(epochs: dict | None) -> str:
     if not epochs:
         return ""
     ended = "early stopping on val ended the run" if epochs["stopped_early"] else "the best by val"
-    return f" (epoch {epochs['best']} of the {epochs['trained']} trained, up to {epochs['max']}: {ended})"
+    limit = f", up to {epochs['max']}" if (epochs["max"] or 0) > 0 else ""  # max_epochs -1: trainer.max_steps ends it
+    return f" (epoch {epochs['best']} of the {epochs['trained']} trained{limit}: {ended})"
 
 
 def refreshed(refresh: dict | None) -> str:
