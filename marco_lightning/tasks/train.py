@@ -126,7 +126,7 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
     ran = {"trained": trainer.current_epoch, "max": cfg.trainer.max_epochs, "stopped_early": bool(stop and stop.stopped_epoch)}
     seconds = time_split(time.perf_counter() - fit_start, module.val_seconds[passes_before:],
                          datamodule.refresh_seconds, len(module.trained_epochs))
-    best_step = checkpoint_step(checkpoint.best_model_path)
+    best_step, best_epoch = checkpoint_position(checkpoint.best_model_path)
     if best_step is not None and best_step == module.last_val_step == trainer.global_step:
         # the best checkpoint holds the weights validated last: reuse that ranking instead of recomputing it
         metrics["after"] = measure(module.last_val_run)
@@ -151,7 +151,7 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
     if refit_source is not None and not keep_start:  # every rank: the refit is one more fit
         best_checkpoint = os.path.relpath(checkpoint.best_model_path, run_dir) if checkpoint.best_model_path else None
         # the run's epochs up to its best checkpoint (validation at epoch ends: config.check_training_config)
-        epochs = checkpoint_epoch(checkpoint.best_model_path) + 1 if best_checkpoint else trainer.current_epoch
+        epochs = best_epoch if best_epoch is not None else trainer.current_epoch
         metrics = {"selection": {**{k: metrics[k] for k in ("before", "after", "improved") if k in metrics},
                                  "best_checkpoint": best_checkpoint, "epochs": epochs,
                                  "steps": best_step if best_step is not None else trainer.global_step}}
@@ -159,8 +159,8 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
         source, steps = refit_source, refit_trainer.global_step
     else:  # final_model/ holds the best checkpoint's weights: its steps and epoch, not the run's last
         steps = best_step if best_step is not None else trainer.global_step
-        if best_step is not None:
-            metrics["epochs"] = {"best": checkpoint_epoch(checkpoint.best_model_path) + 1, **ran}
+        if best_epoch is not None:
+            metrics["epochs"] = {"best": best_epoch, **ran}
     if trainer.is_global_zero:
         write_run(named(module.last_val_run), run_dir / "val_run.trec", tag=f"marco-lightning-{run_dir.name}")
         metrics.update(source.run_record())
@@ -310,10 +310,9 @@ def built_again(cfg: DictConfig):
         return instantiate(cfg.model, **overrides)
 
 
-def checkpoint_step(path: str) -> int | None:
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"] if path else None
-
-
-def checkpoint_epoch(path: str) -> int:
-    """The epoch (from 0) a checkpoint was saved in."""
-    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"])
+def checkpoint_position(path: str) -> tuple[int | None, int | None]:
+    """The global step a checkpoint was saved at and its epoch, counted from 1; (None, None) without one."""
+    if not path:
+        return None, None
+    saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return saved["global_step"], int(saved["epoch"]) + 1
