@@ -127,6 +127,7 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
     seconds = time_split(time.perf_counter() - fit_start, module.val_seconds[passes_before:],
                          datamodule.refresh_seconds, len(module.trained_epochs))
     best_step, best_epoch = checkpoint_position(checkpoint.best_model_path)
+    steps = best_step if best_step is not None else trainer.global_step  # what final_model/ trained (unless a refit)
     if best_step is not None and best_step == module.last_val_step == trainer.global_step:
         # the best checkpoint holds the weights validated last: reuse that ranking instead of recomputing it
         metrics["after"] = measure(module.last_val_run)
@@ -154,13 +155,11 @@ def fit_and_export(cfg, trainer, module, start_module, datamodule, checkpoint, r
         epochs = best_epoch if best_epoch is not None else trainer.current_epoch
         metrics = {"selection": {**{k: metrics[k] for k in ("before", "after", "improved") if k in metrics},
                                  "best_checkpoint": best_checkpoint, "epochs": epochs,
-                                 "steps": best_step if best_step is not None else trainer.global_step}}
+                                 "steps": steps}}
         exported, refit_trainer, metrics["refit"] = refit(cfg, refit_source, epochs, run_dir)
         source, steps = refit_source, refit_trainer.global_step
-    else:  # final_model/ holds the best checkpoint's weights: its steps and epoch, not the run's last
-        steps = best_step if best_step is not None else trainer.global_step
-        if best_epoch is not None:
-            metrics["epochs"] = {"best": best_epoch, **ran}
+    elif best_epoch is not None:  # final_model/ holds the best checkpoint's weights: its epoch, not the run's last
+        metrics["epochs"] = {"best": best_epoch, **ran}
     if trainer.is_global_zero:
         write_run(named(module.last_val_run), run_dir / "val_run.trec", tag=f"marco-lightning-{run_dir.name}")
         metrics.update(source.run_record())
