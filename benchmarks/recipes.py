@@ -50,6 +50,8 @@ VARIANTS = {
     # @N epochs, stopped by val (patience 2); 4x the in-batch negatives at the same passes and memory (GradCache)
     "refit": ("default", ["experiment=beir_mnrl", "task.refit=true"]),
     "early_stop": ("default", ["experiment=beir_mnrl", "callbacks=early_stop"]),
+    # warm-up over a tenth of one epoch (0.01 of the 10-epoch run) instead of the whole first epoch
+    "warmup_tenth_epoch": ("default", ["experiment=beir_mnrl", "scheduler.warmup_steps=0.01"]),
     "gradcache128": ("default", ["experiment=beir_mnrl", "batch_size=128", "mini_batch_size=32"]),
     # one command: with and without the mined negative, chosen by the mean val over 3 folds of the training queries
     # (what experiment=beir_choose sets, spelled out as measured)

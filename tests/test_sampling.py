@@ -283,3 +283,30 @@ def test_workers_persist_across_epochs_and_serve_each_epochs_draws(tmp_path):
     assert with_workers == alone and with_workers[0] != with_workers[1]
     refreshing, _ = epochs(2, refresh={"every_n_epochs": 1}, refresh_dir=tmp_path / "refresh")
     assert not refreshing.persistent_workers
+
+
+class _ParentPid(torch.utils.data.Dataset):
+    def __getitem__(self, i):
+        import os
+        return os.getppid()
+
+    def __len__(self):
+        return 4
+
+
+def test_workers_start_outside_the_training_process(tmp_path):
+    """Forked workers share the training process's pages, which training then rewrites: a validation loader forked
+    mid-fit kept a copy of its memory (BENCHMARKS.md). The datamodule's workers start from the forkserver instead,
+    so their parent is not the training process; worker_start=null keeps the platform's fork."""
+    import os
+
+    from conftest import compose
+    from hydra.utils import instantiate
+
+    cfg = compose(["model=tiny"], tmp_path)
+    for start, forked in (("forkserver", False), (None, True)):
+        dm = instantiate(cfg.datamodule, _partial_=True, num_workers=2, worker_start=start)(
+            source=None, negatives=cfg.negatives, collator=None, with_teacher=False)
+        loader = dm._loader(_ParentPid(), None, 2, list)
+        parents = {pid for batch in loader for pid in batch}
+        assert (parents == {os.getpid()}) == forked, (start, parents)

@@ -65,11 +65,13 @@ class MarcoDataModule(pl.LightningDataModule):
     def __init__(self, source, negatives: DictConfig, collator, cache_dir: str | Path, batch_size: int,
                  num_negatives: int, with_teacher: bool, seed: int, num_workers: int = 2,
                  val_batch_size: int | None = None, pin_memory: bool = False, group_by_length: bool = False,
-                 refresh: dict | None = None, refresh_dir: str | Path | None = None, train_rows: str = "query"):
+                 refresh: dict | None = None, refresh_dir: str | Path | None = None, train_rows: str = "query",
+                 worker_start: str | None = "forkserver"):
         super().__init__()
         self.source, self.negatives, self.collator, self.cache_dir = source, negatives, collator, cache_dir
         self.batch_size, self.num_negatives, self.with_teacher = batch_size, num_negatives, with_teacher
         self.seed, self.num_workers, self.pin_memory = seed, num_workers, pin_memory
+        self.worker_start = worker_start if num_workers > 0 else None  # multiprocessing start method of the workers
         self.group_by_length, self.train_rows = group_by_length, train_rows  # sampling.TrainDataset's rows
         self.val_batch_size = val_batch_size or 4 * batch_size
         self.store = None
@@ -108,6 +110,7 @@ class MarcoDataModule(pl.LightningDataModule):
         return loader_cls(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                           generator=torch.Generator().manual_seed(self.seed),
                           num_workers=self.num_workers, pin_memory=self.pin_memory, worker_init_fn=worker_init,
+                          multiprocessing_context=self.worker_start,
                           # workers live for the whole fit (no fork and warm-up each epoch), unless refreshing:
                           # a refresh swaps the training lists, which workers forked earlier would never see
                           persistent_workers=self.num_workers > 0 and self.refresh is None)
