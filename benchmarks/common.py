@@ -168,6 +168,19 @@ class Stopwatch:
         self.seconds = time.perf_counter() - self.start
 
 
+# ---------------------------------------------------------------- process memory (/proc, Linux)
+def smaps(pid="self") -> dict[str, int]:
+    """kB of each field of /proc/PID/smaps_rollup (Rss, Pss, Anonymous, Private_Dirty, ...)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return {key: int(rest.split()[0]) for key, _, rest in (line.partition(":") for line in f)
+                if rest.strip().endswith("kB")}
+
+
+def children(pid="self") -> list[int]:
+    """The child processes of every thread of `pid`."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
 # ---------------------------------------------------------------- machine and versions
 def machine() -> dict:
     from importlib.metadata import PackageNotFoundError, version

@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import children, smaps
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "Data pipeline"
 BYTES_PER_SCALE = 10.5e9   # at scale 1: collection 3.4 GB + hard negatives 1.6 GB + scores 1.4 GB + store 3.5 GB
@@ -64,21 +66,10 @@ def _memory(pid="self") -> dict:
     """MB of RSS; of its anonymous part; of its file-backed part (here mostly the memory-mapped store: page
     cache, shared by every process that maps it, which the kernel drops under pressure); and of private dirty
     pages (what this process alone holds: for a forked worker, what it added to what it shares with its parent)."""
-    out = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("Rss", "Anonymous", "Private_Dirty"):
-                out[key.lower()] = int(rest.split()[0]) / 1024
+    fields = smaps(pid)
+    out = {key.lower(): fields[key] / 1024 for key in ("Rss", "Anonymous", "Private_Dirty")}
     out["file"] = out["rss"] - out["anonymous"]
     return out
-
-
-def _children() -> list[int]:
-    pids = []
-    for task in Path("/proc/self/task").iterdir():
-        pids += [int(p) for p in (task / "children").read_text().split()]
-    return pids
 
 
 def child_generate(args):
@@ -162,7 +153,7 @@ def child_pipeline(args):
                 tokens.append(int(batch["docs"]["attention_mask"].sum()) / len(batch["docs"]["attention_mask"]))
             rates.append(n / (time.perf_counter() - t) if n else float("nan"))
             if r == args["rounds"] - 1:  # memory while the workers are alive and have served many batches
-                result[f"memory_{workers}"] = {"main": _memory(), "workers": [_memory(p) for p in _children()]}
+                result[f"memory_{workers}"] = {"main": _memory(), "workers": [_memory(p) for p in children()]}
             del it
         result[f"samples_per_s_{workers}"] = rates
         result[f"first_batch_s_{workers}"] = firsts

@@ -19,30 +19,27 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT
-
-
-def pss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        pass
-    return 0
+from benchmarks.common import ROOT, children, smaps
 
 
 def tree(pid: int) -> list[int]:
-    """pid and its descendants (the forkserver and its workers are descendants of the training process too)."""
+    """pid and its descendants (the forkserver and its workers descend from the training process too)."""
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
         out.append(p)
         try:
-            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-        except FileNotFoundError:
+            todo += children(p)
+        except FileNotFoundError:  # it ended since
             pass
     return out
+
+
+def pss_kb(pid: int) -> int:
+    try:
+        return smaps(pid)["Pss"]
+    except (FileNotFoundError, ProcessLookupError, PermissionError):  # it ended since
+        return 0
 
 
 DEFAULT_RUN = ["data=sample", "model=minilm", "batch_size=32", "+trainer.limit_train_batches=4", "data.val_top_k=20"]
