@@ -106,8 +106,12 @@ def child_pipeline(args):
 
     torch.set_num_threads(2)
     model_cfg = OmegaConf.load(ROOT / "conf" / "model" / "minilm.yaml")  # the default model's lengths
-    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(model_cfg.backbone))
-    collator = Collator(tokenizer, "bi", model_cfg.max_query_length, model_cfg.max_doc_length)
+    backbone = resolve_backbone(model_cfg.backbone)
+    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    # max_doc_length null: the model's own max_seq_length, as the bi-encoder resolves it
+    doc_length = model_cfg.max_doc_length or json.loads((Path(backbone) / "sentence_bert_config.json").read_text())[
+        "max_seq_length"]
+    collator = Collator(tokenizer, "bi", model_cfg.max_query_length, doc_length)
     before = _memory()
     opens = []
     for _ in range(5):  # the first open is the one a run pays; the others show the spread
