@@ -6,9 +6,10 @@ Two call shapes, so neither the LightningModule nor a loss branches on the model
   score losses (`inputs = "scores"`, any model):  loss(scores [B, 1+k], teacher [B, 1+k] | None)
       a cross-encoder's scores are its logits, a bi-encoder's its similarity (BiEncoder.candidate_scores);
   MultipleNegativesRankingLoss (`inputs = "embeddings"`, bi-encoders): loss(query_emb [B, d], doc_emb [B, 1+k, d],
-      teacher, query_ids=None): in-batch negatives need the vectors themselves (and their gathering across devices):
+      teacher, query_ids=None, doc_ids=None, judged_ids=None): in-batch negatives need the vectors themselves (and their gathering across devices):
       the model hands over vectors whose inner product is its similarity (BiEncoder.embed_group: unit length for
-      cos); query_ids [B] (train_rows=positive: one query has several rows) tell rows of one query apart.
+      cos); query_ids [B] (train_rows=positive: one query has several rows) tell rows of one query apart, and
+      doc_ids [B, 1+k] with judged_ids [B, P] (each row's query's judged positives) which candidates are relevant.
 Column 0 is the positive, the rest are that query's hard negatives. Every loss is a `Loss`, whose class attributes
 are its contract, read without building it (config.check_training_config, RetrieverModule, tasks/train).
 No loss knows the similarity, which is the model's (model.similarity). A loss multiplies what it gets by `scale`;
@@ -189,7 +190,7 @@ GUARD_STRATEGIES = ("absolute", "relative")
 
 
 def _gather_ids(ids):
-    """Query ids [B] of every rank, concatenated (no gradient)."""
+    """Ids [B, ...] (query or document ids) of every rank, concatenated along B (no gradient)."""
     parts = [torch.empty_like(ids) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, ids.contiguous())
     return torch.cat(parts)
@@ -207,6 +208,9 @@ class MultipleNegativesRankingLoss(Loss):
     candidates) mask alike:
     - with `query_ids` (train_rows=positive), the positive of another row of the same query: a true positive, not a
       negative (what sentence-transformers' BatchSamplers.NO_DUPLICATES avoids by never batching a text twice);
+    - with `leave_out_judged` and the batch's `doc_ids` [B, 1+k] / `judged_ids` [B, P] (every judged positive of
+      the row's query, -1 padded), any candidate judged relevant to the row's query: another query's positive or
+      hard negative that the qrels call relevant here (the rule task=mine applies to a query's own list);
     - with `guard_margin` (a false-negative guard, GISTEmbedLoss's rule with the model being trained as its own
       guide), every candidate whose detached similarity exceeds the positive's minus `guard_margin`
       (`guard_strategy="absolute"`) or minus |positive's| x `guard_margin` ("relative"). Similarities are the
@@ -220,7 +224,7 @@ class MultipleNegativesRankingLoss(Loss):
 
     def __init__(self, scale: float = 1.0, num_hard_negatives: int | None = None, symmetric: bool = False,
                  gather_across_devices: bool = True, guard_margin: float | None = None,
-                 guard_strategy: str = "absolute"):
+                 guard_strategy: str = "absolute", leave_out_judged: bool = False):
         super().__init__(scale)  # 1/temperature
         if num_hard_negatives is not None and num_hard_negatives < 0:
             raise ConfigError(f"MultipleNegativesRankingLoss: loss.num_hard_negatives={num_hard_negatives} must be "
@@ -234,8 +238,9 @@ class MultipleNegativesRankingLoss(Loss):
         self.num_hard_negatives, self.symmetric = num_hard_negatives, symmetric
         self.gather_across_devices = gather_across_devices
         self.guard_margin, self.guard_strategy = guard_margin, guard_strategy
+        self.leave_out_judged = leave_out_judged
 
-    def forward(self, query_emb, doc_emb, teacher=None, query_ids=None):
+    def forward(self, query_emb, doc_emb, teacher=None, query_ids=None, doc_ids=None, judged_ids=None):
         _check_bi(self, query_emb, doc_emb)
         k = doc_emb.shape[1] - 1 if self.num_hard_negatives is None else self.num_hard_negatives
         if k > doc_emb.shape[1] - 1:
@@ -262,13 +267,42 @@ class MultipleNegativesRankingLoss(Loss):
             same[torch.arange(len(labels), device=labels.device), labels] = False
         scores = self.scale * queries @ cands.T  # [B, world * B * (1+k)]
         pad = None if same is None else torch.cat([same, same.new_zeros(same.shape[0], k * same.shape[1])], 1)
+        judged = self._judged(doc_ids, judged_ids, k, world, labels)
+        if judged is not None:
+            pad = judged[0] if pad is None else pad | judged[0]
         loss = F.cross_entropy(self._leave_out(scores, queries, cands, labels, pad), labels)
         if self.symmetric:  # each local positive against all queries (sentence-transformers' "doc_to_query")
             # all_queries: gathered under DDP (labels offset by rank, as all_ids), else this rank's (rank 0)
             scores = self.scale * docs[:, 0] @ all_queries.T
+            if judged is not None:
+                same = judged[1] if same is None else same | judged[1]
             loss = (loss + F.cross_entropy(self._leave_out(scores, docs[:, 0], all_queries, labels, same),
                                            labels)) / 2
         return loss
+
+    def _judged(self, doc_ids, judged_ids, k, world, labels):
+        """With leave_out_judged and the batch's ids: (bool [B, world * B * (1+k)]: candidate judged relevant to the
+        row's query; bool [B, world * B]: the row's positive judged relevant to that column's query, for the
+        symmetric term), each row's own label False; else None."""
+        if not self.leave_out_judged or doc_ids is None or judged_ids is None:
+            return None
+        doc_ids = doc_ids[:, : 1 + k]
+        all_doc_ids, all_judged = doc_ids, judged_ids
+        if world > 1:
+            all_doc_ids = _gather_ids(doc_ids)
+            if self.symmetric:  # every rank's judged lists, padded to the longest
+                width = torch.tensor(judged_ids.shape[1], device=judged_ids.device)
+                dist.all_reduce(width, op=dist.ReduceOp.MAX)
+                all_judged = _gather_ids(F.pad(judged_ids, (0, int(width) - judged_ids.shape[1]), value=-1))
+        rows = torch.arange(len(labels), device=labels.device)
+        cand_ids = all_doc_ids.transpose(0, 1).reshape(-1)  # the candidates' column-major order
+        forward = ((cand_ids[None, :, None] == judged_ids[:, None, :]) & (judged_ids[:, None, :] >= 0)).any(-1)
+        forward[rows, labels] = False
+        backward = None
+        if self.symmetric:
+            backward = ((doc_ids[:, :1, None] == all_judged[None, :, :]) & (all_judged[None] >= 0)).any(-1)
+            backward[rows, labels] = False
+        return forward, backward
 
     def _leave_out(self, scores, rows, columns, labels, same):
         """scores [B, N] (scale x rows @ columns.T) with the left-out candidates at -inf: `same` (bool [B, N] or

@@ -127,8 +127,9 @@ class Collator:
         return features
 
     def train(self, examples):
-        """examples: (query, [positive, negative, ...], teacher scores or None[, query id]) -> model inputs; the
-        query ids (train_rows=positive: one query has several rows) become batch["query_ids"]."""
+        """examples: (query, [positive, negative, ...], teacher scores or None[, ids]) -> model inputs; the ids
+        (sampling.TrainDataset's) become batch["doc_ids"] [B, 1+k], batch["judged_ids"] [B, P] (-1 padded) and,
+        with train_rows=positive (one query has several rows), batch["query_ids"] [B]."""
         queries = [e[0] for e in examples]
         docs = [d for e in examples for d in e[1]]
         group = len(examples[0][1])
@@ -141,7 +142,14 @@ class Collator:
         if examples[0][2] is not None:
             batch["teacher"] = torch.tensor([e[2] for e in examples], dtype=torch.float32)
         if len(examples[0]) > 3:
-            batch["query_ids"] = torch.tensor([e[3] for e in examples], dtype=torch.int64)
+            ids = [e[3] for e in examples]
+            batch["doc_ids"] = torch.tensor(np.array([i["doc_ids"] for i in ids]), dtype=torch.int64)
+            judged = torch.full((len(ids), max(len(i["judged_ids"]) for i in ids)), -1, dtype=torch.int64)
+            for row, i in enumerate(ids):
+                judged[row, : len(i["judged_ids"])] = torch.as_tensor(i["judged_ids"], dtype=torch.int64)
+            batch["judged_ids"] = judged
+            if "query_id" in ids[0]:
+                batch["query_ids"] = torch.tensor([i["query_id"] for i in ids], dtype=torch.int64)
         return batch
 
     def texts(self, texts, role: str = "document"):

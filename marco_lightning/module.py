@@ -203,9 +203,10 @@ def gather_run(rows: list[torch.Tensor]) -> dict[str, dict[str, float]]:
 
 
 def _query_ids(batch) -> dict:
-    """An embedding loss's `query_ids` (train_rows=positive batches carry them: one query has several rows);
-    nothing for batches without them, so a loss that never sees them need not take them."""
-    return {"query_ids": batch["query_ids"]} if "query_ids" in batch else {}
+    """An embedding loss's row ids, those the batch carries: `query_ids` (train_rows=positive: one query has several
+    rows), `doc_ids` and `judged_ids` (MNRL's leave_out_judged); nothing for batches without them, so a loss that
+    never sees them need not take them."""
+    return {key: batch[key] for key in ("query_ids", "doc_ids", "judged_ids") if key in batch}
 
 
 def _num_queries(batch) -> int:

@@ -16,9 +16,9 @@ def test_grad_cache_composes_with_positive_rows_and_the_guard(tmp_path, monkeypa
     seen = []
     forward = L.MultipleNegativesRankingLoss.forward
 
-    def spy(self, query_emb, doc_emb, teacher=None, query_ids=None):
+    def spy(self, query_emb, doc_emb, teacher=None, query_ids=None, **ids):
         seen.append(query_ids)
-        return forward(self, query_emb, doc_emb, teacher, query_ids=query_ids)
+        return forward(self, query_emb, doc_emb, teacher, query_ids=query_ids, **ids)
 
     monkeypatch.setattr(L.MultipleNegativesRankingLoss, "forward", spy)
     common = ["loss=mnrl", "train_rows=positive", "loss.guard_margin=0.05", "batch_size=16", "trainer.max_steps=2",

@@ -482,6 +482,40 @@ def test_rows_of_one_query_do_not_count_each_others_positive_as_a_negative(batch
     close(sym(q, d, query_ids=ids), (expected + expected_back) / 2)
 
 
+def test_candidates_judged_relevant_to_a_rows_query_are_left_out(batch):
+    """leave_out_judged: row 0's query is judged relevant to row 2's positive and row 4's first hard negative, row 1's
+    to its own positive only; those two candidates leave row 0's softmax (the label never leaves), and in the
+    symmetric term row 2's positive does not count query 0 as a negative. Off (the default), the ids change nothing."""
+    q, d, _ = batch
+    q, d = similarity_vectors(q, "cos"), similarity_vectors(d, "cos")
+    doc_ids = 100 + torch.arange(B * (1 + K)).view(B, 1 + K)
+    judged = torch.full((B, 3), -1)
+    judged[:, 0] = doc_ids[:, 0]  # every row's own positive
+    judged[0, 1:] = torch.tensor([doc_ids[2, 0], doc_ids[4, 1]])
+    ids = {"doc_ids": doc_ids, "judged_ids": judged}
+    cands = d.transpose(0, 1).reshape(-1, D)  # column c * B + r: row r's candidate c
+    scores = 20.0 * q @ cands.T
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep[0, 2] = keep[0, 1 * B + 4] = False
+    expected = torch.stack([-(scores[i, i] - torch.logsumexp(scores[i][keep[i]], 0)) for i in range(B)]).mean()
+    mnrl = L.MultipleNegativesRankingLoss(scale=20.0, leave_out_judged=True)
+    close(mnrl(q, d, **ids), expected)
+    assert (mnrl(q, d, **ids) - mnrl(q, d)).abs() > 1e-3
+    assert torch.equal(L.MultipleNegativesRankingLoss(scale=20.0)(q, d, **ids), L.MultipleNegativesRankingLoss(
+        scale=20.0)(q, d))
+    back = 20.0 * d[:, 0] @ q.T
+    keep_back = torch.ones_like(back, dtype=torch.bool)
+    keep_back[2, 0] = False
+    expected_back = torch.stack([-(back[i, i] - torch.logsumexp(back[i][keep_back[i]], 0)) for i in range(B)]).mean()
+    sym = L.MultipleNegativesRankingLoss(scale=20.0, symmetric=True, leave_out_judged=True)
+    close(sym(q, d, **ids), (expected + expected_back) / 2)
+    # with one hard-negative column used of K, row 4's first hard negative is still a candidate; the rest are not
+    one = L.MultipleNegativesRankingLoss(scale=20.0, num_hard_negatives=1, leave_out_judged=True)
+    s1 = scores[:, : 2 * B]
+    k1 = keep[:, : 2 * B]
+    close(one(q, d, **ids), torch.stack([-(s1[i, i] - torch.logsumexp(s1[i][k1[i]], 0)) for i in range(B)]).mean())
+
+
 def test_defaults_leave_mnrl_unchanged(batch):
     """No guard and no query ids: the very same computation as before the levers (bit for bit)."""
     q, d, _ = batch

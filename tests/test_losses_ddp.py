@@ -27,21 +27,34 @@ CASES = {"mnrl": ("cos", {"scale": 20.0}), "symmetric": ("cos", {"scale": 20.0, 
          "guard": ("cos", {"scale": 20.0, "guard_margin": 0.05}),
          "guard_relative_symmetric_ids": ("cos", {"scale": 20.0, "guard_margin": 0.1, "guard_strategy": "relative",
                                                   "symmetric": True, "query_ids": True}),
-         "ids": ("cos", {"scale": 20.0, "query_ids": True})}
+         "ids": ("cos", {"scale": 20.0, "query_ids": True}),
+         # leave_out_judged: candidates the qrels judge relevant to a row's query, on its rank and the other
+         "judged_symmetric": ("cos", {"scale": 20.0, "symmetric": True, "leave_out_judged": True, "judged": True})}
 QUERY_IDS = torch.tensor([0, 1, 2, 0, 1, 3, 4, 5])  # the full batch's: query 0 twice on rank 0, query 1 on both
+DOC_IDS = torch.arange(WORLD * B * (1 + K)).view(WORLD * B, 1 + K)  # row r's positive is document 3r
+# each row's judged positives (-1 padded): row 0 also judges row 2's positive (same rank) and row 5's (the other
+# rank), row 1 row 7's hard negative, row 4 row 0's hard negative, row 6 row 1's positive (the symmetric term)
+JUDGED = torch.tensor([[0, 6, 15], [3, 22, -1], [6, -1, -1], [9, -1, -1],
+                       [12, 1, -1], [15, -1, -1], [18, 3, -1], [21, -1, -1]])
 
 
-def mnrl(similarity="cos", query_ids=None, **kwargs):
+def mnrl(similarity="cos", query_ids=None, judged=None, **kwargs):
     """MNRL as the module runs it for a bi-encoder of this similarity: on its similarity vectors (and, for
-    `query_ids` True, this slice of QUERY_IDS)."""
+    `query_ids` True, this slice of QUERY_IDS; `judged`: this slice's (doc_ids, judged_ids))."""
     loss = MultipleNegativesRankingLoss(**kwargs)
     ids = {"query_ids": query_ids} if query_ids is not None else {}
+    if judged is not None:
+        ids.update(doc_ids=judged[0], judged_ids=judged[1])
     return lambda q, d, teacher=None: loss(similarity_vectors(q, similarity), similarity_vectors(d, similarity),
                                            teacher, **ids)
 
 
 def ids_of(kwargs, rows):
-    return {**kwargs, "query_ids": QUERY_IDS[rows] if kwargs.get("query_ids") else None}
+    judged = None
+    if kwargs.get("judged"):  # this slice's lists, as wide as its longest (ranks differ: the loss pads to gather)
+        lists = JUDGED[rows]
+        judged = DOC_IDS[rows], lists[:, : int((lists >= 0).sum(1).max())]
+    return {**kwargs, "query_ids": QUERY_IDS[rows] if kwargs.get("query_ids") else None, "judged": judged}
 
 
 def full_batch():
@@ -119,6 +132,7 @@ def test_gathered_mnrl_equals_single_process_full_batch(tmp_path):
                 torch.testing.assert_close(got, p.grad, atol=1e-6 * max(1.0, p.grad.abs().max().item()), rtol=0)
     # the guard and the query ids did leave candidates out
     assert (full["guard"] - full["mnrl"]).abs() > 1e-3 and (full["ids"] - full["mnrl"]).abs() > 1e-3
+    assert (full["judged_symmetric"] - full["symmetric"]).abs() > 1e-3
     # and the gathering did happen: rank 0 alone, with only its own candidates, has a different loss
     with torch.no_grad():
         local_only = mnrl(scale=20.0)(encoder()(q[:B]), encoder()(d[:B]))

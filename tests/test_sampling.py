@@ -40,9 +40,11 @@ def test_each_epoch_moves_one_step_through_the_lists():
 
 
 def test_teacher_scores_follow_their_pids():
-    query, docs, teacher = dataset(k=2)[(5, 0)]
+    query, docs, teacher, ids = dataset(k=2)[(5, 0)]
     assert query == "10" and len(docs) == 3
     assert teacher == [np.float32(int(docs[0]) / 10.0)] + [np.float32(-int(d) / 100.0) for d in docs[1:]]
+    # the ids MNRL's leave_out_judged reads: the row's documents, and both judged positives of query 10
+    assert [str(p) for p in ids["doc_ids"]] == docs and list(ids["judged_ids"]) == [1, 2] and "query_id" not in ids
 
 
 def test_draws_depend_only_on_seed_epoch_and_index():
@@ -204,9 +206,9 @@ def test_positive_rows_are_every_query_positive_pair_with_the_negatives_rotating
 
 
 def test_positive_rows_carry_their_query_id_and_query_rows_do_not():
-    text, docs, teacher, qid = rows_dataset("positive")[(0, 1)]
-    assert (text, docs[0], qid) == ("10", "2", 10) and teacher[0] == np.float32(0.2)
-    assert len(rows_dataset("query")[(0, 1)]) == 3  # today's items, unchanged
+    text, docs, teacher, ids = rows_dataset("positive")[(0, 1)]
+    assert (text, docs[0], ids["query_id"]) == ("10", "2", 10) and teacher[0] == np.float32(0.2)
+    assert "query_id" not in rows_dataset("query")[(0, 1)][3]  # one row per query: nothing to tell apart
 
 
 def test_train_rows_are_checked():
@@ -251,6 +253,13 @@ def test_positive_rows_on_the_real_sample_batch_with_query_ids(tmp_path):
         batches = list(dm.train_dataloader())
         ids = torch.cat([b["query_ids"] for b in batches])
         assert len(ids) == len(dm.train_set) and set(ids.tolist()) == set(dm.store.train.qids.tolist())
+        # ... and each row's documents and its query's judged positives (MNRL's leave_out_judged), -1 padded
+        index = {int(q): i for i, q in enumerate(dm.store.train.qids)}
+        for b in batches[:3]:
+            assert b["doc_ids"].shape == (len(b["query_ids"]), 2)
+            for qid, docs, judged in zip(b["query_ids"], b["doc_ids"], b["judged_ids"]):
+                positives = sorted(dm.store.train.positives(index[int(qid)])[0].tolist())
+                assert sorted(judged[judged >= 0].tolist()) == positives and int(docs[0]) in positives
         seen[group] = sorted(ids.tolist())
     assert seen[True] == seen[False]
 

@@ -98,7 +98,8 @@ class TrainDataset(Dataset):
     next epoch the blocks after them. A query with one positive draws exactly what rows="query" draws; a query
     without one (negatives.require_positive=false) keeps its one row, drawn as rows="query" draws it. Items then also
     carry the query's id, so an in-batch loss can tell two rows of one query apart from two queries (MNRL masks the
-    other rows' positives of its own query).
+    other rows' positives of its own query). Every item carries its documents' ids and its query's judged positives
+    (MNRL's leave_out_judged).
     Every draw is a pure function of (seed, epoch, row): identical in every worker and rank, and after a resume.
     """
 
@@ -160,8 +161,11 @@ class TrainDataset(Dataset):
                                   "every pair; set negatives.ce_score_margin (drops unscored negatives) or fix "
                                   "data.teacher_scores")
             teacher = scores.tolist()
-        item = self.store.queries.text(qid), self.store.passages.texts(pids), teacher
-        return item if self.row_offsets is None else (*item, qid)
+        # the ids an in-batch loss leaves candidates out by: its documents and every judged positive of its query
+        ids = {"doc_ids": pids, "judged_ids": self.lists.positives(self.query_of(i)[0])[0]}
+        if self.row_offsets is not None:
+            ids["query_id"] = qid
+        return self.store.queries.text(qid), self.store.passages.texts(pids), teacher, ids
 
 
 class RerankPairs(Dataset):
