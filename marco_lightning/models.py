@@ -146,7 +146,7 @@ class Collator:
             batch["doc_ids"] = torch.tensor(np.array([i["doc_ids"] for i in ids]), dtype=torch.int64)
             judged = torch.full((len(ids), max(len(i["judged_ids"]) for i in ids)), -1, dtype=torch.int64)
             for row, i in enumerate(ids):
-                judged[row, : len(i["judged_ids"])] = torch.as_tensor(i["judged_ids"], dtype=torch.int64)
+                judged[row, : len(i["judged_ids"])] = torch.tensor(np.asarray(i["judged_ids"], dtype=np.int64))
             batch["judged_ids"] = judged
             if "query_id" in ids[0]:
                 batch["query_ids"] = torch.tensor([i["query_id"] for i in ids], dtype=torch.int64)

@@ -13,11 +13,12 @@ SHORT = [*FAST, "logger=none", "data=sample", "trainer=cpu", "data.val_top_k=10"
 def test_grad_cache_composes_with_positive_rows_and_the_guard(tmp_path, monkeypatch):
     from marco_lightning.tasks.train import main
 
-    seen = []
+    seen, judged = [], []
     forward = L.MultipleNegativesRankingLoss.forward
 
     def spy(self, query_emb, doc_emb, teacher=None, query_ids=None, **ids):
         seen.append(query_ids)
+        judged.append(ids)
         return forward(self, query_emb, doc_emb, teacher, query_ids=query_ids, **ids)
 
     monkeypatch.setattr(L.MultipleNegativesRankingLoss, "forward", spy)
@@ -34,6 +35,10 @@ def test_grad_cache_composes_with_positive_rows_and_the_guard(tmp_path, monkeypa
     # the batches carried query ids, with rows of one query side by side (what the masking is for)
     assert len(seen) == 4 and all(ids is not None and len(ids) == 16 for ids in seen)
     assert any(len(set(ids.tolist())) < len(ids) for ids in seen)
+    # ... and every row's documents and judged positives (loss.leave_out_judged), each row's positive among them
+    for ids in judged:
+        assert ids["doc_ids"].shape == (16, 2) and ids["judged_ids"].shape[0] == 16
+        assert (ids["judged_ids"] == ids["doc_ids"][:, :1]).any(1).all()
 
 
 @pytest.mark.parametrize("overrides,message", [(["train_rows=pairs"], "train_rows=pairs")])
