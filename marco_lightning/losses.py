@@ -6,9 +6,9 @@ Two call shapes, so neither the LightningModule nor a loss branches on the model
   score losses (`inputs = "scores"`, any model):  loss(scores [B, 1+k], teacher [B, 1+k] | None)
       a cross-encoder's scores are its logits, a bi-encoder's its similarity (BiEncoder.candidate_scores);
   MultipleNegativesRankingLoss (`inputs = "embeddings"`, bi-encoders): loss(query_emb [B, d], doc_emb [B, 1+k, d],
-      teacher, query_ids=None, doc_ids=None, judged_ids=None): in-batch negatives need the vectors themselves (and their gathering across devices):
-      the model hands over vectors whose inner product is its similarity (BiEncoder.embed_group: unit length for
-      cos); query_ids [B] (train_rows=positive: one query has several rows) tell rows of one query apart, and
+      teacher, query_ids=None, doc_ids=None, judged_ids=None): in-batch negatives need the vectors themselves (and
+      their gathering across devices): the model hands over vectors whose inner product is its similarity
+      (BiEncoder.embed_group: unit length for cos); query_ids [B] (train_rows=positive: one query has several rows) tell rows of one query apart, and
       doc_ids [B, 1+k] with judged_ids [B, P] (each row's query's judged positives) which candidates are relevant.
 Column 0 is the positive, the rest are that query's hard negatives. Every loss is a `Loss`, whose class attributes
 are its contract, read without building it (config.check_training_config, RetrieverModule, tasks/train).
