@@ -144,10 +144,9 @@ class Collator:
         if len(examples[0]) > 3:
             ids = [e[3] for e in examples]
             batch["doc_ids"] = torch.tensor(np.array([i["doc_ids"] for i in ids]), dtype=torch.int64)
-            judged = torch.full((len(ids), max(len(i["judged_ids"]) for i in ids)), -1, dtype=torch.int64)
-            for row, i in enumerate(ids):
-                judged[row, : len(i["judged_ids"])] = torch.tensor(np.asarray(i["judged_ids"], dtype=np.int64))
-            batch["judged_ids"] = judged
+            # torch.tensor copies: the lists may be slices of a read-only memory map
+            judged = [torch.tensor(np.asarray(i["judged_ids"], dtype=np.int64)) for i in ids]
+            batch["judged_ids"] = torch.nn.utils.rnn.pad_sequence(judged, batch_first=True, padding_value=-1)
             if "query_id" in ids[0]:
                 batch["query_ids"] = torch.tensor([i["query_id"] for i in ids], dtype=torch.int64)
         return batch
