@@ -6,6 +6,9 @@ Each cell is written to the JSON as soon as it is done, so a killed run continue
 kept by its key (folder/variant@epochs): after changing what a variant means, delete its cells.
 
     python -m benchmarks.recipes --folders /work/classic/cranfield,/work/classic/cisi [--variants a,b] [--out F]
+
+`--compare CELL BASELINE` (keys of two finished cells of one folder) pairs their test runs query by query: the
+difference, wins / ties / losses and a randomization test's p-value (marco_lightning.significance).
 """
 from __future__ import annotations
 
@@ -77,7 +80,8 @@ def project_cell(folder: Path, work: Path, mining: str, overrides: list[str], ep
     seconds["evaluate"] = cli(["task=evaluate", *data, "task.mode=retrieve", "task.split=test",
                                f"task.model_path={run_dir / 'final_model'}", f"hydra.run.dir={eval_dir}"], log)
     chose = metrics.get("selection", metrics)  # task.refit: the run that chose the epochs has the val numbers
-    return {"test": json.loads((eval_dir / "metrics.json").read_text()), "val": chose.get("after"),
+    return {"test": json.loads((eval_dir / "metrics.json").read_text()), "run": str(eval_dir / "run.trec"),
+            "val": chose.get("after"),
             "val_before": chose.get("before"), "best": chose.get("best_checkpoint") or "", "seconds": seconds,
             "train_split": chose.get("seconds"),  # the run's own split: training, validation, refresh
             **{k: metrics[k] for k in ("candidates", "chosen", "final_model", "refit", "refresh") if k in metrics}}
@@ -86,8 +90,9 @@ def project_cell(folder: Path, work: Path, mining: str, overrides: list[str], ep
 def st_cell(folder: Path, work: Path, mined: bool, epochs: int, log) -> dict:
     from marco_lightning.data.beir import BeirFolder
 
-    metrics, seconds = st_fine_tune(BeirFolder(folder), epochs, mined, work / "st", log)
-    return {"test": metrics, "seconds": seconds}
+    out = work / "st" / f"{'mined' if mined else 'in_batch'}@{epochs}"
+    metrics, seconds = st_fine_tune(BeirFolder(folder), epochs, mined, out, log)
+    return {"test": metrics, "run": str(out / "run.trec"), "seconds": seconds}
 
 
 def run(folders: list[Path], variants: list[str], epochs: list[int], out: Path, log=print, st: bool = True) -> dict:
@@ -105,7 +110,7 @@ def run(folders: list[Path], variants: list[str], epochs: list[int], out: Path, 
     for folder in folders:
         work = ROOT / "cache" / "recipes" / folder.name
         work.mkdir(parents=True, exist_ok=True)
-        cell(f"{folder.name}/zero_shot", zero_shot, folder)
+        cell(f"{folder.name}/zero_shot", zero_shot, folder, work)
         for n in epochs:
             if st:
                 cell(f"{folder.name}/st_in_batch@{n}", st_cell, folder, work, False, n, log)
@@ -115,14 +120,15 @@ def run(folders: list[Path], variants: list[str], epochs: list[int], out: Path, 
     return res
 
 
-def zero_shot(folder: Path) -> dict:
+def zero_shot(folder: Path, work: Path) -> dict:
     from sentence_transformers import SentenceTransformer
 
     from marco_lightning.data.beir import BeirFolder
     from marco_lightning.models import resolve_backbone
 
     st = SentenceTransformer(resolve_backbone("sentence-transformers/all-MiniLM-L6-v2"), device="cpu")
-    return {"test": st_test_metrics(st, BeirFolder(folder))}
+    run = work / "zero_shot" / "run.trec"
+    return {"test": st_test_metrics(st, BeirFolder(folder), run), "run": str(run)}
 
 
 def markdown(res: dict) -> str:
@@ -138,6 +144,23 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def compare(res: dict, key: str, baseline: str, folders: list[Path]) -> str:
+    from marco_lightning.data.beir import BeirFolder
+    from marco_lightning.data.trec import read_run
+    from marco_lightning.significance import compare_runs, format_comparison
+
+    name = key.split("/")[0]
+    folder = next((f for f in folders if f.name == name), None)
+    if folder is None or baseline.split("/")[0] != name:
+        raise SystemExit(f"--compare {key} {baseline}: two cells of one folder, named in --folders")
+    for k in (key, baseline):
+        if "run" not in res.get(k, {}):
+            raise SystemExit(f"--compare: cell {k} is not in {sorted(res)} or kept no test run (made before runs were kept)")
+    comparison = compare_runs(BeirFolder(folder).qrels("test"), read_run(res[key]["run"]),
+                              read_run(res[baseline]["run"]), rel_level=1, measures=("ndcg@10", "recall@100"))
+    return format_comparison(comparison, key, baseline)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--folders", required=True, help="comma-separated BEIR folders")
@@ -146,7 +169,12 @@ def main():
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "recipes.json")
     p.add_argument("--no-st", dest="st", action="store_false",
                    help="project rows only (early_stop@10 without sentence-transformers at 10 epochs)")
+    p.add_argument("--compare", nargs=2, metavar=("CELL", "BASELINE"),
+                   help="two finished cells of one folder, e.g. cisi/judged_in_batch@10 cisi/st_in_batch@2")
     args = p.parse_args()
+    if args.compare:
+        print(compare(json.loads(args.out.read_text()), *args.compare, [Path(f) for f in args.folders.split(",")]))
+        return
     res = run([Path(f) for f in args.folders.split(",")], args.variants.split(","),
               [int(e) for e in args.epochs.split(",")], args.out, st=args.st)
     print(markdown(res))

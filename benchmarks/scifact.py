@@ -40,7 +40,10 @@ def cli(args: list[str], log) -> float:
     return time.time() - start
 
 
-def st_test_metrics(st, folder) -> dict:
+def st_test_metrics(st, folder, run_path: Path | None = None) -> dict:
+    """sentence-transformers' own encode and similarity, full retrieval of the test queries (top 100, kept in
+    run_path for a paired comparison)."""
+    from marco_lightning.data.trec import write_run
     from marco_lightning.evaluation import compute_metrics
 
     qrels = folder.qrels("test")
@@ -48,12 +51,15 @@ def st_test_metrics(st, folder) -> dict:
     sims = st.similarity(st.encode([folder.queries[q] for q in qrels], batch_size=64),
                          st.encode(list(texts), batch_size=64)).numpy()
     run = {q: {pids[i]: float(row[i]) for i in np.argsort(-row)[:100]} for q, row in zip(qrels, sims)}
+    if run_path is not None:
+        Path(run_path).parent.mkdir(parents=True, exist_ok=True)
+        write_run(run, run_path, tag="sentence-transformers")
     return compute_metrics(qrels, run, rel_level=1, measures=("ndcg@10", "recall@100"))
 
 
 def st_fine_tune(folder, epochs: int, mined: bool, out: Path, log) -> tuple[dict, dict]:
     """sentence-transformers' path: (mine_hard_negatives +) MNRL with SentenceTransformerTrainer. Returns the test
-    metrics and the seconds to the trained model: total, of it mining and training."""
+    metrics and the seconds to the trained model: total, of it mining and training. Its test run: out/run.trec."""
     import torch
     from datasets import Dataset
     from sentence_transformers import (
@@ -91,7 +97,7 @@ def st_fine_tune(folder, epochs: int, mined: bool, out: Path, log) -> tuple[dict
     seconds = {"total": end - start, "mine": train_start - mine_start, "train": end - train_start}
     log(f"  sentence-transformers {'mined' if mined else 'in-batch'} MNRL: {seconds['total']:.0f} s to a trained "
         f"model (mining {seconds['mine']:.0f} s, training {seconds['train']:.0f} s)")
-    return st_test_metrics(st, folder), seconds
+    return st_test_metrics(st, folder, out / "run.trec"), seconds
 
 
 def run(epochs: int, log=print, mined: str | None = None) -> dict:

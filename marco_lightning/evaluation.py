@@ -55,6 +55,17 @@ def compute_metrics(
     measures=DEFAULT_MEASURES,
 ) -> dict[str, float]:
     """Mean over all qrels queries of each measure, e.g. {'ndcg@10': 0.5058, ...}."""
+    return {name: sum(values.values()) / len(values)
+            for name, values in per_query_metrics(qrels, run, rel_level, measures).items()}
+
+
+def per_query_metrics(
+    qrels: dict[str, dict[str, int]],
+    run: dict[str, dict[str, float]],
+    rel_level: int = 2,
+    measures=DEFAULT_MEASURES,
+) -> dict[str, dict[str, float]]:
+    """Each measure's value for every qrels query ({'ndcg@10': {qid: value}}): what significance tests pair up."""
     if not qrels or rel_level < 1:
         raise ConfigError(
             f"need non-empty qrels and rel_level >= 1, got {len(qrels)} queries, rel_level={rel_level}: point the "
@@ -70,11 +81,11 @@ def compute_metrics(
     untied = {
         q: {pid: float(len(docs) - i) for i, (pid, _) in enumerate(_ranked(docs))} for q, docs in run.items()
     }
-    totals = dict.fromkeys(measures, 0.0)
+    values = {name: dict.fromkeys(qrels, 0.0) for name in measures}  # a query the run misses scores 0
     for metric in ir_measures.iter_calc(list(ours), qrels, untied):
         if metric.query_id in qrels:
-            totals[ours[metric.measure]] += metric.value
-    return {name: total / len(qrels) for name, total in totals.items()}  # missing queries add 0
+            values[ours[metric.measure]][metric.query_id] = metric.value
+    return values
 
 
 # ---------------------------------------------------------------------------------------------- tables

@@ -1,6 +1,11 @@
 """task=evaluate: score a run file, re-rank its top-k with a model, or retrieve from the whole collection.
 
-Each mode writes `run.trec` and `metrics.json` into the run folder and prints a table.
+Each mode writes `run.trec` and `metrics.json` into the run folder and prints a table. With task.baseline (another
+run file, or the folder of an earlier evaluation) it also compares the two query by query (`comparison.json`: the
+difference, wins / ties / losses and a paired randomization test's p-value):
+
+    python run.py task=evaluate data=beir data.root=F task.mode=retrieve task.model_path=RUN/final_model \
+        task.baseline=outputs/zero-shot-eval
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from marco_lightning.evaluation import compute_metrics, format_table, parse_meas
 from marco_lightning.inference import check_precision, compile_model, device
 from marco_lightning.models import load_model
 from marco_lightning.retrieval import rerank, retrieve
+from marco_lightning.significance import compare_runs, format_comparison
 
 MODES = ("score", "rerank", "retrieve")
 
@@ -37,6 +43,10 @@ def main(cfg: DictConfig) -> dict:
         where = "task.run" if task.run else f"task.run (null: split {task.split or 'default'}'s run)"
         raise ConfigError(f"{where}: file not found: {run_path}" + split.hint)
     check_files(cfg, ["task.qrels"] if task.qrels else [])
+    baseline = baseline_run(task.get("baseline"))  # read before a model loads: a wrong path fails first
+    trials = task.get("randomization_trials")
+    if baseline is not None and (isinstance(trials, bool) or not isinstance(trials, int) or trials < 1):
+        raise ConfigError(f"task.randomization_trials={trials}: a number of sign flips >= 1 (10000 tells p to ~0.005)")
     for key, path in (("task.queries", queries), ("task.collection", collection)) if task.mode != "score" else ():
         require_file(key, path)
     qrels = read_qrels(task.qrels) if task.qrels else split.qrels()
@@ -62,5 +72,21 @@ def main(cfg: DictConfig) -> dict:
     write_run(run, out / "run.trec", tag=f"marco-lightning-{task.mode}")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(format_table({task.name or task.mode: metrics}))
-    print(f"Run folder: {out}  (run.trec, metrics.json)")
+    if baseline is not None:
+        comparison = compare_runs(qrels, run, baseline, task.rel_level, tuple(task.measures),
+                                  trials=trials)
+        (out / "comparison.json").write_text(json.dumps({"baseline": str(task.baseline), **comparison}, indent=2))
+        print(format_comparison(comparison, task.name or task.mode, "baseline"))
+    print(f"Run folder: {out}  (run.trec, metrics.json{', comparison.json' if baseline is not None else ''})")
     return metrics
+
+
+def baseline_run(path) -> dict | None:
+    """task.baseline: a TREC run file, or a run folder holding one (run.trec: an earlier task=evaluate's)."""
+    if path is None:
+        return None
+    file = Path(path) / "run.trec" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise ConfigError(f"task.baseline={path}: " + ("no run.trec in that folder" if Path(path).is_dir() else
+                          "file not found") + "; give a TREC run file or the folder of an earlier task=evaluate")
+    return read_run(file)
