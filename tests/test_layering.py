@@ -22,7 +22,7 @@ FLOORS = [
     ["data.formats", "data.parquet", "data.score_pickle", "data.msmarco", "data.beir", "data.trec",
      "data.download"],  # the readers (each built on formats), and the download of the files they read
     ["data.texts", "data.sources", "data.store", "data.negatives", "data.sampling"],  # readers dispatched; the store
-    ["evaluation", "inference", "models", "losses", "grad_cache", "retrieval", "mining", "refresh"],
+    ["evaluation", "significance", "inference", "models", "losses", "grad_cache", "retrieval", "mining", "refresh"],
     ["module", "data.datamodule", "checkpointing"],  # Lightning
     ["config", "loggers", "model_card"],  # what a task sets a run up with
     ["tasks.*"],
