@@ -104,7 +104,9 @@ def run(epochs: int, log=print, mined: str | None = None) -> dict:
     from sentence_transformers import SentenceTransformer
 
     from marco_lightning.data.beir import BeirFolder
+    from marco_lightning.data.trec import read_run
     from marco_lightning.models import resolve_backbone
+    from marco_lightning.significance import compare_runs
 
     folder = BeirFolder(SCIFACT)
     tmp = Path(tempfile.mkdtemp(prefix="scifact-"))
@@ -157,7 +159,13 @@ def run(epochs: int, log=print, mined: str | None = None) -> dict:
     for n in sorted({1, 2, res["best_epoch"]}):
         for kind, with_negatives in (("mined", True), ("in_batch", False)):
             test, seconds = st_fine_tune(folder, n, with_negatives, tmp / f"st-{kind}-{n}", log)
-            res["st"].append({"kind": kind, "epochs": n, "test": test, "seconds": seconds})
+            res["st"].append({"kind": kind, "epochs": n, "test": test, "seconds": seconds,
+                              "run": str(tmp / f"st-{kind}-{n}" / "run.trec")})
+    # is the project's win over the best sentence-transformers row more than noise? paired, query by query
+    best = max(res["st"], key=lambda r: r["test"]["ndcg@10"])
+    res["vs_best_st"] = {"baseline": f"{best['kind']}@{best['epochs']}", **compare_runs(
+        folder.qrels("test"), read_run(tmp / "eval-fine_tuned" / "run.trec"), read_run(best["run"]), rel_level=1,
+        measures=("ndcg@10", "recall@100"))}
     return res
 
 
@@ -195,6 +203,11 @@ def markdown(res: dict) -> str:
                   (f"| validation ({len(split['validation'])} pass(es) during the fit; share of training) | "
                    f"{val:.0f} ({(split['validation_share'] or 0):.1%}) | - |"),
                   f"| the whole command(s) | {s['project_mine'] + s['project_train']:.0f} | {st['total']:.0f} |"]
+    if "vs_best_st" in res:
+        c, base = res["vs_best_st"]["ndcg@10"], res["vs_best_st"]["baseline"]
+        lines += ["", (f"The project against the best sentence-transformers row ({base}), query by query: nDCG@10 "
+                       f"{c['delta']:+.4f}, better on {c['wins']} claims, worse on {c['losses']}, level on "
+                       f"{c['ties']}; paired randomization test p = {c['p']:.4f} (marco_lightning.significance).")]
     lines += ["", (f"Evaluation of each model on the test split (encoding 5,183 abstracts): project "
                    f"{s['project_eval_fine_tuned']:.0f} s; the zero-shot project evaluation reuses task=mine's "
                    f"embeddings ({s['project_eval_zero_shot']:.0f} s), sentence-transformers' took "

@@ -54,6 +54,14 @@ class RetrieverModule(pl.LightningModule):
         self.trained_epochs: list[int] = []
         self._val_start = 0.0
 
+    def on_train_start(self):
+        # A resumed fit: Lightning made the training iterator while configure_optimizers asked for the run's steps,
+        # before it restored the progress, and DataLoader workers fetch batches the moment an iterator exists.
+        # Make it again, now that the sampler can ask where the checkpoint stopped (else this epoch replays
+        # epoch 0's order, and a refresh's lists restored since are unseen by those workers).
+        if self.trainer.ckpt_path is not None:
+            iter(self.trainer.fit_loop._data_fetcher)
+
     def on_train_batch_start(self, batch, batch_idx):
         # per batch, not on_train_epoch_start: a run resumed mid-epoch does not start that epoch again
         if not self.trained_epochs or self.trained_epochs[-1] != self.current_epoch:

@@ -225,7 +225,7 @@ def test_positive_rows_shard_resume_and_group_by_length_on_the_new_length():
     assert [len(s) for s in ranks] == [n // 2] * 2 and sorted(np.concatenate([s.indices() for s in ranks])) == \
         sorted(np.random.default_rng((3, 0)).permutation(n)[:n // 2 * 2])
     # a resume skips what the killed run trained on in that epoch and continues the same order
-    unbroken, resumed = EpochShardSampler(n, seed=3), EpochShardSampler(n, seed=3, resume_at=(0, 2))
+    unbroken, resumed = EpochShardSampler(n, seed=3), EpochShardSampler(n, seed=3, position=(0, 2))
     assert list(resumed) == list(unbroken)[2:] and len(resumed) == n
     # length grouping keys each row by its own draw
     grouped = EpochShardSampler(n, seed=3, lengths=ds.doc_bytes, batch_size=2)

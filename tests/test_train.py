@@ -297,3 +297,24 @@ def test_candidates_may_switch_a_section_off_and_set_a_list(tmp_path):
                   tmp_path)
     b = candidate_configs(cfg)["b"]
     assert b.callbacks.lr_monitor is None and list(b.negatives.systems) == ["x"] and cfg.callbacks.lr_monitor is not None
+
+
+@pytest.mark.parametrize("kill", ["mid_epoch", pytest.param("at_epoch_end", marks=pytest.mark.slow)])
+def test_resume_with_dataloader_workers_ends_like_an_unbroken_run(kill, tmp_path):
+    """With num_workers > 0 (the default) Lightning makes the training iterator before it restores a resumed run's
+    progress, and the workers fetch its first batches at once: the resumed epoch must still be the one the killed
+    run was in, from where it stopped (it replayed epoch 0's order before session 18). Dropout on: the same masks."""
+    from conftest import killed_and_resumed
+
+    args = [*FAST, "logger=none", "data.val_top_k=10", "trainer.max_epochs=3", "batch_size=4", "num_workers=2",
+            "task.validate_before=false"]
+    if kill == "mid_epoch":  # a last.ckpt every step; killed in epoch 1 (epochs of 14 steps)
+        args.append("callbacks.resume_checkpoint.every_n_train_steps=1")
+    unbroken, killed, resumed = killed_and_resumed(args, tmp_path, kill_after_step=17 if kill == "mid_epoch" else 14)
+    load = lambda run: torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    killed_at = load(killed)["global_step"]
+    assert (14 < killed_at < 28) if kill == "mid_epoch" else killed_at == 14
+    a, b = load(unbroken), load(resumed)
+    assert a["global_step"] == b["global_step"] == 3 * 14
+    for name in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][name], a["state_dict"][name], atol=1e-6, rtol=0)

@@ -153,20 +153,22 @@ class MarcoDataModule(pl.LightningDataModule):
                                      self.trainer.lightning_module.model)
         rank, world = self._rank()
         sampler = EpochShardSampler(len(self.train_set), shuffle=True, seed=self.seed, rank=rank, world_size=world,
-                                    resume_at=self._resume_position, batch_size=self.batch_size,
+                                    position=self._position, batch_size=self.batch_size,
                                     lengths=self.train_set.doc_bytes if self.group_by_length else None)
         return self._loader(self.train_set, sampler, self.batch_size, self.collator.train, ResumableDataLoader)
 
-    def _resume_position(self) -> tuple[int, int]:
-        """On a resumed fit: (epoch, examples already trained on in it), from Lightning's restored progress.
+    def _position(self) -> tuple[int, int] | None:
+        """(epoch, examples this rank already trained on in it) from Lightning's progress when the sampler is
+        iterated; None outside a fit.
 
         Draws are a pure function of (seed, epoch, index), so skipping those examples continues the very same
         order: a run killed mid-epoch and resumed ends with the same steps and data as one that never stopped.
         """
         loop = self.trainer.fit_loop if self.trainer is not None else None
-        if loop is None or not loop.restarting:
-            return 0, 0
-        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed * self.batch_size
+        if loop is None:
+            return None
+        skip = loop.epoch_loop.batch_progress.current.processed * self.batch_size if loop.restarting else 0
+        return loop.epoch_progress.current.processed, skip
 
     def val_dataloader(self):
         rank, world = self._rank()

@@ -28,15 +28,16 @@ class EpochShardSampler(Sampler):
     """
 
     def __init__(self, num_examples: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 resume_at: tuple[int, int] | Callable[[], tuple[int, int]] = (0, 0),
+                 position: tuple[int, int] | Callable[[], tuple[int, int] | None] | None = None,
                  lengths: Callable[[int, np.ndarray], np.ndarray] | None = None, batch_size: int = 1,
                  pool_batches: int = 64):
         self.n, self.shuffle, self.seed, self.rank, self.world_size = num_examples, shuffle, seed, rank, world_size
         self.lengths, self.batch_size, self.pool_batches = lengths, batch_size, pool_batches
         self.epoch = 0
-        # (epoch, examples this rank already trained on in it): a resumed run continues where it stopped. A callable
-        # is asked at each iter(): Lightning builds the loader before it restores a checkpoint's progress.
-        self.resume_at = resume_at if callable(resume_at) else lambda: resume_at
+        # (epoch, examples this rank already trained on in it), asked at each iter(): the trainer's own count, as
+        # Lightning may make (and workers prime) an iterator before set_epoch and before it restores a resumed run's
+        # progress; a resumed run continues where it stopped. None: the set_epoch epoch from its start.
+        self.position = position if callable(position) else lambda: position
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
         self.epoch = epoch
@@ -59,8 +60,11 @@ class EpochShardSampler(Sampler):
         return np.concatenate(mine)[skip:] if mine else order
 
     def __iter__(self):
-        resume_epoch, skip = self.resume_at()
-        return ((self.epoch, int(i)) for i in self.indices(skip if self.epoch == resume_epoch else 0))
+        position = self.position()
+        if position is not None:
+            self.epoch, skip = position
+        epoch, order = self.epoch, self.indices(skip if position is not None else 0)
+        return ((epoch, int(i)) for i in order)
 
     def __len__(self):
         # a full epoch even when resuming: Lightning counts the batches trained before the kill as already fetched
