@@ -318,3 +318,43 @@ def test_resume_with_dataloader_workers_ends_like_an_unbroken_run(kill, tmp_path
     assert a["global_step"] == b["global_step"] == 3 * 14
     for name in a["state_dict"]:
         torch.testing.assert_close(b["state_dict"][name], a["state_dict"][name], atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the run's processes through /proc")
+def test_a_killed_run_leaves_no_dataloader_workers_behind(tmp_path):
+    """SIGKILL (or the OOM killer) ends the training process: its DataLoader workers, children of a forkserver
+    (`datamodule.worker_start`), must end with it instead of living on at 0.2-0.3 GB each."""
+    import os
+    import signal
+    import subprocess
+    import time
+    import uuid
+
+    tag = uuid.uuid4().hex
+
+    def tagged():  # every process started by the run: they inherit its environment
+        pids = []
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if f"MARCO_TEST_TAG={tag}".encode() in environ.read_bytes().split(b"\0"):
+                    pids.append(int(environ.parent.name))
+            except OSError:  # gone meanwhile, or not ours to read
+                pass
+        return pids
+
+    args = [*FAST, "logger=none", "trainer.max_epochs=50", "batch_size=4", "num_workers=2",
+            "task.validate_before=false", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "MARCO_TEST_TAG": tag})
+    deadline = time.time() + 300
+    last = tmp_path / "checkpoints" / "last.ckpt"  # after a validation: its workers started too
+    while time.time() < deadline and proc.poll() is None and not last.exists():
+        time.sleep(0.5)
+    time.sleep(3)  # into the next epoch
+    assert proc.poll() is None and len(tagged()) >= 5, "the run should be training with its workers by now"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while tagged() and time.time() < deadline:
+        time.sleep(0.5)
+    assert tagged() == []

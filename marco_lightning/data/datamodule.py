@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from functools import partial
 from pathlib import Path
 
@@ -109,7 +110,8 @@ class MarcoDataModule(pl.LightningDataModule):
         # creates one more iterator after restoring the RNG) would get other dropout masks than an unbroken one.
         return loader_cls(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                           generator=torch.Generator().manual_seed(self.seed),
-                          num_workers=self.num_workers, pin_memory=self.pin_memory, worker_init_fn=worker_init,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          worker_init_fn=partial(worker_init, training_pid=os.getpid()),
                           multiprocessing_context=self.worker_start,
                           # workers live for the whole fit (no fork and warm-up each epoch), unless refreshing:
                           # a refresh swaps the training lists, which workers forked earlier would never see
