@@ -59,8 +59,9 @@ class RetrieverModule(pl.LightningModule):
         # before it restored the progress, and DataLoader workers fetch batches the moment an iterator exists.
         # Make it again, now that the sampler can ask where the checkpoint stopped (else this epoch replays
         # epoch 0's order, and a refresh's lists restored since are unseen by those workers).
-        if self.trainer.ckpt_path is not None:
-            iter(self.trainer.fit_loop._data_fetcher)
+        fetcher = self.trainer.fit_loop._data_fetcher
+        if self.trainer.ckpt_path is not None and fetcher is not None:
+            iter(fetcher)
 
     def on_train_batch_start(self, batch, batch_idx):
         # per batch, not on_train_epoch_start: a run resumed mid-epoch does not start that epoch again
