@@ -4,6 +4,7 @@ import inspect
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +26,10 @@ def callbacks(overrides, tmp_path):
 
 
 def test_default_callbacks_are_the_documented_nodes(tmp_path):
+    from marco_lightning.checkpointing import RunCheckpoint
+
     checkpoint, bar, lr = callbacks([], tmp_path)
-    assert [type(c) for c in (checkpoint, bar, lr)] == [cb.ModelCheckpoint, cb.RichProgressBar, cb.LearningRateMonitor]
+    assert [type(c) for c in (checkpoint, bar, lr)] == [RunCheckpoint, cb.RichProgressBar, cb.LearningRateMonitor]
     assert (checkpoint.dirpath, checkpoint.monitor, checkpoint.mode, checkpoint.save_top_k, checkpoint.save_last,
             checkpoint.filename, checkpoint.auto_insert_metric_name) == (
         os.path.realpath(tmp_path / "checkpoints"), "val/ndcg@10", "max", 1, True, "epoch{epoch}-step{step}", False)
@@ -204,6 +207,40 @@ def test_early_stop_ends_training_when_val_stops_improving_and_exports_the_best_
     assert exported
     for name, tensor in exported.items():  # final_model/ holds the best epoch's weights
         torch.testing.assert_close(tensor, best["state_dict"]["model.st.0.model." + name], atol=0, rtol=0)
+
+
+def test_a_run_resumed_into_a_new_folder_keeps_the_killed_runs_best(tmp_path, monkeypatch):
+    """Val nDCG@10 0.5, 0.9, 0.6 over a first run's 3 epochs (best: the second), then a resume with one more epoch
+    (0.7) into a new folder, as `ckpt_path=RUN` does: final_model/ is still the second epoch's weights, from a copy
+    of its checkpoint in the new folder, and the first run's folder is left as it was."""
+    from safetensors.torch import load_file
+
+    from marco_lightning.module import RetrieverModule
+    from marco_lightning.tasks import train
+
+    measure, scripted = RetrieverModule.measure, [0.5, 0.9, 0.6, 0.7]
+
+    def scripted_measure(self, run):
+        metrics = measure(self, run)
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            metrics["ndcg@10"] = scripted[min(self.current_epoch, 3)]
+        return metrics
+
+    monkeypatch.setattr(RetrieverModule, "measure", scripted_measure)
+    common = [*FAST, "logger=none", "task.validate_before=false", "task.keep_start=false"]
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    first_metrics = train.main(compose([*common, "trainer.max_epochs=3"], first))
+    best = torch.load(first / first_metrics["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert best["epoch"] == 1
+    before = {p.name: p.stat().st_mtime_ns for p in (first / "checkpoints").iterdir()}
+
+    metrics = train.main(compose([*common, "trainer.max_epochs=4", f"ckpt_path={first}"], resumed))
+    assert metrics["best_checkpoint"] == f"checkpoints/{Path(first_metrics['best_checkpoint']).name}"
+    assert (resumed / metrics["best_checkpoint"]).is_file()
+    assert metrics["epochs"]["best"] == 2
+    for name, tensor in load_file(resumed / "final_model" / "model.safetensors").items():
+        torch.testing.assert_close(tensor, best["state_dict"]["model.st.0.model." + name], atol=0, rtol=0)
+    assert {p.name: p.stat().st_mtime_ns for p in (first / "checkpoints").iterdir()} == before
 
 
 def stoppers(overrides, tmp_path):
