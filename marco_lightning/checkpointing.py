@@ -61,10 +61,14 @@ class RunCheckpoint(ModelCheckpoint):
         new = Path(self.dirpath)
         new.mkdir(parents=True, exist_ok=True)
         copies = {}
-        for path in paths:
+        for path in paths:  # every DDP rank copies: each to its own temporary file, renamed over the same name
             copies[path] = str(new / Path(path).name)
-            if not Path(copies[path]).exists():
-                shutil.copy2(path, copies[path])
+            tmp = new / f".{Path(path).name}.tmp-{os.getpid()}"
+            try:
+                shutil.copy2(path, tmp)
+                os.replace(tmp, copies[path])
+            finally:
+                tmp.unlink(missing_ok=True)
         return {**state, "dirpath": self.dirpath, "last_model_path": "",
                 "best_model_path": copies.get(state.get("best_model_path"), state.get("best_model_path", "")),
                 "kth_best_model_path": copies.get(state.get("kth_best_model_path"), state.get("kth_best_model_path", "")),

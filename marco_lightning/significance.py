@@ -6,15 +6,18 @@ A table of means cannot say it: on 26 test queries 0.006 nDCG@10 can be p = 0.83
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
+from marco_lightning.errors import ConfigError
 from marco_lightning.evaluation import per_query_metrics
 
 
 def randomization_test(a, b, trials: int = 10_000, seed: int = 0) -> float:
     """Two-sided p-value of mean(a - b) = 0 over paired values: exact over all 2^n sign flips when there are at most
-    `trials` of them, else `trials` random flips ((count + 1) / (trials + 1), never 0; scipy's permutation_test
-    counts both ways alike)."""
+    `trials` of them, else `trials` random flips, p = (count + 1) / (trials + 1): never 0 (scipy's
+    permutation_test gives the same exact p; its sampled one differs by about 1 / trials)."""
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     n = len(d)
     observed = abs(d.sum())
@@ -40,6 +43,13 @@ def randomization_test(a, b, trials: int = 10_000, seed: int = 0) -> float:
 def compare_runs(qrels, run, baseline, rel_level: int, measures, trials: int = 10_000, seed: int = 0) -> dict:
     """Per measure: both means, their difference, the queries where `run` wins, ties and loses against `baseline`,
     and the randomization test's p-value."""
+    covered = {"run": sum(q in run for q in qrels), "baseline": sum(q in baseline for q in qrels)}
+    if not covered["baseline"] or not covered["run"]:
+        raise ConfigError(f"the {'baseline' if not covered['baseline'] else 'run'} ranks none of the {len(qrels)} "
+                          "judged queries: another split's run, or other query ids? (task.baseline, task.run)")
+    for name, n in covered.items():
+        if n < 0.9 * len(qrels):
+            warnings.warn(f"the {name} ranks {n} of the {len(qrels)} judged queries; the rest score 0 in it")
     ours = per_query_metrics(qrels, run, rel_level, measures)
     theirs = per_query_metrics(qrels, baseline, rel_level, measures)
     result = {}
@@ -48,7 +58,8 @@ def compare_runs(qrels, run, baseline, rel_level: int, measures, trials: int = 1
         b = np.array([theirs[name][q] for q in qrels])
         result[name] = {"run": a.mean(), "baseline": b.mean(), "delta": a.mean() - b.mean(),
                         "wins": int((a > b).sum()), "ties": int((a == b).sum()), "losses": int((a < b).sum()),
-                        "p": randomization_test(a, b, trials, seed), "queries": len(a)}
+                        "p": randomization_test(a, b, trials, seed), "queries": len(a),
+                        "ranked": covered}
     return result
 
 

@@ -320,6 +320,28 @@ def test_resume_with_dataloader_workers_ends_like_an_unbroken_run(kill, tmp_path
         torch.testing.assert_close(b["state_dict"][name], a["state_dict"][name], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
+def test_resume_from_an_epochs_last_batch_trains_the_next_epoch_whole(tmp_path):
+    """A last.ckpt written after an epoch's last batch, before its validation (callbacks.resume_checkpoint), restores
+    that epoch as done: the resumed run trains the next epochs whole, as the unbroken run did (the sampler once
+    skipped the next epoch's first N examples, N = the finished epoch's, so the whole epoch)."""
+    keep_every_step = ["callbacks.resume_checkpoint.every_n_train_steps=1", "callbacks.resume_checkpoint.save_top_k=-1",
+                       "+callbacks.resume_checkpoint.filename='step{step}'",
+                       "+callbacks.resume_checkpoint.auto_insert_metric_name=false"]
+    args = [*FAST, "logger=none", "data.val_top_k=10", "trainer.max_epochs=3", "batch_size=4", "num_workers=2",
+            "task.validate_before=false", *keep_every_step]
+    unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
+    assert run_cli([*args, f"hydra.run.dir={unbroken}"]).returncode == 0
+    at_epoch_end = unbroken / "checkpoints" / "step14.ckpt"  # epochs of 14 steps
+    assert torch.load(at_epoch_end, map_location="cpu", weights_only=False)["global_step"] == 14
+    result = run_cli([*args, f"ckpt_path={at_epoch_end}", f"hydra.run.dir={resumed}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = (torch.load(run / "checkpoints" / "step42.ckpt", map_location="cpu", weights_only=False)
+            for run in (unbroken, resumed))
+    for name in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][name], a["state_dict"][name], atol=1e-6, rtol=0)
+
+
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the run's processes through /proc")
 def test_a_killed_run_leaves_no_dataloader_workers_behind(tmp_path):
     """SIGKILL (or the OOM killer) ends the training process: its DataLoader workers, children of a forkserver

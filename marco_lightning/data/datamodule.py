@@ -169,8 +169,10 @@ class MarcoDataModule(pl.LightningDataModule):
         loop = self.trainer.fit_loop if self.trainer is not None else None
         if loop is None:
             return None
-        skip = loop.epoch_loop.batch_progress.current.processed * self.batch_size if loop.restarting else 0
-        return loop.epoch_progress.current.processed, skip
+        epoch = loop.epoch_progress.current
+        # a checkpoint from an epoch's last batch restores that epoch as processed: the next one starts whole
+        unfinished = loop.restarting and epoch.processed < epoch.started
+        return epoch.processed, loop.epoch_loop.batch_progress.current.processed * self.batch_size if unfinished else 0
 
     def val_dataloader(self):
         rank, world = self._rank()
@@ -184,6 +186,10 @@ class MarcoDataModule(pl.LightningDataModule):
 class RefreshNegatives(pl.Callback):
     """negatives.refresh.every_n_epochs: at the start of each period's first epoch (before its DataLoader workers
     start), the model re-mines its training queries' negatives; the refresh is logged (refresh/*)."""
+
+    def on_train_start(self, trainer, pl_module):
+        # a run resumed from an epoch's last batch goes on to the next epoch without its on_train_epoch_start
+        self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer, pl_module):
         stats = trainer.datamodule.negatives_for_epoch(trainer.current_epoch, pl_module.model)

@@ -228,7 +228,9 @@ def exit_with(pid: int) -> None:
     except (AttributeError, OSError):  # another OS, or it has exited already
         fd = None
     if fd is not None:
-        select.select([fd], [], [])
+        waiter = select.poll()  # not select.select: it refuses descriptors >= 1024
+        waiter.register(fd, select.POLLIN)
+        waiter.poll()
     else:
         while _alive(pid):
             time.sleep(2)
