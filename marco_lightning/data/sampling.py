@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from marco_lightning.data.store import process_alive
 from marco_lightning.data.trec import top_candidates
 from marco_lightning.errors import ConfigError
 
@@ -232,16 +233,6 @@ def exit_with(pid: int) -> None:
         waiter.register(fd, select.POLLIN)
         waiter.poll()
     else:
-        while _alive(pid):
+        while process_alive(pid):
             time.sleep(2)
     os._exit(0)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

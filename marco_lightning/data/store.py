@@ -283,7 +283,7 @@ def prepare(source, negatives: Mapping, out_dir, force: bool = False) -> Path:
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.parent.glob(f".{out_dir.name}.partial-*"):  # left by a prepare that was killed
-        if not _alive(int(stale.name.rsplit("-", 1)[1])):
+        if not process_alive(int(stale.name.rsplit("-", 1)[1])):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -307,7 +307,7 @@ def prepare(source, negatives: Mapping, out_dir, force: bool = False) -> Path:
     return out_dir
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
