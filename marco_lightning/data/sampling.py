@@ -65,10 +65,10 @@ class EpochShardSampler(Sampler):
         return np.concatenate(mine)[skip:] if mine else order
 
     def __iter__(self):
-        position = self.position()
+        position, skip = self.position(), 0
         if position is not None:
             self.epoch, skip = position
-        epoch, order = self.epoch, self.indices(skip if position is not None else 0)
+        epoch, order = self.epoch, self.indices(skip)
         return ((epoch, int(i)) for i in order)
 
     def __len__(self):
