@@ -67,6 +67,10 @@ def format_comparison(comparison: dict, run: str, baseline: str) -> str:
     lines = [f"| measure | {run} | {baseline} | delta | p (randomization) | wins / ties / losses |",
              "|---|---:|---:|---:|---:|---|"]
     for name, c in comparison.items():
-        lines.append(f"| {name} | {c['run']:.4f} | {c['baseline']:.4f} | {c['delta']:+.4f} | {c['p']:.4f} | "
+        lines.append(f"| {name} | {c['run']:.4f} | {c['baseline']:.4f} | {c['delta']:+.4f} | {_p(c['p'])} | "
                      f"{c['wins']} / {c['ties']} / {c['losses']} |")
     return "\n".join(lines)
+
+
+def _p(p: float) -> str:  # a p under 1e-3 in 4 decimals would read 0.0000 or 0.0001: say how small it is
+    return f"{p:.4f}" if p >= 1e-3 else f"{p:.1e}"

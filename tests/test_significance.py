@@ -9,7 +9,7 @@ from conftest import ROOT, compose
 from scipy.stats import permutation_test
 
 from marco_lightning.config import ConfigError
-from marco_lightning.significance import randomization_test
+from marco_lightning.significance import format_comparison, randomization_test
 
 SAMPLE = ROOT / "data" / "sample"
 
@@ -95,3 +95,13 @@ def test_baseline_that_is_not_a_run_fails_before_scoring(tmp_path):
         evaluate([run, f"task.baseline={SAMPLE / 'run.dev.bm25.trec'}", "task.randomization_trials=0"],
                  tmp_path / "c")
     assert not (tmp_path / "a" / "run.trec").exists()
+
+
+def test_a_tiny_p_is_printed_as_how_small_it_is():
+    # 20 queries all better: the exact p is 2 / 2^20, which 4 decimals would print as 0.0000
+    p = randomization_test(np.full(20, 0.5), np.zeros(20), trials=2**20)
+    assert p == 2 / 2**20
+    row = {"run": 0.5, "baseline": 0.0, "delta": 0.5, "p": p, "wins": 20, "ties": 0, "losses": 0}
+    table = format_comparison({"ndcg@10": row}, "a", "b")
+    assert "| +0.5000 | 1.9e-06 |" in table
+    assert "| 0.0540 |" in format_comparison({"ndcg@10": dict(row, p=0.054)}, "a", "b")
